@@ -1,0 +1,42 @@
+"""Option types and helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def resolve_device(device: Device | str) -> str:
+    import torch
+
+    d = device.value if isinstance(device, Device) else device
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cuda" and not torch.cuda.is_available():
+        from ..errors import UserError
+
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    return d
+
+
+def progress_enabled(no_progress: bool) -> bool:
+    """Bars on unless --no-progress or CAO2_FAST_NO_PROGRESS is set; only rank 0 draws them."""
+    if no_progress or os.environ.get("CAO2_FAST_NO_PROGRESS"):
+        return False
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Master seed; each class's randomness depends on (seed, class id) only.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="Turn progress bars off (also CAO2_FAST_NO_PROGRESS=1).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]

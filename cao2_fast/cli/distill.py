@@ -1,0 +1,200 @@
+"""``cao2-fast distill``: the two-stage job, on the digits preset or on real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UserError
+from .common import Device, DeviceOpt, NoProgressOpt, OutOpt, SeedOpt, progress_enabled, resolve_device
+from .main import app
+
+
+class Dataset(str, Enum):
+    digits = "digits"
+    imagenet_1k = "imagenet-1k"
+    imagenette = "imagenette"
+    imagewoof = "imagewoof"
+    imagenet_100 = "imagenet-100"
+
+
+class RecipeName(str, Enum):
+    official = "official"
+    consistent = "consistent"
+
+
+class SelectionRule(str, Enum):
+    confident = "confident"
+    el2n = "el2n"
+    random = "random"
+
+
+class Order(str, Enum):
+    desc = "desc"
+    asc = "asc"
+
+
+class Label(str, Enum):
+    true = "true"
+    null = "null"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+EXAMPLES = """
+Examples:
+
+  cao2-fast distill                                   # digits preset, IPC 10 -> ./cao2-out/digits-ipc10/
+
+  cao2-fast distill --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\
+      --dataset imagenet-1k --ipc 10 --recipe official
+
+  cao2-fast distill --dit ... --vae ... --classifier ... --classes 1,9,130 --ipc 1 --dry-run
+
+  torchrun --nproc_per_node 8 -m cao2_fast distill --dit ... --dataset imagenet-1k --ipc 50
+"""
+
+
+def parse_classes(text: str) -> list[int]:
+    """``1,2,5-9`` or ``@file`` (one id per line) -> class ids."""
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise UserError(f"{path}: no such class list file (expected one class id per line)")
+        text = ",".join(line.strip() for line in path.read_text().splitlines() if line.strip())
+    ids: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                ids.extend(range(int(a), int(b) + 1))
+            elif part:
+                ids.append(int(part))
+    except ValueError:
+        raise UserError(f"--classes {text!r}: expected comma-separated class ids or ranges, e.g. 1,7,100-109") from None
+    if not ids:
+        raise UserError("--classes is empty")
+    return ids
+
+
+@app.command(epilog=EXAMPLES)
+def distill(
+    dataset: Annotated[Dataset | None, typer.Option(help="Class list and per-dataset recipe settings (default: digits, or the DiT's classes with --classes).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Your own class ids: '1,7,100-109' or '@file'.")] = None,
+    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.")] = None,
+    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.")] = None,
+    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.")] = None,
+    ipc: Annotated[int, typer.Option(help="Images per class.")] = 10,
+    recipe: Annotated[RecipeName, typer.Option(help="official: the released code's behaviour; consistent: quirks fixed.")] = RecipeName.official,
+    k: Annotated[int | None, typer.Option("--k", help="Oversampling: K·IPC candidates per class (dataset default).")] = None,
+    selection: Annotated[SelectionRule, typer.Option(help="Stage-1 selection rule.")] = SelectionRule.confident,
+    order: Annotated[Order | None, typer.Option(help="Selection order (dataset default).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (2.7; digits: preset's).")] = None,
+    sample_steps: Annotated[int, typer.Option(help="Respaced DDPM sampling steps.")] = 50,
+    stage2_steps: Annotated[int | None, typer.Option(help="Adam steps per latent (dataset default, 100).")] = None,
+    lr: Annotated[float, typer.Option(help="Stage-2 Adam learning rate.")] = 6e-4,
+    lam: Annotated[float, typer.Option(help="Weight of the L-inf term.")] = 10.0,
+    t_max: Annotated[int | None, typer.Option(help="Stage-2 timesteps uniform over {1..t_max} (dataset default).")] = None,
+    stage2_label: Annotated[Label | None, typer.Option(help="Stage-2 condition: the true class or the null class (recipe default).")] = None,
+    seed: SeedOpt = 0,
+    out: OutOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output folder made with a different config.")] = False,
+    device: DeviceOpt = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="Model compute dtype.")] = DType.float32,
+    stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).")] = None,
+    stage2_batch: Annotated[int | None, typer.Option(help="Latents optimised together.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Resolve and print the config and the plan; write nothing.")] = False,
+    no_progress: NoProgressOpt = False,
+) -> None:
+    """Distill a dataset into IPC synthetic images per class (stage 1: sample + select, stage 2: optimise latents)."""
+    from ..pipeline import Distiller
+
+    if ipc < 1:
+        raise UserError(f"--ipc must be at least 1 (got {ipc})")
+    for name, value in (("--stage1-batch", stage1_batch), ("--stage2-batch", stage2_batch)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value})")
+    dev = resolve_device(device)
+    state = _distributed_state(dev)
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
+                     sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
+                     stage2_label=stage2_label.value if stage2_label else None, seed=seed, dtype=dtype.value,
+                     stage1_batch=stage1_batch, stage2_batch=stage2_batch)
+    overrides = {k_: v for k_, v in overrides.items() if v is not None}
+    class_ids = parse_classes(classes) if classes else None
+    real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
+    ds = dataset.value if dataset else None
+    if real:
+        if len(real) < 3:
+            missing = sorted({"--dit", "--vae", "--classifier"} - set(real))
+            raise UserError(f"real checkpoints need all of --dit, --vae and --classifier (missing {', '.join(missing)})")
+        if ds == "digits":
+            raise UserError("--dataset digits uses the embedded preset models; drop --dit/--vae/--classifier or pick "
+                            "an ImageNet dataset")
+        ds = ds or ("custom" if class_ids else "imagenet-1k")
+        distiller = Distiller.from_paths(dit, vae, classifier, dataset=ds, ipc=ipc, recipe=recipe.value,
+                                         class_ids=class_ids, device=dev, progress=progress_enabled(no_progress),
+                                         **overrides)
+    else:
+        if ds not in (None, "digits"):
+            raise UserError(f"--dataset {ds} needs real checkpoints: --dit, --vae and --classifier")
+        distiller = Distiller.from_preset("digits", ipc=ipc, recipe=recipe.value, device=dev,
+                                          progress=progress_enabled(no_progress), class_ids=class_ids, **overrides)
+    cfg = distiller.config
+    suffix = "" if cfg.recipe.name == "official" else f"-{cfg.recipe.name}"
+    out_dir = out or Path("cao2-out") / f"{cfg.dataset}-ipc{cfg.ipc}{suffix}"
+    if dry_run:
+        if rank == 0:
+            _print_plan(distiller, out_dir, world)
+        return
+    distiller.to(dev)
+    barrier = state.wait_for_everyone if state and world > 1 else None
+    manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
+                             log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
+    if manifest is not None:
+        s = manifest["summary"]
+        print(f"wrote {s['images']} images of {s['classes']} classes to {out_dir} "
+              f"(stage-1 candidate accuracy {s['stage1_candidate_accuracy']:.3f}, "
+              f"p(class) {s['mean_prob_before']:.3f} -> {s['mean_prob_after']:.3f})")
+
+
+def _distributed_state(device: str):
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group through accelerate."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
+def _print_plan(distiller, out_dir: Path, world: int) -> None:
+    cfg = distiller.config
+    dcfg = distiller.dit.cfg
+    n_cand = len(cfg.class_ids) * cfg.num_candidates
+    n_lat = len(cfg.class_ids) * cfg.ipc
+    f = dcfg.flops_per_forward()
+    plan = {
+        "out": str(out_dir),
+        "fingerprint": cfg.fingerprint(),
+        "classes": len(cfg.class_ids),
+        "candidates": n_cand,
+        "latents": n_lat,
+        "groups": len(distiller.groups()),
+        "ranks": world,
+        "dit_tflop_stage1": round(n_cand * cfg.sample_steps * 2 * f / 1e12, 3),
+        "dit_tflop_stage2": round(n_lat * cfg.stage2_steps * 2 * f / 1e12, 3),
+        "config": cfg.to_json(),
+    }
+    print(json.dumps(plan, indent=1))

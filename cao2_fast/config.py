@@ -1,0 +1,209 @@
+"""Configuration: recipes (the released code's behaviour vs a consistent one), dataset presets, and the resolved
+``DistillConfig`` that a run records in its manifest.
+
+Every quirk of the released code is one named field of :class:`Recipe`; nothing branches on a recipe's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from typing import Literal
+
+from .errors import UserError
+
+Order = Literal["desc", "asc"]
+Selection = Literal["confident", "el2n", "random"]
+Label = Literal["null", "true"]
+TimestepMode = Literal["official", "consistent"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How stage 1 and stage 2 treat the released code's quirks (SPEC §2).
+
+    timestep_mode: ``official`` noises with ᾱ of the *respaced* schedule at t∈{1..t_max} but tells the DiT the raw t
+        (quirk a: noise level and timestep embedding disagree ~20×); ``consistent`` tells it the matching original
+        timestep. The consistent mode is what the model was trained for; official reproduces the published numbers.
+    classifier_normalize: False feeds decoded images in [−1, 1] to the classifier (the released quirk); True maps
+        them to [0, 1] and applies the classifier's mean/std.
+    stage2_label: ``null`` optimises under the null class (released ImageNet-1K/Woof/100 scripts), ``true`` under
+        the image's own class (the paper's wording, the first release).
+    label_dropout: the DiT's train-mode label dropout during stage 2 (quirk b: 10 % of steps see the null class);
+        only matters with stage2_label = true.
+    guided_channels: how many eps channels classifier-free guidance acts on; 3 reproduces the DiT codebase.
+    noise_bank: stage-2 noise ε of candidate i is entry i of a fixed bank of 1024 noises drawn with seed 42, shared by
+        all classes (as released); otherwise ε is drawn from the class's own stream.
+    """
+
+    name: str
+    timestep_mode: TimestepMode
+    classifier_normalize: bool
+    stage2_label: Label
+    label_dropout: bool
+    guided_channels: int = 3
+    noise_bank: bool = False
+
+
+NOISE_BANK_SIZE = 1024
+NOISE_BANK_SEED = 42
+
+RECIPES = {
+    "official": Recipe("official", timestep_mode="official", classifier_normalize=False, stage2_label="null",
+                       label_dropout=True, noise_bank=True),
+    "consistent": Recipe("consistent", timestep_mode="consistent", classifier_normalize=True, stage2_label="true",
+                         label_dropout=False),
+}
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """Per-dataset settings of the released scripts: oversampling K, selection order, stage-2 window and label."""
+
+    name: str
+    class_file: str | None  # WNID list shipped in cao2_fast/data/imagenet, None for digits / custom
+    k: int
+    order: Order
+    t_max: int  # stage-2 timesteps are uniform over {1..t_max}
+    stage2_label: Label | None = None  # overrides the recipe's label under `official` (released per-dataset scripts)
+    stage2_steps: int = 100
+
+
+DATASETS = {
+    "imagenet-1k": DatasetPreset("imagenet-1k", "imagenet1k_wnids.txt", k=4, order="desc", t_max=11),
+    "imagewoof": DatasetPreset("imagewoof", "imagewoof_wnids.txt", k=4, order="desc", t_max=11),
+    "imagenette": DatasetPreset("imagenette", "imagenette_wnids.txt", k=2, order="desc", t_max=11, stage2_steps=0),
+    "imagenet-100": DatasetPreset("imagenet-100", "imagenet100_wnids.txt", k=2, order="asc", t_max=5),
+    "digits": DatasetPreset("digits", None, k=2, order="desc", t_max=11),
+}
+
+
+def read_class_file(name: str) -> list[str]:
+    text = resources.files("cao2_fast").joinpath("data", "imagenet", name).read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def imagenet_class_ids(wnids: list[str]) -> list[int]:
+    """DiT/ImageNet class index of each WNID = its position in the sorted ImageNet-1K list."""
+    index = {w: i for i, w in enumerate(read_class_file("imagenet1k_wnids.txt"))}
+    missing = [w for w in wnids if w not in index]
+    if missing:
+        raise UserError(f"unknown WNIDs {missing[:3]} (not in the ImageNet-1K class list)")
+    return [index[w] for w in wnids]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that determines a distilled set. Two runs with equal ``fingerprint()`` write identical files.
+
+    Fields that trade speed for nothing else (batch sizes, engines on the same numerics) are recorded but only the
+    numerics-relevant ones enter the fingerprint.
+    """
+
+    dataset: str
+    class_ids: tuple[int, ...]
+    class_names: tuple[str, ...]
+    ipc: int
+    recipe: Recipe
+    k: int
+    order: Order
+    selection: Selection = "confident"
+    seed: int = 0
+    # stage 1
+    sample_steps: int = 50
+    guidance_scale: float = 2.7
+    classifier_input_size: int = 224
+    # stage 2
+    stage2_steps: int = 100
+    lr: float = 6e-4
+    lam: float = 10.0
+    t_max: int = 11
+    stage2_label: Label = "null"
+    # execution
+    stage1_batch: int = 256  # candidates per DiT call (the guided call runs 2× this)
+    stage2_batch: int = 64  # latents optimised together
+    dtype: str = "float32"
+    models: dict = field(default_factory=dict)  # paths and fingerprints of the weights
+
+    @property
+    def num_candidates(self) -> int:
+        return self.k * self.ipc
+
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        for speed_only in ("stage1_batch", "stage2_batch"):
+            d.pop(speed_only)
+        d["stage1_group"] = self.classes_per_group  # the grouping of classes into batches does change rounding
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def classes_per_group(self) -> int:
+        """Classes whose candidates share one stage-1 batch. Work is scheduled and sharded in these groups so the
+        float rounding of every class is the same however the run is split."""
+        return max(1, self.stage1_batch // self.num_candidates)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["fingerprint"] = self.fingerprint()
+        return d
+
+
+def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | None = None,
+                 class_names: list[str] | None = None, num_model_classes: int | None = None, **overrides) -> DistillConfig:
+    """Resolve dataset preset + recipe + user overrides into a validated config (errors name the fix)."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    if dataset not in DATASETS and dataset != "custom":
+        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)} or pass --classes")
+    if ipc < 1:
+        raise UserError(f"--ipc must be at least 1 (got {ipc})")
+    rec = RECIPES[recipe]
+    preset = DATASETS.get(dataset, DatasetPreset("custom", None, k=4, order="desc", t_max=11))
+    if class_ids is None:
+        if preset.class_file is None:
+            raise UserError(f"dataset {dataset!r} needs its class ids (--classes)")
+        wnids = read_class_file(preset.class_file)
+        class_ids, class_names = imagenet_class_ids(wnids), wnids
+    if class_names is None:
+        class_names = [f"{c:04d}" for c in class_ids]
+    if len(set(class_ids)) != len(class_ids):
+        raise UserError("class ids repeat: each class may be listed once")
+    if num_model_classes is not None:
+        bad = [c for c in class_ids if not 0 <= c < num_model_classes]
+        if bad:
+            raise UserError(f"class id {bad[0]} is out of range for a DiT with {num_model_classes} classes "
+                            f"(valid: 0..{num_model_classes - 1})")
+    label = preset.stage2_label if (preset.stage2_label and rec.name == "official") else rec.stage2_label
+    stage2_steps = preset.stage2_steps if rec.name == "official" else 100
+    base = dict(k=preset.k, order=preset.order, t_max=preset.t_max, stage2_label=label, stage2_steps=stage2_steps)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = DistillConfig(dataset=dataset, class_ids=tuple(class_ids), class_names=tuple(class_names), ipc=ipc,
+                        recipe=rec, **base)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DistillConfig) -> None:
+    if cfg.k < 1:
+        raise UserError(f"--k must be at least 1 (got {cfg.k})")
+    if cfg.recipe.noise_bank and cfg.num_candidates > NOISE_BANK_SIZE:
+        raise UserError(f"K·IPC = {cfg.k}·{cfg.ipc} = {cfg.num_candidates} candidates per class, but the stage-2 noise "
+                        f"bank holds {NOISE_BANK_SIZE}: lower --ipc or --k")
+    if cfg.t_max < 1:
+        raise UserError(f"stage-2 timestep window {{1..{cfg.t_max}}} is empty")
+    if cfg.t_max >= cfg.sample_steps:
+        raise UserError(f"stage-2 t_max {cfg.t_max} must be below the {cfg.sample_steps} respaced steps")
+    if cfg.stage2_steps < 0 or cfg.sample_steps < 1:
+        raise UserError("step counts must be positive")
+    if cfg.selection == "confident" and cfg.order not in ("desc", "asc"):
+        raise UserError(f"unknown order {cfg.order!r}: desc or asc")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype {cfg.dtype!r}: float32, bfloat16 or float16")
+
+
+def with_overrides(cfg: DistillConfig, **kw) -> DistillConfig:
+    new = replace(cfg, **kw)
+    validate(new)
+    return new

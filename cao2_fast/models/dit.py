@@ -1,0 +1,435 @@
+"""A lean class-conditional DiT (Peebles & Xie) that loads original and diffusers checkpoints.
+
+Differences from the two reference implementations, all output-preserving:
+* the conditioning vector c = t_emb + y_emb is computed once per forward (diffusers recomputes it in every block);
+* Q, K and V are one fused linear (diffusers keeps three), attention is ``scaled_dot_product_attention``;
+* the sinusoidal timestep frequencies follow the source of the weights: ``freq_shift=0`` is the original DiT
+  (exp(-ln(1e4)·i/half)), ``freq_shift=1`` is diffusers (exp(-ln(1e4)·i/(half-1))).
+
+``model(x, t, y)`` returns all ``2·C`` output channels (eps then the learned-variance values) for learned-sigma models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError, require_file
+
+NAMED_SIZES = {  # (depth, hidden, heads), SPEC §4
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+}
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of a DiT. ``input_size`` is the latent side, ``num_classes`` excludes the null class."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    norm_eps: float = 1e-6
+    mlp_norm_eps: float | None = None  # eps of the LayerNorm before the MLP; diffusers uses its config's norm_eps
+    freq_shift: int = 0  # 0: original DiT timestep frequencies, 1: diffusers'
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> "DiTConfig":
+        """``DiT-XL/2`` style names (also ``dit-xl-2``); overrides set any other field."""
+        key = name.upper().replace("DIT-", "").replace("DIT_", "").replace("-", "/").replace("_", "/")
+        size, _, patch = key.partition("/")
+        if size not in NAMED_SIZES or patch not in {"2", "4", "8"}:
+            raise UserError(f"unknown DiT size {name!r}: expected DiT-{{S,B,L,XL}}/{{2,4,8}}")
+        depth, hidden, heads = NAMED_SIZES[size]
+        return cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides)
+
+    def flops_per_forward(self) -> float:
+        """FLOPs (2 per multiply-add) of one image-forward, counting the linears, attention and adaLN (SPEC §5)."""
+        t, d = self.num_tokens, self.hidden_size
+        per_block = 12 * d * d * t + 2 * t * t * d + 6 * d * d
+        return 2.0 * self.depth * per_block
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: int = 0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [cos, sin] of (possibly fractional) timesteps ``t`` (N,) -> (N, dim)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """The fixed 2-D sin-cos position table of DiT/MAE, (1, grid*grid, dim), computed in float64 like the original."""
+
+    def one_axis(d: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = torch.arange(d // 2, dtype=torch.float64) / (d / 2.0)
+        omega = 1.0 / 10000**omega
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    coords = torch.arange(grid, dtype=torch.float64)
+    gw, gh = torch.meshgrid(coords, coords, indexing="xy")  # first grid varies along w, as np.meshgrid(w, h)
+    emb = torch.cat([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], dim=1)
+    return emb.float().unsqueeze(0)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.eps = cfg.norm_eps
+        self.mlp_eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
+        self.attn = Attention(d, cfg.num_heads)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        d = x.shape[-1]
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
+        return x
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256, freq_shift: int = 0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.freq_dim, self.freq_shift)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null row (index ``num_classes``). In train mode labels drop to null with
+    probability ``dropout_prob`` unless ``force_drop_ids`` is given (the released stage-2 quirk (b))."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if drop is None and self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+        if drop is not None:
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.eps = cfg.norm_eps
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class DiT(nn.Module):
+    """DiT with adaLN-Zero blocks. Parameter names follow the original checkpoint layout (SPEC §4)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.x_embedder = PatchEmbed(cfg)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.freq_shift)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        grid = cfg.input_size // cfg.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(cfg.hidden_size, grid), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.cfg.patch_size, self.cfg.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None):
+        """x: (N, C, H, W) latents; t: (N,) timesteps (int or float); y: (N,) class ids, ``num_classes`` = null."""
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, drop)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
+
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> "DiT":
+        """Random weights with non-zero adaLN and output layers, so that every path of the model matters
+        (the original zero-init makes a fresh DiT output zeros, useless for tests and timing)."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _unwrap_state_dict(obj) -> dict:
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return _unwrap_state_dict(obj[key])
+        return obj
+    raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+
+
+def infer_config(sd: dict, **overrides) -> DiTConfig:
+    """Read a DiTConfig off an original-layout state dict (sizes, patch, classes, learned sigma)."""
+    try:
+        w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
+        hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+        mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"not an original-layout DiT state dict (missing or malformed {e})") from None
+    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
+    heads = overrides.pop("num_heads", None) or _heads_for(hidden)
+    input_size = overrides.pop("input_size", None) or (int(round(tokens**0.5)) * patch if tokens else 32)
+    return DiTConfig(
+        input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
+        num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
+        learn_sigma=out_ch == 2 * in_ch, **overrides,
+    )
+
+
+def _heads_for(hidden: int) -> int:
+    for depth, d, heads in NAMED_SIZES.values():
+        if d == hidden:
+            return heads
+    return max(1, hidden // 64)
+
+
+def diffusers_to_original(sd: dict, depth: int) -> dict:
+    """Rename a diffusers ``DiTTransformer2DModel`` state dict to the original layout (Q/K/V fused)."""
+    out = {
+        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
+        "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
+        "final_layer.linear.weight": sd["proj_out_2.weight"],
+        "final_layer.linear.bias": sd["proj_out_2.bias"],
+    }
+    emb = "transformer_blocks.0.norm1.emb."
+    for b in range(1, depth):  # diffusers stores one copy of the conditioning embedders per block
+        for k in (k for k in sd if k.startswith(emb)):
+            other = sd[k.replace("transformer_blocks.0.", f"transformer_blocks.{b}.", 1)]
+            if not torch.equal(other, sd[k]):
+                raise UserError(f"block {b}'s copy of {k[len(emb):]} differs from block 0's: the lean DiT computes the "
+                                "conditioning once and needs identical copies")
+    for i in (0, 2):
+        j = 1 if i == 0 else 2
+        out[f"t_embedder.mlp.{i}.weight"] = sd[f"{emb}timestep_embedder.linear_{j}.weight"]
+        out[f"t_embedder.mlp.{i}.bias"] = sd[f"{emb}timestep_embedder.linear_{j}.bias"]
+    out["y_embedder.embedding_table.weight"] = sd[f"{emb}class_embedder.embedding_table.weight"]
+    for b in range(depth):
+        p, q = f"transformer_blocks.{b}.", f"blocks.{b}."
+        for kind in ("weight", "bias"):
+            out[f"{q}attn.qkv.{kind}"] = torch.cat([sd[f"{p}attn1.to_{n}.{kind}"] for n in "qkv"], 0)
+            out[f"{q}attn.proj.{kind}"] = sd[f"{p}attn1.to_out.0.{kind}"]
+            out[f"{q}mlp.fc1.{kind}"] = sd[f"{p}ff.net.0.proj.{kind}"]
+            out[f"{q}mlp.fc2.{kind}"] = sd[f"{p}ff.net.2.{kind}"]
+            out[f"{q}adaLN_modulation.1.{kind}"] = sd[f"{p}norm1.linear.{kind}"]
+    return out
+
+
+def _read_weights(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # truncated zip, wrong pickle, not a tensor file
+        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def load_dit(path: str | Path, freq_shift: int | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> DiT:
+    """Load a DiT from an original ``.pt``/``.safetensors`` state dict or a diffusers model directory.
+
+    Accepts a diffusers pipeline root (uses its ``transformer/``), a ``transformer/`` directory, or a weights file.
+    ``freq_shift`` defaults to the convention of the weights' source (0 original, 1 diffusers). Returns the model in
+    eval mode with frozen weights.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory (expected a DiT checkpoint .pt or a diffusers transformer dir)")
+    if p.is_dir():
+        model = _load_diffusers_dir(p, freq_shift)
+    else:
+        sd = _read_weights(p)
+        if "pos_embed.proj.weight" in sd:  # diffusers layout saved as a single file
+            depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+            sd = diffusers_to_original(sd, depth)
+            source_shift = 1
+        else:
+            source_shift = 0
+        if "x_embedder.proj.weight" not in sd:
+            raise UserError(f"{p}: not a DiT checkpoint (no 'x_embedder.proj.weight'; is it a VAE or classifier?)")
+        saved = _saved_config(p)
+        if saved is not None:  # written by save_dit: the exact config travels with the weights
+            cfg = saved if freq_shift is None else replace(saved, freq_shift=freq_shift)
+        else:
+            cfg = infer_config(sd, freq_shift=source_shift if freq_shift is None else freq_shift,
+                               mlp_norm_eps=None if source_shift == 0 else 1e-5)
+        model = DiT(cfg)
+        _load_into(model, sd, p)
+    model.requires_grad_(False)
+    return model.eval().to(device=device, dtype=dtype)
+
+
+def _load_into(model: DiT, sd: dict, where: Path) -> None:
+    sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # fixed table, recomputed
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{where}: DiT weights do not fit (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
+def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
+    if (p / "transformer").is_dir():
+        p = p / "transformer"
+    cfg_file = require_file(p / "config.json", "a diffusers DiTTransformer2DModel config.json")
+    try:
+        dc = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    if dc.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
+        raise UserError(f"{cfg_file}: is a {dc.get('_class_name')}, not a DiT transformer")
+    weights = [p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
+    wfile = next((w for w in weights if w.exists()), None)
+    if wfile is None:
+        raise UserError(f"{p}: no diffusion_pytorch_model.safetensors or .bin (expected DiT transformer weights)")
+    sd = _read_weights(wfile)
+    depth = dc["num_layers"]
+    heads = dc["num_attention_heads"]
+    hidden = heads * dc["attention_head_dim"]
+    cfg = DiTConfig(
+        input_size=dc["sample_size"], patch_size=dc["patch_size"], in_channels=dc["in_channels"],
+        hidden_size=hidden, depth=depth, num_heads=heads, num_classes=dc["num_embeds_ada_norm"],
+        learn_sigma=dc.get("out_channels", dc["in_channels"]) == 2 * dc["in_channels"],
+        norm_eps=1e-6, mlp_norm_eps=dc.get("norm_eps", 1e-5), freq_shift=1 if freq_shift is None else freq_shift,
+        mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+    )
+    model = DiT(cfg)
+    try:
+        osd = diffusers_to_original(sd, depth)
+    except KeyError as e:
+        raise UserError(f"{wfile}: not DiT transformer weights (missing {e})") from None
+    _load_into(model, osd, wfile)
+    return model
+
+
+def save_dit(model: DiT, path: str | Path) -> None:
+    """Write weights (original layout) and the config beside them as safetensors metadata."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"dit_config": json.dumps(asdict(model.cfg))})
+
+
+def _saved_config(p: Path) -> DiTConfig | None:
+    if p.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+    return DiTConfig(**json.loads(meta["dit_config"])) if "dit_config" in meta else None
+
+
+def random_dit(cfg: DiTConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> DiT:
+    """A DiT with random weights (for tests and timing: cost does not depend on weight values)."""
+    g = torch.Generator().manual_seed(seed)
+    model = DiT(cfg).init_weights(g)
+    model.requires_grad_(False)
+    return model.eval().to(device=device, dtype=dtype)
+
+
+__all__ = ["DiT", "DiTConfig", "load_dit", "save_dit", "random_dit", "timestep_embedding", "diffusers_to_original",
+           "infer_config"]

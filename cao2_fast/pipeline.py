@@ -1,0 +1,420 @@
+"""The whole job: models + config -> a distilled ImageFolder, resumable and shardable by class.
+
+``Distiller`` is also the Python API for data pipelines: ``stage1``/``stage2``/``distill`` work on tensors in memory,
+``run`` writes the output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import output, stage1, stage2
+from .config import DistillConfig, build_config
+from .diffusion import Diffusion
+from .errors import UserError
+from .models.classifier import Classifier, load_classifier
+from .models.dit import DiT, load_dit
+from .models.vae import VAE, load_vae
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def class_generator(seed: int, class_id: int, stream: str) -> torch.Generator:
+    """A CPU generator that depends only on (seed, class id, stream): the order or sharding of classes never
+    changes a class's randomness."""
+    digest = hashlib.sha256(f"cao2-fast/{seed}/{class_id}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def weights_id(path: Path) -> dict:
+    """A cheap identity of a weights file or folder: sizes plus hashes of each file's first and last MiB."""
+    files = sorted(f for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
+    h = hashlib.sha256()
+    total = 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        with open(f, "rb") as fh:
+            h.update(f.name.encode() + str(size).encode() + fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return {"path": str(path), "bytes": total, "id": h.hexdigest()[:16]}
+
+
+def preset_dir(name: str = "digits") -> Path:
+    return Path(str(resources.files("cao2_fast").joinpath("presets", name)))
+
+
+def read_preset(name: str = "digits") -> dict:
+    d = preset_dir(name)
+    f = d / "preset.json"
+    if not f.is_file():
+        raise UserError(f"{f}: the {name} preset is not installed (train it with `cao2-fast train-preset {name}`)")
+    return json.loads(f.read_text())
+
+
+@dataclass
+class ClassResult:
+    """One class's outcome in memory."""
+
+    class_id: int
+    class_name: str
+    stage1_images: torch.Tensor  # kept candidates, decoded (ipc, 3, H, W) in [−1, 1]
+    images: torch.Tensor  # after stage 2
+    records: list[dict]
+    candidate_accuracy: float
+
+
+class Distiller:
+    """Runs CaO2 on given models.
+
+    ``dit(x, t, y, drop=None)`` must return all 2C channels; ``vae.decode`` maps latents to [−1, 1] images;
+    ``classifier`` maps such images to logits. Stage-1 callables can be swapped for compiled engines with
+    :meth:`use_stage1_engines`.
+    """
+
+    def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "cpu",
+                 progress: bool = False):
+        self.dit, self.vae, self.classifier, self.config = dit, vae, classifier, config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[config.dtype]
+        self.progress = progress
+        self.diffusion = Diffusion.create(respacing=config.sample_steps)
+        self.latent_shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
+        self.classifier.normalize = config.recipe.classifier_normalize
+        self.classifier.input_size = config.classifier_input_size
+        self.stage1_dit: Callable = self._dit_call
+        self.stage1_decode: Callable = vae.decode
+        self.stage1_classify: Callable = classifier
+        self._target_index = self._classifier_targets()
+
+    # -- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str = "digits", ipc: int = 10, recipe: str = "official", device: str = "cpu",
+                    progress: bool = False, class_ids: list[int] | None = None, **overrides) -> "Distiller":
+        """The embedded digits preset (SPEC §6)."""
+        meta = read_preset(name)
+        d = preset_dir(name)
+        dit = load_dit(d / "dit.safetensors")
+        vae = load_vae(d / "vae")
+        clf_meta = meta["classifier"]
+        clf = load_classifier(f"{clf_meta['model']}:{d / 'classifier.safetensors'}", input_size=clf_meta["input_size"],
+                              num_classes=len(meta["class_names"]), mean=clf_meta["mean"], std=clf_meta["std"])
+        names = meta["class_names"]
+        ids = list(range(len(names))) if class_ids is None else list(class_ids)
+        overrides.setdefault("guidance_scale", meta.get("guidance_scale", 2.7))
+        overrides.setdefault("classifier_input_size", clf_meta["input_size"])
+        overrides.setdefault("stage1_batch", 2 * 2 * ipc)  # two classes per group: several groups to shard
+        overrides.setdefault("stage2_batch", 64)
+        models = {"preset": name, "dit": weights_id(d / "dit.safetensors"), "vae": weights_id(d / "vae"),
+                  "classifier": weights_id(d / "classifier.safetensors")}
+        for m in models.values():
+            if isinstance(m, dict):
+                m["path"] = f"<preset {name}>/{Path(m['path']).name}"  # installed location must not change the fingerprint
+        cfg = build_config(name, ipc, recipe, class_ids=ids, class_names=[names[i] for i in ids],
+                           num_model_classes=dit.num_classes, models=models, **overrides)
+        return cls(dit, vae, clf, cfg, device=device, progress=progress)
+
+    @classmethod
+    def from_paths(cls, dit: str | Path, vae: str | Path, classifier: str, dataset: str = "imagenet-1k", ipc: int = 10,
+                   recipe: str = "official", class_ids: list[int] | None = None, device: str = "cpu",
+                   progress: bool = False, classifier_input_size: int = 224, **overrides) -> "Distiller":
+        """Real checkpoints on disk: an original/diffusers DiT, a diffusers VAE dir, a timm ``name[:ckpt]``."""
+        dit_m = load_dit(dit)
+        vae_m = load_vae(vae)
+        name, _, ckpt = classifier.partition(":")
+        clf = load_classifier(classifier, input_size=classifier_input_size)
+        if class_ids is not None:
+            dataset = "custom" if dataset in ("imagenet-1k", "custom") else dataset
+        names = None
+        if class_ids is not None and dit_m.num_classes == 1000:
+            from .config import read_class_file
+
+            wnids = read_class_file("imagenet1k_wnids.txt")
+            names = [wnids[c] if 0 <= c < 1000 else f"{c:04d}" for c in class_ids]
+        models = {"dit": weights_id(Path(dit)), "vae": weights_id(Path(vae)),
+                  "classifier": {"name": name, **(weights_id(Path(ckpt)) if ckpt else {})}}
+        cfg = build_config(dataset, ipc, recipe, class_ids=class_ids, class_names=names,
+                           num_model_classes=dit_m.num_classes, models=models,
+                           classifier_input_size=classifier_input_size, **overrides)
+        return cls(dit_m, vae_m, clf, cfg, device=device, progress=progress)
+
+    def to(self, device) -> "Distiller":
+        self.device = torch.device(device)
+        self.dit.to(self.device, self.dtype)
+        self.vae.to(self.device, self.dtype)
+        self.classifier.to(self.device, self.dtype)
+        return self
+
+    def _classifier_targets(self) -> dict[int, int]:
+        n = self.classifier.num_classes
+        ids = self.config.class_ids
+        if n == self.dit.num_classes:
+            return {c: c for c in ids}
+        if n == len(ids):  # a subset classifier: its outputs follow the class list's order
+            return {c: i for i, c in enumerate(ids)}
+        raise UserError(f"the classifier has {n} classes, but the DiT has {self.dit.num_classes} and the class list "
+                        f"{len(ids)}: its head must match one of them")
+
+    def _dit_call(self, x, t, y, drop=None):
+        return self.dit(x, t, y, drop)
+
+    # -- the stages on tensors -------------------------------------------------------------------------------------
+
+    def stage1(self, class_ids: list[int], bar=None) -> dict[int, dict]:
+        """Sample K·IPC candidates per class, score and select. Returns per class: kept latents, kept candidate
+        indices, their stage-1 images and probabilities, and the candidates' accuracy."""
+        cfg = self.config
+        n = cfg.num_candidates
+        noises = [stage1.Stage1Noise.draw(n, self.latent_shape, cfg.sample_steps, class_generator(cfg.seed, c, "stage1"))
+                  for c in class_ids]
+        labels = torch.tensor([c for c in class_ids for _ in range(n)])
+        with torch.no_grad():
+            latents = stage1.generate(self.stage1_dit, self.diffusion, stage1.Stage1Noise.cat(noises), labels,
+                                      self.dit.null_class, cfg.guidance_scale, cfg.recipe.guided_channels, self.device,
+                                      self.dtype, cfg.stage1_batch, progress=bar)
+        images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, latents, self.device,
+                                                self.dtype, max(1, min(cfg.stage1_batch, 64)))
+        out = {}
+        for j, c in enumerate(class_ids):
+            sl = slice(j * n, (j + 1) * n)
+            target = self._target_index[c]
+            gen = class_generator(cfg.seed, c, "select")
+            keep = stage1.select(probs[sl], target, cfg.ipc, cfg.selection, cfg.order, gen)
+            p = probs[sl]
+            out[c] = {
+                "latents": latents[sl][keep],
+                "candidate_index": keep,
+                "images": images[sl][keep],
+                "prob": p[keep, target],
+                "candidate_accuracy": float((p.argmax(1) == target).float().mean()),
+            }
+        return out
+
+    def stage2_noise(self, class_id: int, candidate_index: torch.Tensor) -> stage2.Stage2Noise:
+        cfg = self.config
+        bank_eps = stage2.noise_bank(self.latent_shape)[candidate_index] if cfg.recipe.noise_bank else None
+        return stage2.Stage2Noise.draw(len(candidate_index), self.latent_shape, cfg.stage2_steps, cfg.t_max,
+                                       class_generator(cfg.seed, class_id, "stage2"),
+                                       self.dit.cfg.class_dropout_prob, eps=bank_eps)
+
+    def stage2(self, latents: torch.Tensor, class_ids: torch.Tensor, noise: stage2.Stage2Noise,
+               bar=None) -> stage2.Stage2Result:
+        """Optimise ``latents`` (B, C, H, W) of classes ``class_ids`` (B,) in chunks of ``stage2_batch``."""
+        cfg = self.config
+        y = class_ids.clone() if cfg.stage2_label == "true" else torch.full_like(class_ids, self.dit.null_class)
+        parts = []
+        for s in range(0, len(latents), cfg.stage2_batch):
+            e = s + cfg.stage2_batch
+            parts.append(stage2.optimize(self._dit_call, self.diffusion, latents[s:e], y[s:e], noise.slice(s, e),
+                                         cfg.stage2_steps, cfg.lr, cfg.lam, cfg.recipe.timestep_mode,
+                                         cfg.recipe.label_dropout, self.device, self.dtype, progress=bar))
+        return stage2.Stage2Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                     ("latents", "loss_first", "loss_last", "steps_done", "finite")))
+
+    def distill(self, class_ids: list[int] | None = None, bars=None) -> list[ClassResult]:
+        """Both stages for ``class_ids`` (default: the config's), in memory."""
+        cfg = self.config
+        class_ids = list(cfg.class_ids if class_ids is None else class_ids)
+        bars = bars or {}
+        s1 = self.stage1(class_ids, bars.get("stage1"))
+        lat = torch.cat([s1[c]["latents"] for c in class_ids])
+        ids = torch.tensor([c for c in class_ids for _ in range(cfg.ipc)])
+        noise = stage2.Stage2Noise.cat([self.stage2_noise(c, s1[c]["candidate_index"]) for c in class_ids])
+        r2 = self.stage2(lat, ids, noise, bars.get("stage2"))
+        images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, r2.latents, self.device,
+                                                self.dtype, max(1, min(cfg.stage1_batch, 64)))
+        names = dict(zip(cfg.class_ids, cfg.class_names))
+        results = []
+        for j, c in enumerate(class_ids):
+            sl = slice(j * cfg.ipc, (j + 1) * cfg.ipc)
+            target = self._target_index[c]
+            records = []
+            for i, b in enumerate(range(sl.start, sl.stop)):
+                records.append({
+                    "class_id": c,
+                    "candidate_index": int(s1[c]["candidate_index"][i]),
+                    "prob_before": round(float(s1[c]["prob"][i]), 6),
+                    "prob_after": round(float(probs[b, target]), 6),
+                    "loss_first": _num(r2.loss_first[b]),
+                    "loss_last": _num(r2.loss_last[b]),
+                    "stage2_steps": int(r2.steps_done[b]),
+                    "stage2_status": "ok" if bool(r2.finite[b]) else "stopped: non-finite loss or latent",
+                })
+            results.append(ClassResult(c, names.get(c, str(c)), s1[c]["images"], images[sl], records,
+                                       s1[c]["candidate_accuracy"]))
+        return results
+
+    # -- the job on disk ---------------------------------------------------------------------------------------------
+
+    def groups(self) -> list[list[int]]:
+        ids = list(self.config.class_ids)
+        g = self.config.classes_per_group
+        return [ids[i:i + g] for i in range(0, len(ids), g)]
+
+    def run(self, out: str | Path, overwrite: bool = False, rank: int = 0, world_size: int = 1,
+            barrier: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> dict | None:
+        """Distill into ``out``: skip complete classes, redo incomplete ones, merge the manifest on rank 0.
+
+        Classes are scheduled in groups (see ``DistillConfig.classes_per_group``) and group g runs on rank
+        g mod world_size, so every class sees the same batches however many ranks share the job.
+        """
+        cfg = self.config
+        out = Path(out)
+        fp = cfg.fingerprint()
+        if rank == 0:
+            output.check_output_dir(out, fp, overwrite)
+        if barrier is not None:
+            barrier()
+        names = dict(zip(cfg.class_ids, cfg.class_names))
+        mine = [g for i, g in enumerate(self.groups()) if i % world_size == rank]
+        todo = [g for g in mine if any(output.read_complete(out, names[c], fp) is None for c in g)]
+        t0 = time.perf_counter()
+        bars = self._bars(out, fp, names, todo)
+        try:
+            for group in todo:
+                for r in self.distill(group, bars):
+                    if output.read_complete(out, r.class_name, fp) is not None:
+                        continue
+                    for rec in r.records:
+                        rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
+                    try:
+                        output.write_class(out, r.class_name, output.to_uint8(r.images),
+                                           output.to_uint8(r.stage1_images), r.records, fp)
+                    except OSError as e:
+                        raise UserError(f"{out / r.class_name}: cannot write ({e.strerror or e}); classes already "
+                                        f"complete are kept, re-run the same command to resume") from None
+                    if "classes" in bars:
+                        bars["classes"].update(1)
+        finally:
+            for b in bars.values():
+                b.close()
+        if log:
+            log(f"rank {rank}: {sum(map(len, todo))} classes distilled in {time.perf_counter() - t0:.1f} s")
+        if barrier is not None:
+            barrier()
+        if rank != 0:
+            return None
+        return self.merge(out)
+
+    def merge(self, out: Path) -> dict:
+        cfg = self.config
+        fp = cfg.fingerprint()
+        parts = []
+        for c, name in zip(cfg.class_ids, cfg.class_names):
+            part = output.read_complete(out, name, fp)
+            if part is None:
+                raise UserError(f"{out / name}: class {c} is not complete; re-run the same command to finish it")
+            parts.append(part)
+        acc = [rec["stage1_candidate_accuracy"] for p in parts for rec in p["images"][:1]]
+        header = {
+            "config": cfg.to_json(),
+            "versions": versions(),
+            "seed": cfg.seed,
+            "summary": {
+                "classes": len(parts),
+                "images": sum(len(p["images"]) for p in parts),
+                "stage1_candidate_accuracy": round(float(np.mean(acc)), 6) if acc else None,
+                "mean_prob_before": _mean(r["prob_before"] for p in parts for r in p["images"]),
+                "mean_prob_after": _mean(r["prob_after"] for p in parts for r in p["images"]),
+                "stage2_stopped": sum(r["stage2_status"] != "ok" for p in parts for r in p["images"]),
+            },
+        }
+        try:
+            manifest = output.write_manifest(out, header, parts)
+            output.contact_sheet(parts, out)
+        except OSError as e:
+            raise UserError(f"{out}: cannot write the manifest ({e.strerror or e}); all classes are complete, "
+                            "re-run the same command to merge") from None
+        return manifest
+
+    def _bars(self, out: Path, fp: str, names: dict, todo: list[list[int]]) -> dict:
+        if not self.progress:
+            return {}
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        done = sum(output.read_complete(out, n, fp) is not None for n in cfg.class_names)
+        return {
+            "classes": _ClassBar(tqdm(total=len(cfg.class_ids), initial=done, desc="classes", unit="class",
+                                      position=0), out),
+            "stage1": _Bar(tqdm(total=cfg.sample_steps * _chunks(todo, cfg), desc="stage 1 (sampling steps)",
+                                unit="step", position=1, leave=False)),
+            "stage2": _Bar(tqdm(total=cfg.stage2_steps * _s2_chunks(todo, cfg), desc="stage 2 (latent steps)",
+                                unit="step", position=2, leave=False)),
+        }
+
+
+class _Bar:
+    """A tqdm bar usable as a zero-argument progress callback."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self):
+        self.bar.update(1)
+
+    def update(self, n):
+        self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
+
+
+class _ClassBar(_Bar):
+    """Counts complete classes on disk, so rank 0 shows the progress of all ranks."""
+
+    def __init__(self, bar, out: Path):
+        super().__init__(bar)
+        self.out = out
+
+    def update(self, n):
+        self.bar.n = max(self.bar.n + n, len(list(self.out.glob(f"*/{output.MARKER}"))))
+        self.bar.refresh()
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _chunks(groups: list[list[int]], cfg: DistillConfig) -> int:
+    return sum(_ceil(len(g) * cfg.num_candidates, cfg.stage1_batch) for g in groups)
+
+
+def _s2_chunks(groups: list[list[int]], cfg: DistillConfig) -> int:
+    return sum(_ceil(len(g) * cfg.ipc, cfg.stage2_batch) for g in groups)
+
+
+def _num(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return round(v, 6) if np.isfinite(v) else None
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return round(float(np.mean(v)), 6) if v else None
+
+
+def versions() -> dict:
+    import diffusers
+    import timm
+
+    from . import __version__
+
+    return {"cao2_fast": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "timm": timm.__version__, "python": platform.python_version(), "numpy": np.__version__,
+            "platform": sys.platform}
