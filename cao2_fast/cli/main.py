@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         import click
 
         if isinstance(e, click.exceptions.ClickException):
-            e.show()
+            print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(2)
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)

@@ -1,0 +1,169 @@
+"""The job on disk: layout, manifest, determinism, resume and refusal to mix configs (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from cao2_fast.config import build_config
+from cao2_fast.errors import UserError
+from cao2_fast.models.dit import DiTConfig
+from cao2_fast.models.random import random_models
+from cao2_fast.pipeline import Distiller, class_generator
+
+
+def make_distiller(class_ids=(0, 2, 4), ipc=2, recipe="official", **kw):
+    dit, vae, clf = random_models(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5))
+    opts = dict(k=2, stage1_batch=8, stage2_batch=3, stage2_steps=3, sample_steps=6, t_max=2,
+                classifier_input_size=32)
+    opts.update(kw)
+    cfg = build_config("custom", ipc, recipe, class_ids=list(class_ids), num_model_classes=5, **opts)
+    return Distiller(dit, vae, clf, cfg)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    d = make_distiller()
+    manifest = d.run(out)
+    return d, out, manifest
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_layout_is_an_imagefolder_with_manifest_and_contact_sheet(finished):
+    d, out, manifest = finished
+    assert sorted(os.listdir(out)) == ["0000", "0002", "0004", "contact_sheet.png", "manifest.json"]
+    for name in ("0000", "0002", "0004"):
+        assert sorted(p.name for p in (out / name).glob("*.png")) == ["0.png", "1.png"]
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(out))
+    assert ds.classes == ["0000", "0002", "0004"] and len(ds) == 6
+    img, label = ds[5]
+    assert img.size == (16, 16) and label == 2
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_manifest_records_config_versions_and_per_image_fields(finished):
+    d, out, manifest = finished
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["config"]["fingerprint"] == d.config.fingerprint()
+    assert on_disk["config"]["recipe"]["timestep_mode"] == "official"
+    assert {"torch", "diffusers", "timm", "cao2_fast"} <= set(on_disk["versions"])
+    rec = on_disk["classes"][1]["images"][0]
+    for field in ("class_id", "candidate_index", "prob_before", "prob_after", "loss_first", "loss_last", "sha256",
+                  "file", "stage2_status"):
+        assert field in rec, field
+    assert rec["class_id"] == 2 and 0 <= rec["candidate_index"] < 4
+    assert rec["loss_last"] != rec["loss_first"]
+
+
+def test_same_seed_gives_byte_identical_files(finished, tmp_path):
+    _, out, _ = finished
+    make_distiller().run(tmp_path / "again")
+    assert snapshot(out) == snapshot(tmp_path / "again")
+
+
+def test_other_seed_changes_images(finished, tmp_path):
+    _, out, _ = finished
+    make_distiller(seed=1).run(tmp_path / "s1")
+    assert (out / "0002" / "0.png").read_bytes() != (tmp_path / "s1" / "0002" / "0.png").read_bytes()
+
+
+def test_class_randomness_depends_on_seed_and_class_only():
+    a = torch.randn(3, generator=class_generator(0, 7, "stage1"))
+    b = torch.randn(3, generator=class_generator(0, 7, "stage1"))
+    c = torch.randn(3, generator=class_generator(0, 8, "stage1"))
+    d = torch.randn(3, generator=class_generator(1, 7, "stage1"))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+    # a class distilled alone equals the same class distilled among others (up to batch rounding)
+    alone = make_distiller(class_ids=(2,)).distill()[0]
+    among = [r for r in make_distiller().distill() if r.class_id == 2][0]
+    assert [r["candidate_index"] for r in alone.records] == [r["candidate_index"] for r in among.records]
+    torch.testing.assert_close(alone.images, among.images, atol=1e-4, rtol=1e-4)
+
+
+def test_rerun_skips_complete_classes_and_redoes_damaged_ones(finished, tmp_path):
+    _, out, _ = finished
+    target = tmp_path / "resume"
+    d = make_distiller()
+    d.run(target)
+    before = snapshot(target)
+    untouched = target / "0000" / "0.png"
+    mtime = untouched.stat().st_mtime_ns
+    (target / "0002" / "1.png").write_bytes(b"garbage")  # damaged image: checksum mismatch
+    (target / "0004" / ".complete.json").unlink()  # interrupted before the marker
+    (target / "manifest.json").unlink()
+    d.run(target)
+    assert snapshot(target) == before
+    assert untouched.stat().st_mtime_ns == mtime  # the complete class was not rewritten
+
+
+def test_refuses_to_mix_configs_unless_overwrite(finished, tmp_path):
+    target = tmp_path / "mix"
+    make_distiller().run(target)
+    other = make_distiller(seed=3)
+    with pytest.raises(UserError, match="different config"):
+        other.run(target)
+    assert (target / "manifest.json").is_file()  # nothing was lost
+    other.run(target, overwrite=True)
+    fp = json.loads((target / "manifest.json").read_text())["config"]["fingerprint"]
+    assert fp == other.config.fingerprint()
+
+
+def test_batch_sizes_do_not_enter_the_fingerprint_but_grouping_does():
+    a = make_distiller(stage2_batch=3).config
+    b = make_distiller(stage2_batch=5).config
+    c = make_distiller(stage1_batch=4).config  # 1 class per group instead of 2
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_groups_tile_the_class_list():
+    d = make_distiller(class_ids=(0, 1, 2, 3, 4), stage1_batch=8)  # 4 candidates per class -> 2 per group
+    assert d.groups() == [[0, 1], [2, 3], [4]]
+
+
+def test_subset_classifier_targets_follow_the_class_list():
+    d = make_distiller(class_ids=(1, 3))
+    assert d._target_index == {1: 1, 3: 3}  # classifier with the DiT's 5 classes: index = class id
+    from cao2_fast.models.random import random_classifier
+
+    d.classifier = random_classifier(num_classes=2, input_size=32)
+    assert d._classifier_targets() == {1: 0, 3: 1}
+    d.classifier = random_classifier(num_classes=7, input_size=32)
+    with pytest.raises(UserError, match="classifier has 7 classes"):
+        d._classifier_targets()
+
+
+def test_disk_full_keeps_finished_classes(tmp_path, monkeypatch):
+    from cao2_fast import output
+
+    target = tmp_path / "full"
+    d = make_distiller(stage1_batch=4)  # one class per group
+    real = output.atomic_write
+    calls = {"n": 0}
+
+    def failing(path, data):
+        calls["n"] += 1
+        if "0004" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(output, "atomic_write", failing)
+    with pytest.raises(UserError, match="No space left"):
+        d.run(target)
+    monkeypatch.setattr(output, "atomic_write", real)
+    fp = d.config.fingerprint()
+    assert output.read_complete(target, "0000", fp) is not None
+    assert output.read_complete(target, "0002", fp) is not None
+    assert output.read_complete(target, "0004", fp) is None
+    assert not (target / "manifest.json").exists()
+    d.run(target)  # resumes
+    assert output.read_complete(target, "0004", fp) is not None and (target / "manifest.json").is_file()

@@ -1,0 +1,155 @@
+"""Stage 1 selection and stage 2 optimisation on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cao2_fast import stage1, stage2
+from cao2_fast.diffusion import Diffusion
+from cao2_fast.models.dit import DiTConfig, random_dit
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return random_dit(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=6), seed=3)
+
+
+def per_image_reference(dit, diffusion, x0, y, noise, steps, lr, lam, timestep_mode, label_dropout):
+    """One image at a time, the way the released code runs: torch.optim.Adam on a (1, C, H, W) latent."""
+    out = []
+    losses = []
+    for b in range(x0.shape[0]):
+        x = x0[b : b + 1].clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
+        first = None
+        for k in range(steps):
+            t = noise.t[b : b + 1, k]
+            ac = diffusion.alphas_cumprod[t].float()
+            xt = ac.sqrt().view(-1, 1, 1, 1) * x + (1 - ac).sqrt().view(-1, 1, 1, 1) * noise.eps[b : b + 1]
+            tm = t if timestep_mode == "official" else diffusion.timestep_map[t]
+            drop = noise.drop[b : b + 1, k] if label_dropout else None
+            eps_hat = dit(xt, tm, y[b : b + 1], drop)[:, :4]
+            diff = noise.eps[b : b + 1] - eps_hat
+            loss = torch.mean(diff**2) + lam * torch.max(torch.abs(diff))
+            if first is None:
+                first = loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append(x.detach())
+        losses.append(first)
+    return torch.cat(out), torch.tensor(losses)
+
+
+@pytest.mark.parametrize("timestep_mode,label,dropout", [("official", "null", False), ("consistent", "true", True)])
+def test_batched_stage2_equals_per_image_loop(dit, timestep_mode, label, dropout):
+    g = torch.Generator().manual_seed(0)
+    b, steps = 5, 6
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(b, 4, 8, 8, generator=g)
+    noise = stage2.Stage2Noise.draw(b, (4, 8, 8), steps, 11, g, dropout_prob=0.5)
+    assert noise.drop.any() and not noise.drop.all()  # the dropout draws really differ per image and step
+    y = torch.tensor([0, 1, 2, 3, 5]) if label == "true" else torch.full((b,), dit.null_class)
+    res = stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, noise, steps, lr=0.05, lam=10.0,
+                          timestep_mode=timestep_mode, label_dropout=dropout, device="cpu")
+    ref, ref_first = per_image_reference(dit, diffusion, x0, y, noise, steps, 0.05, 10.0, timestep_mode, dropout)
+    assert (res.latents - x0).abs().max() > 1e-2  # the latents moved
+    assert (res.latents - ref).abs().max() <= 1e-5
+    torch.testing.assert_close(res.loss_first, ref_first, rtol=1e-5, atol=1e-5)
+    assert res.finite.all() and (res.steps_done == steps).all()
+
+
+def test_stage2_timestep_mode_changes_the_model_timestep(dit):
+    g = torch.Generator().manual_seed(1)
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    noise = stage2.Stage2Noise.draw(2, (4, 8, 8), 2, 11, g, dropout_prob=0.0)
+    seen = []
+
+    def spy(x, t, y, drop):
+        seen.append(t.clone())
+        return dit(x, t, y, drop)
+
+    for mode in ("official", "consistent"):
+        stage2.optimize(spy, diffusion, x0, torch.zeros(2, dtype=torch.long), noise, 2, 1e-3, 10.0, mode, False, "cpu")
+    official, consistent = seen[0], seen[2]
+    assert torch.equal(official, noise.t[:, 0])
+    assert torch.equal(consistent, diffusion.timestep_map[noise.t[:, 0]])
+    assert (consistent >= 20 * official - 1).all()  # ~20x mismatch of the released code
+
+
+def test_stage2_nonfinite_image_stops_and_keeps_last_finite_latent(dit):
+    g = torch.Generator().manual_seed(2)
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+    noise = stage2.Stage2Noise.draw(3, (4, 8, 8), 5, 11, g, dropout_prob=0.0)
+    calls = {"n": 0}
+
+    def poisoned(x, t, y, drop):
+        out = dit(x, t, y, drop)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third step of image 1 produces NaN
+            out = out.clone()
+            out[1, 0, 0, 0] = float("nan")
+        return out
+
+    def clean_run(steps):
+        return stage2.optimize(lambda *a: dit(*a), diffusion, x0, torch.zeros(3, dtype=torch.long), noise, steps,
+                               0.05, 10.0, "official", False, "cpu")
+
+    res = stage2.optimize(poisoned, diffusion, x0, torch.zeros(3, dtype=torch.long), noise, 5, 0.05, 10.0,
+                          "official", False, "cpu")
+    assert res.finite.tolist() == [True, False, True]
+    assert res.steps_done.tolist() == [5, 2, 5]
+    assert torch.isfinite(res.latents).all()
+    clean5, clean2 = clean_run(5), clean_run(2)
+    torch.testing.assert_close(res.latents[[0, 2]], clean5.latents[[0, 2]])  # the others are unaffected
+    torch.testing.assert_close(res.latents[1], clean2.latents[1])  # image 1 keeps its state after 2 steps
+
+
+def test_select_confident_orders_and_fills():
+    # 6 candidates for target class 1
+    probs = torch.tensor([
+        [0.1, 0.8, 0.1],  # correct, 0.8
+        [0.6, 0.3, 0.1],  # wrong, conf 0.6
+        [0.2, 0.5, 0.3],  # correct, 0.5
+        [0.05, 0.9, 0.05],  # correct, 0.9
+        [0.1, 0.2, 0.7],  # wrong, conf 0.7
+        [0.3, 0.4, 0.3],  # correct, 0.4
+    ])
+    assert stage1.select(probs, 1, 3, "confident", "desc").tolist() == [3, 0, 2]
+    assert stage1.select(probs, 1, 3, "confident", "asc").tolist() == [5, 2, 0]
+    # only 4 correct: the 5th and 6th picks are the most confident wrong ones
+    assert stage1.select(probs, 1, 6, "confident", "desc").tolist() == [3, 0, 2, 5, 4, 1]
+
+
+def test_select_el2n_and_random():
+    probs = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), 1)
+    onehot = torch.nn.functional.one_hot(torch.tensor(2), 4).float()
+    el2n = (probs - onehot).norm(dim=1)
+    hardest = stage1.select(probs, 2, 3, "el2n", "desc")
+    assert torch.equal(hardest, el2n.argsort(descending=True)[:3])
+    easiest = stage1.select(probs, 2, 3, "el2n", "asc")
+    assert torch.equal(easiest, el2n.argsort()[:3])
+    r1 = stage1.select(probs, 2, 4, "random", generator=torch.Generator().manual_seed(5))
+    r2 = stage1.select(probs, 2, 4, "random", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(r1, r2) and len(set(r1.tolist())) == 4
+    with pytest.raises(ValueError):
+        stage1.select(probs, 2, 11)
+
+
+def test_stage1_generate_is_independent_of_batching(dit):
+    g = torch.Generator().manual_seed(4)
+    diffusion = Diffusion.create(respacing=5)
+    noise = stage1.Stage1Noise.draw(7, (4, 8, 8), 5, g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    whole = stage1.generate(lambda *a: dit(*a), diffusion, noise, labels, dit.null_class, 2.7, 3, "cpu",
+                            torch.float32, batch=7)
+    chunked = stage1.generate(lambda *a: dit(*a), diffusion, noise, labels, dit.null_class, 2.7, 3, "cpu",
+                              torch.float32, batch=3)
+    single = stage1.generate(lambda *a: dit(*a), diffusion, noise.slice(4, 5), labels[4:5], dit.null_class, 2.7, 3,
+                             "cpu", torch.float32, batch=1)
+    torch.testing.assert_close(whole, chunked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole[4:5], single, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(whole[0], whole[1])  # different noise, different samples
