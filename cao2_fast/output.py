@@ -152,6 +152,8 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
             raise UserError(f"{out}: holds a distilled set made with a different config (fingerprint {other}, this run "
                             f"{fingerprint}); pass --overwrite to replace it or choose another --out")
         shutil.rmtree(out)
+    for stale in out.glob(".*.tmp") if out.is_dir() else []:  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     parent = out if out.exists() else _existing_parent(out)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{out}: output folder is not writable (no write permission on {parent})")

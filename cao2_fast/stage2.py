@@ -10,7 +10,6 @@ An image whose loss or latent turns non-finite stops: it keeps its last finite l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,58 +72,114 @@ def per_image_loss(eps: torch.Tensor, eps_hat: torch.Tensor, lam: float) -> torc
     return d.pow(2).mean(dim=1) + lam * d.abs().amax(dim=1)
 
 
-def adam_update_(x, grad, exp_avg, exp_avg_sq, step: int, lr: float, beta1=0.9, beta2=0.999, eps=1e-8):
-    """torch.optim.Adam's update (no weight decay, no amsgrad), elementwise and in place; returns the new x."""
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    return x.addcdiv(exp_avg, denom, value=-lr / (1 - beta1**step))
+@dataclass(frozen=True)
+class StepOps:
+    """The three elementwise pieces of a stage-2 step: noising, loss + dL/dε̂, and the Adam update through a_t.
+    ``triton`` uses the fused kernels of ``cao2_fast.kernels``; ``torch`` their plain PyTorch references."""
+
+    name: str
+    noise: Fn
+    loss_grad: Fn
+    adam: Fn
+
+
+def step_ops(name: str) -> StepOps:
+    """``torch`` (reference ops, any device) or ``triton`` (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1)."""
+    from cao2_fast import kernels as K
+
+    if name == "torch":
+        return StepOps("torch", K.noise_latents_reference, K.latent_loss_grad_reference, K.latent_adam_step_reference)
+    if name == "triton":
+        return StepOps("triton", K.noise_latents, K.latent_loss_grad, K.latent_adam_step_)
+    raise ValueError(f"unknown stage-2 step ops {name!r}: torch or triton")
+
+
+def default_ops(device) -> str:
+    from cao2_fast.kernels import triton_available
+
+    return "triton" if torch.device(device).type == "cuda" and triton_available(device) else "torch"
 
 
 def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, noise: Stage2Noise, steps: int,
              lr: float, lam: float, timestep_mode: str, label_dropout: bool, device, dtype=torch.float32,
-             progress: Callable[[], None] | None = None) -> Stage2Result:
+             progress: Callable[[], None] | None = None, ops: str | None = None,
+             cuda_graph: bool = False) -> Stage2Result:
     """Optimise latents ``x0`` (B, C, H, W) under labels ``y`` (B,) for ``steps`` Adam steps.
 
     ``timestep_mode``: ``official`` tells the DiT the raw respaced index t (the released quirk), ``consistent`` the
     original timestep that matches ᾱ_t. ``dtype`` is the DiT's compute dtype; x0, the loss and Adam stay float32.
+    Each step runs the DiT forward, the loss gradient w.r.t. ε̂ in closed form, and one backward to x_t only (the
+    DiT's weights are frozen). All per-step randomness is pre-drawn and moved to the device once, so a step never
+    waits on the host; with ``cuda_graph`` the whole loop is captured once and replayed.
     """
-    b = x0.shape[0]
-    x = x0.detach().float().clone().to(device)
+    device = torch.device(device)
+    K = step_ops(ops or default_ops(device))
+    b, c = x0.shape[0], x0.shape[1]
+    x = x0.detach().to(device, torch.float32, copy=True).contiguous()  # updated in place: never the caller's tensor
     exp_avg, exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
-    eps = noise.eps.to(device).float()
+    eps = noise.eps.to(device).float().contiguous()
     y = y.to(device)
-    loss_first = torch.full((b,), float("nan"))
-    loss_last = torch.full((b,), float("nan"))
-    steps_done = torch.zeros(b, dtype=torch.long)
+    t_all = noise.t.to(device)
+    tm_all = t_all if timestep_mode == "official" else diffusion.model_timesteps(t_all)
+    drop_all = noise.drop.to(device) if label_dropout else None
+    sqrt_ac = diffusion.sqrt_alphas_cumprod.float().to(device)
+    sqrt_1m = diffusion.sqrt_one_minus_alphas_cumprod.float().to(device)
+    first = torch.full((b,), float("nan"), device=device)
+    last = torch.full((b,), float("nan"), device=device)
     alive = torch.ones(b, dtype=torch.bool, device=device)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    for k in range(steps):
-        t = noise.t[:, k].to(device)
-        t_model = t if timestep_mode == "official" else diffusion.model_timesteps(t)
-        drop = noise.drop[:, k].to(device) if label_dropout else None
-        xin = x.detach().requires_grad_(True)
-        xt = diffusion.q_sample(xin, t, eps)
-        out = dit(xt.to(dtype), t_model, y, drop)
-        loss = per_image_loss(eps, out[:, : x.shape[1]], lam)
-        (grad,) = torch.autograd.grad(loss.sum(), xin)
-        finite = torch.isfinite(loss) & torch.isfinite(grad).flatten(1).all(dim=1)
-        alive &= finite
-        lc = loss.detach().cpu()
+    done = torch.zeros(b, dtype=torch.long, device=device)
+    view = (-1,) + (1,) * (x.dim() - 1)
+
+    def step(k: int) -> None:
+        t = t_all[:, k]
+        xt = K.noise(x, eps, t, sqrt_ac, sqrt_1m, out_dtype=dtype).requires_grad_(True)
+        with torch.enable_grad():
+            eps_hat = dit(xt, tm_all[:, k], y, None if drop_all is None else drop_all[:, k])[:, :c]
+        loss, g = K.loss_grad(eps, eps_hat.detach(), lam)
+        (gx,) = torch.autograd.grad(eps_hat, xt, grad_outputs=g)
         if k == 0:
-            loss_first = lc.clone()
-        keep = alive.cpu()
-        loss_last[keep] = lc[keep]
-        if not bool(alive.any()):
-            break
-        grad = torch.where(alive.view(shape), grad, torch.zeros_like(grad))
-        new_m, new_v = exp_avg.clone(), exp_avg_sq.clone()
-        new_x = adam_update_(x, grad, new_m, new_v, k + 1, lr)
-        alive &= torch.isfinite(new_x).flatten(1).all(dim=1)
-        sel = alive.view(shape)
-        x = torch.where(sel, new_x, x)
-        exp_avg, exp_avg_sq = torch.where(sel, new_m, exp_avg), torch.where(sel, new_v, exp_avg_sq)
-        steps_done += alive.cpu().long()
+            first.copy_(loss)
+        ok = alive & torch.isfinite(loss) & torch.isfinite(gx).flatten(1).all(dim=1)
+        last.copy_(torch.where(ok, loss, last))
+        prev = (x.clone(), exp_avg.clone(), exp_avg_sq.clone())
+        K.adam(x, torch.where(ok.view(view), gx, torch.zeros_like(gx)).contiguous(), sqrt_ac[t], exp_avg,
+               exp_avg_sq, k + 1, lr)
+        ok &= torch.isfinite(x).flatten(1).all(dim=1)
+        for cur, old in zip((x, exp_avg, exp_avg_sq), prev):  # a stopped image keeps its last finite state
+            cur.copy_(torch.where(ok.view(view), cur, old))
+        alive.copy_(ok)
+        done.add_(ok.long())
+
+    if cuda_graph and device.type == "cuda" and steps > 0:
+        _run_captured(step, steps, (x, exp_avg, exp_avg_sq, first, last, alive, done))
         if progress is not None:
-            progress()
-    return Stage2Result(x.detach().cpu(), loss_first, loss_last, steps_done, alive.cpu())
+            for _ in range(steps):
+                progress()
+    else:
+        for k in range(steps):
+            step(k)
+            if progress is not None:
+                progress()
+    return Stage2Result(x.detach().cpu(), first.cpu(), last.cpu(), done.cpu(), alive.cpu())
+
+
+def _run_captured(step: Callable[[int], None], steps: int, state: tuple[torch.Tensor, ...]) -> None:
+    """Capture all ``steps`` in one CUDA graph and replay it once. Warm-up runs on a side stream against a saved
+    copy of ``state``, which is restored before capture, so the captured run starts from the caller's state."""
+    saved = [s.clone() for s in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for k in range(min(2, steps)):
+            step(k)
+    torch.cuda.current_stream().wait_stream(side)
+    for s, v in zip(state, saved):
+        s.copy_(v)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(steps):
+            step(k)
+    for s, v in zip(state, saved):  # capture does not execute; start the replay from the saved state
+        s.copy_(v)
+    graph.replay()
+    torch.cuda.synchronize()
