@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cao2_fast import stage1, stage2
+from cao2_fast import reference, stage1, stage2
 from cao2_fast.diffusion import Diffusion
 from cao2_fast.models.dit import DiTConfig, random_dit
 
@@ -13,33 +13,6 @@ from cao2_fast.models.dit import DiTConfig, random_dit
 @pytest.fixture(scope="module")
 def dit():
     return random_dit(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=6), seed=3)
-
-
-def per_image_reference(dit, diffusion, x0, y, noise, steps, lr, lam, timestep_mode, label_dropout):
-    """One image at a time, the way the released code runs: torch.optim.Adam on a (1, C, H, W) latent."""
-    out = []
-    losses = []
-    for b in range(x0.shape[0]):
-        x = x0[b : b + 1].clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=lr)
-        first = None
-        for k in range(steps):
-            t = noise.t[b : b + 1, k]
-            ac = diffusion.alphas_cumprod[t].float()
-            xt = ac.sqrt().view(-1, 1, 1, 1) * x + (1 - ac).sqrt().view(-1, 1, 1, 1) * noise.eps[b : b + 1]
-            tm = t if timestep_mode == "official" else diffusion.timestep_map[t]
-            drop = noise.drop[b : b + 1, k] if label_dropout else None
-            eps_hat = dit(xt, tm, y[b : b + 1], drop)[:, :4]
-            diff = noise.eps[b : b + 1] - eps_hat
-            loss = torch.mean(diff**2) + lam * torch.max(torch.abs(diff))
-            if first is None:
-                first = loss.item()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out.append(x.detach())
-        losses.append(first)
-    return torch.cat(out), torch.tensor(losses)
 
 
 @pytest.mark.parametrize("timestep_mode,label,dropout", [("official", "null", False), ("consistent", "true", True)])
@@ -53,10 +26,16 @@ def test_batched_stage2_equals_per_image_loop(dit, timestep_mode, label, dropout
     y = torch.tensor([0, 1, 2, 3, 5]) if label == "true" else torch.full((b,), dit.null_class)
     res = stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, noise, steps, lr=0.05, lam=10.0,
                           timestep_mode=timestep_mode, label_dropout=dropout, device="cpu")
-    ref, ref_first = per_image_reference(dit, diffusion, x0, y, noise, steps, 0.05, 10.0, timestep_mode, dropout)
+    firsts, ref = [], []
+    for i in range(b):  # one image at a time with torch.optim.Adam and weight gradients on, as released
+        xi, first, _ = reference.stage2_one_image(dit, diffusion, x0[i], int(y[i]), noise, i, steps, 0.05, 10.0,
+                                                  timestep_mode, dropout, "cpu")
+        ref.append(xi)
+        firsts.append(first)
+    ref = torch.stack(ref)
     assert (res.latents - x0).abs().max() > 1e-2  # the latents moved
     assert (res.latents - ref).abs().max() <= 1e-5
-    torch.testing.assert_close(res.loss_first, ref_first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.loss_first, torch.tensor(firsts), rtol=1e-5, atol=1e-5)
     assert res.finite.all() and (res.steps_done == steps).all()
 
 
@@ -171,3 +150,16 @@ def test_stage2_with_fused_kernels_equals_torch_ops(dit):
     torch.testing.assert_close(runs[0].latents, runs[1].latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(runs[0].loss_last, runs[1].loss_last, atol=1e-5, rtol=1e-5)
     assert (runs[1].latents - x0).abs().max() > 1e-2
+
+
+def test_reference_stage2_weight_grads_do_not_change_the_result_and_are_cleaned_up(dit):
+    g = torch.Generator().manual_seed(8)
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(2, 4, 8, 8, generator=g)
+    noise = stage2.Stage2Noise.draw(2, (4, 8, 8), 3, 11, g, dropout_prob=0.0)
+    y = torch.tensor([1, 2])
+    with_w = reference.stage2(dit, diffusion, x0, y, noise, 3, 0.05, 10.0, "official", False, "cpu", weight_grads=True)
+    without = reference.stage2(dit, diffusion, x0, y, noise, 3, 0.05, 10.0, "official", False, "cpu",
+                               weight_grads=False)
+    torch.testing.assert_close(with_w, without)
+    assert all(not p.requires_grad and p.grad is None for p in dit.parameters())

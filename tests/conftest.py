@@ -1,0 +1,20 @@
+"""Shared fixed-seed fixtures. Imports kernels_env first: without CUDA, Triton kernels must be decorated in
+interpreter mode, whichever test module happens to import them first."""
+
+import kernels_env  # noqa: F401
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU torch generator with a fixed seed, fresh for each test."""
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def np_rng() -> np.random.Generator:
+    """A numpy generator with a fixed seed, fresh for each test."""
+    return np.random.default_rng(1234)
