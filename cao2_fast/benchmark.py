@@ -1,0 +1,306 @@
+"""``cao2-fast bench``: the released code's execution (``reference``) against this project's (``fast``), in one
+process, on the same models and inputs (SPEC §5).
+
+Timing follows gpt-fast/timm habits: warm-up outside the timed region, device synchronised around it, compile and
+build time kept apart. Items are normalised to full-length work: a stage-1 item is one candidate sampled over all
+``sample_steps`` guided steps and then decoded and scored; a stage-2 item is one latent-step (forward + backward to
+the input + Adam). FLOP counts use the DiT only (SPEC §5): 2·F per guided candidate-step, 2·F per latent-step
+(forward + backward to the input; the reference's extra weight-gradient work is not counted as useful).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import reference, stage1, stage2
+from .diffusion import Diffusion
+from .models.dit import DiTConfig, random_dit
+
+PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}  # bf16 dense matmul measured on these machines (SPEC §5)
+IMAGENET_IPC10 = {"candidates": 40_000, "latents": 10_000}
+
+
+@dataclass
+class Setup:
+    name: str
+    dit: torch.nn.Module
+    vae: torch.nn.Module
+    classifier: torch.nn.Module
+    classes_per_batch: int  # reference batch is one class: K·IPC candidates
+    k: int
+    ipc: int
+    guidance_scale: float = 2.7
+
+
+def build_setup(model: str, device: str) -> Setup:
+    """``digits``: the embedded preset. ``dit-{s,b,l,xl}-2-256``: the real architecture with random weights, with
+    the sd-vae-ft-mse VAE and timm ResNet-18 at their real sizes (random weights too)."""
+    from .models.random import random_classifier, random_vae
+
+    if model == "digits":
+        from .pipeline import Distiller
+
+        d = Distiller.from_preset("digits", ipc=10)
+        return Setup("digits", d.dit, d.vae, d.classifier, 2, k=2, ipc=10, guidance_scale=d.config.guidance_scale)
+    if model == "tiny":  # a few-second smoke run of every code path
+        dit = random_dit(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10), seed=0)
+        return Setup("tiny", dit, random_vae(tiny=True), random_classifier("test_resnet", 10, 32), 2, k=2, ipc=2)
+    size = model.lower().replace("dit-", "").split("-")[0].upper()
+    cfg = DiTConfig.named(f"DiT-{size}/2", input_size=32)
+    dit = random_dit(cfg, seed=0)
+    vae = random_vae(tiny=False)
+    clf = random_classifier("resnet18", 1000, 224)
+    return Setup(model, dit, vae, clf, 6, k=4, ipc=10)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int = 1) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def _peak_memory(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def _device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _peak_tflops(device) -> tuple[float | None, str]:
+    """The hardware peak to divide by: SPEC §5's measured bf16 rate on H100/H200; on CPU an fp32 matmul measured
+    now (so the CPU 'MFU' is relative to what this machine's BLAS reaches)."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, v in PEAK_TFLOPS.items():
+            if key in name:
+                return v, f"SPEC §5 bf16 matmul on {key}"
+        return None, "unknown GPU"
+    a = torch.randn(1024, 1024)
+    a @ a
+    dt = _timed(lambda: a @ a, "cpu", repeats=5)
+    return 2 * 1024**3 / dt / 1e12, "fp32 1024³ matmul measured on this CPU"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None = None, steps1: int = 5,
+              steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
+              ops: str | None = None, cuda_graph: bool | None = None, log=print) -> list[dict]:
+    """Measure both paths for stage 1 and stage 2 and derive end to end. Returns JSON-ready rows."""
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the released code: fp32 weights, TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    fast_dtype = fast_dtype or ("bfloat16" if on_cuda else "float32")
+    fdt = getattr(torch, fast_dtype)
+    s = build_setup(model, device)
+    cfg = s.dit.cfg
+    latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    flop_fwd = cfg.flops_per_forward()
+    peak, peak_source = _peak_tflops(device)
+    n_cand = s.k * s.ipc
+    classes = classes or s.classes_per_batch
+    g = torch.Generator().manual_seed(0)
+    ref_dit = s.dit.to(dev, torch.float32)
+    s.vae.to(dev, torch.float32)
+    s.classifier.to(dev, torch.float32)
+    diffusion_short = Diffusion.create(respacing=steps1)  # timing only: a step costs the same at any respacing
+    base = {"device": _device_name(device), "model": model, "torch": torch.__version__,
+            "triton": _version("triton"), "commit": _commit(),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "peak_tflops": peak, "peak_source": peak_source}
+    rows = []
+
+    # -- stage 1 -------------------------------------------------------------------------------------------------
+    noises = [stage1.Stage1Noise.draw(n_cand, latent, steps1, g) for _ in range(classes)]
+
+    def ref_stage1():
+        for c, nz in enumerate(noises):
+            z = reference.stage1_class(ref_dit, diffusion_short, nz.initial, nz.steps, c, cfg.num_classes,
+                                       s.guidance_scale, 3, dev)
+            with torch.no_grad():
+                s.classifier(s.vae.decode(z))
+
+    ref_stage1()  # warm-up
+    torch.cuda.reset_peak_memory_stats() if on_cuda else None
+    t_ref1 = _timed(ref_stage1, device)
+    mem_ref1 = _peak_memory(device)
+
+    fast_dit = _copy_model(s.dit, dev, fdt)
+    vae_f = _copy_model(s.vae, dev, fdt)
+    clf_f = _copy_model(s.classifier, dev, fdt)
+    allnoise = stage1.Stage1Noise.cat(noises)
+    labels = torch.tensor([c for c in range(classes) for _ in range(n_cand)])
+
+    def fast_stage1():
+        with torch.no_grad():
+            z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels, cfg.num_classes,
+                                s.guidance_scale, 3, dev, fdt, batch=len(labels))
+            stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
+
+    fast_stage1()
+    torch.cuda.reset_peak_memory_stats() if on_cuda else None
+    t_fast1 = _timed(fast_stage1, device)
+    mem_fast1 = _peak_memory(device)
+    n1 = classes * n_cand
+    full = 50 / steps1  # normalise to 50 sampling steps per candidate
+    flop1 = 50 * 2 * flop_fwd  # per candidate (guided: 2 forwards per step)
+    for path, t, mem, dt_name, batch in (("reference", t_ref1, mem_ref1, "float32", 2 * n_cand),
+                                         ("fast", t_fast1, mem_fast1, fast_dtype, 2 * n1)):
+        per_item = t * full / n1
+        rows.append(dict(base, stage="1", path=path, dtype=dt_name, batch=batch, unit="images/s",
+                         throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop1,
+                         tflops=flop1 / per_item / 1e12, peak_mem_gib=round(mem, 3)))
+
+    # -- stage 2 -------------------------------------------------------------------------------------------------
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(ref_images, *latent, generator=g)
+    nz2 = stage2.Stage2Noise.draw(ref_images, latent, steps2, 11, g, 0.0)
+    y_null = torch.full((ref_images,), cfg.num_classes)
+    run_ref2 = lambda: reference.stage2(ref_dit, diffusion, x0, y_null, nz2, steps2, 6e-4, 10.0, "official", False,  # noqa: E731
+                                        dev, weight_grads=True)
+    run_ref2()
+    torch.cuda.reset_peak_memory_stats() if on_cuda else None
+    t_ref2 = _timed(run_ref2, device)
+    mem_ref2 = _peak_memory(device)
+    batch2, t_fast2, mem_fast2 = _fast_stage2(fast_dit, diffusion, latent, steps2, fast_batch, dev, fdt, g, cfg, ops,
+                                              on_cuda if cuda_graph is None else cuda_graph, log)
+    flop2 = 2 * flop_fwd
+    for path, t, n, mem, dt_name, batch in (("reference", t_ref2, ref_images * steps2, mem_ref2, "float32", 1),
+                                            ("fast", t_fast2, batch2 * steps2, mem_fast2, fast_dtype, batch2)):
+        per_item = t / n
+        rows.append(dict(base, stage="2", path=path, dtype=dt_name, batch=batch, unit="latent-steps/s",
+                         throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop2,
+                         tflops=flop2 / per_item / 1e12, peak_mem_gib=round(mem, 3)))
+
+    # -- end to end (projected from the two stages) ----------------------------------------------------------------
+    job = IMAGENET_IPC10 if model.startswith("dit-") else {"candidates": 10 * 20, "latents": 10 * 10}
+    for path in ("reference", "fast"):
+        r1 = next(r for r in rows if r["stage"] == "1" and r["path"] == path)
+        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == path)
+        seconds = job["candidates"] * r1["seconds_per_item"] + job["latents"] * 100 * r2["seconds_per_item"]
+        flop = job["candidates"] * flop1 + job["latents"] * 100 * flop2
+        rows.append(dict(base, stage="e2e", path=path, dtype=r2["dtype"], batch=r2["batch"], unit="jobs/h",
+                         throughput=3600 / seconds, seconds_per_item=seconds, flop_per_item=flop,
+                         tflops=flop / seconds / 1e12, peak_mem_gib=max(r1["peak_mem_gib"], r2["peak_mem_gib"]),
+                         job=job, projected_minutes=seconds / 60,
+                         floor_minutes=(flop / (peak * 1e12) / 60) if peak else None))
+    for r in rows:
+        r["mfu"] = r["tflops"] / peak if peak else None
+        ref = next(x for x in rows if x["stage"] == r["stage"] and x["path"] == "reference")
+        r["ratio"] = ref["seconds_per_item"] / r["seconds_per_item"]  # fast / reference speed
+    return rows
+
+
+def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, cuda_graph, log):
+    """Time the batched stage 2; ``batch=None`` starts at 256 (CUDA) or 64 (CPU) and halves on out-of-memory."""
+    b = batch or (256 if dev.type == "cuda" else 64)
+    while True:
+        try:
+            x0 = torch.randn(b, *latent, generator=g)
+            nz = stage2.Stage2Noise.draw(b, latent, steps, 11, g, 0.0)
+            y = torch.full((b,), cfg.num_classes)
+            run = lambda: stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, nz, steps, 6e-4, 10.0,  # noqa: E731
+                                          "official", False, dev, dtype, ops=ops, cuda_graph=cuda_graph)
+            run()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            return b, _timed(run, dev), _peak_memory(dev)
+        except torch.OutOfMemoryError:
+            if b == 1:
+                raise
+            log(f"stage 2: batch {b} ran out of memory, halving")
+            b //= 2
+            torch.cuda.empty_cache()
+
+
+def _copy_model(m, dev, dtype):
+    import copy
+
+    return copy.deepcopy(m).to(dev, dtype)
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except ImportError:
+        return None
+
+
+def write_results(rows: list[dict], out_dir: Path, tag: str) -> tuple[Path, Path]:
+    """JSON rows + a bar chart of fast/reference per stage. Files are replaced atomically."""
+    from .output import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath = out_dir / f"{tag}.json"
+    atomic_write(jpath, json.dumps(rows, indent=1).encode())
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    fast = [r for r in rows if r["path"] == "fast"]
+    ax.bar([f"stage {r['stage']}" for r in fast], [r["ratio"] for r in fast], color="#3a7")
+    ax.axhline(1, color="k", lw=0.8)
+    for i, r in enumerate(fast):
+        ax.text(i, r["ratio"], f"{r['ratio']:.1f}×", ha="center", va="bottom")
+    ax.set_ylabel("fast / reference speed")
+    ax.set_title(f"{rows[0]['model']} on {rows[0]['device'][:40]}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    ppath = out_dir / f"{tag}.png"
+    atomic_write(ppath, buf.getvalue())
+    return jpath, ppath
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'stage':>5} {'path':>9} {'dtype':>8} {'batch':>5} {'throughput':>26} {'TFLOP/s':>9} {'MFU':>7} "
+             f"{'mem GiB':>8} {'ratio':>7}"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        lines.append(f"{r['stage']:>5} {r['path']:>9} {r['dtype']:>8} {r['batch']:>5} "
+                     f"{r['throughput']:>10.3f} {r['unit']:<15} {r['tflops']:>9.4f} {mfu:>7} "
+                     f"{r['peak_mem_gib']:>8.2f} {r['ratio']:>6.2f}×")
+    for r in rows:
+        if r["stage"] == "e2e":
+            floor = f", floor {r['floor_minutes']:.1f} min at peak" if r["floor_minutes"] else ""
+            what = "ImageNet-1K IPC10" if r["job"] == IMAGENET_IPC10 else "digits IPC10"
+            lines.append(f"projected {what} ({r['job']['candidates']} candidates, {r['job']['latents']} latents), "
+                         f"{r['path']}: {r['projected_minutes']:.2f} min{floor}")
+    return "\n".join(lines)
+
