@@ -26,6 +26,8 @@ def ckpts(tmp_path_factory):
     torch.save({"ema": sd}, root / "dit.pt")
     vae.autoencoder.save_pretrained(root / "vae")
     torch.save({"state_dict": {f"module.{k}": v for k, v in clf.model.state_dict().items()}}, root / "clf.pth")
+    (root / "transformer").mkdir()
+    (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel"}))
     return root
 
 
@@ -85,7 +87,7 @@ def test_expected_errors_are_one_line_exit_2_and_write_nothing(ckpts, tmp_path, 
     ("vae-as-dit", lambda r, a: a.__setitem__(a.index("--dit") + 1, str(r / "vae" / "diffusion_pytorch_model.safetensors")),
      "not a DiT checkpoint"),
     ("missing-vae", lambda r, a: a.__setitem__(a.index("--vae") + 1, str(r / "novae")), "novae: no such directory"),
-    ("dit-as-vae", lambda r, a: a.__setitem__(a.index("--vae") + 1, str(r)), "config.json"),
+    ("dit-as-vae", lambda r, a: a.__setitem__(a.index("--vae") + 1, str(r / "transformer")), "not an AutoencoderKL"),
     ("missing-clf", lambda r, a: a.__setitem__(a.index("--classifier") + 1, f"test_resnet:{r / 'x.pth'}"),
      "x.pth: no such file"),
 ])

@@ -40,12 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and aborts
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # a usage error (bad option or value)
             print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
         raise
