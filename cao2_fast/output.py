@@ -155,8 +155,12 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
     for stale in out.glob(".*.tmp") if out.is_dir() else []:  # left by a process killed mid-write
         stale.unlink(missing_ok=True)
     parent = out if out.exists() else _existing_parent(out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: output folder is not writable (no write permission on {parent})")
+    try:  # a real write, not os.access: permissions, read-only mounts and a file in the path all show up here
+        fd, probe = tempfile.mkstemp(prefix=".cao2-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{out}: output folder is not writable ({e.strerror or e} at {parent})") from None
 
 
 def _existing_parent(p: Path) -> Path:

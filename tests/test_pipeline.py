@@ -167,3 +167,39 @@ def test_disk_full_keeps_finished_classes(tmp_path, monkeypatch):
     assert not (target / "manifest.json").exists()
     d.run(target)  # resumes
     assert output.read_complete(target, "0004", fp) is not None and (target / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["file-in-path", "read-only-fs"])
+def test_unwritable_output_is_refused_before_any_work(tmp_path, where):
+    d = make_distiller()
+    if where == "file-in-path":
+        (tmp_path / "afile").write_text("x")
+        target = tmp_path / "afile" / "out"
+    else:
+        target = __import__("pathlib").Path("/proc/cao2-fast-test/out")
+    with pytest.raises(UserError, match="not writable|not a directory"):
+        d.run(target)
+    assert not target.exists()
+
+
+def test_nonfinite_stage2_is_recorded_in_the_manifest_and_the_run_continues(tmp_path):
+    d = make_distiller()
+    real = d._dit_call
+    calls = {"n": 0}
+
+    def poisoned(x, t, y, drop=None):
+        out = real(x, t, y, drop)
+        if torch.is_grad_enabled() and x.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                out = out.clone()
+                out[0, 0, 0, 0] = float("inf")
+        return out
+
+    d._dit_call = poisoned
+    manifest = d.run(tmp_path / "nan")
+    statuses = [r["stage2_status"] for c in manifest["classes"] for r in c["images"]]
+    assert statuses.count("ok") == len(statuses) - 1 and manifest["summary"]["stage2_stopped"] == 1
+    stopped = [r for c in manifest["classes"] for r in c["images"] if r["stage2_status"] != "ok"][0]
+    assert stopped["stage2_steps"] == 1 and stopped["loss_last"] is not None
+    assert len(list((tmp_path / "nan").rglob("*.png"))) == 6 + 1  # all images + contact sheet

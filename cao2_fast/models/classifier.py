@@ -6,6 +6,7 @@ prefixes (DDP), and torchvision ResNet keys (which timm ResNets share).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ def read_state_dict(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return clean_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints keep their "args"
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        return clean_state_dict(obj)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:

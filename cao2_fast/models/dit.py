@@ -11,6 +11,7 @@ Differences from the two reference implementations, all output-preserving:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -322,7 +323,9 @@ def _read_weights(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints keep their "args"
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _unwrap_state_dict(obj)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:  # truncated zip, wrong pickle, not a tensor file
