@@ -6,14 +6,13 @@ prefixes (DDP), and torchvision ResNet keys (which timm ResNets share).
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError, require_file
+from .weights import read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,31 +24,6 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if not name:
         raise UserError(f"classifier {spec!r}: expected NAME[:CHECKPOINT], e.g. resnet18:/models/resnet18.pth")
     return name, (ckpt or None) if sep else None
-
-
-def clean_state_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "ema"):
-            if key in obj and isinstance(obj[key], dict):
-                return clean_state_dict(obj[key])
-    if not isinstance(obj, dict):
-        raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def read_state_dict(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints keep their "args"
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        return clean_state_dict(obj)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    except Exception as e:
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 class Classifier(nn.Module):
@@ -93,7 +67,7 @@ def load_classifier(spec: str, input_size: int = 224, normalize: bool = False, n
     name, ckpt = parse_spec(spec)
     sd = None
     if ckpt is not None:
-        sd = read_state_dict(require_file(ckpt, f"a state dict for timm model {name}"))
+        sd = read_weights(require_file(ckpt, f"a state dict for timm model {name}"))
         head = next((sd[k] for k in ("fc.weight", "head.fc.weight", "classifier.weight", "head.weight") if k in sd), None)
         if head is not None and num_classes is not None and head.shape[0] != num_classes:
             raise UserError(f"{ckpt}: classifier head has {head.shape[0]} classes, but {num_classes} are needed")

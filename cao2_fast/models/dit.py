@@ -11,7 +11,6 @@ Differences from the two reference implementations, all output-preserving:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError, require_file
+from .weights import read_weights
 
 NAMED_SIZES = {  # (depth, hidden, heads), SPEC §4
     "XL": (28, 1152, 16),
@@ -247,15 +247,6 @@ class DiT(nn.Module):
 # Loading
 
 
-def _unwrap_state_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("ema", "model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return _unwrap_state_dict(obj[key])
-        return obj
-    raise UserError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-
-
 def infer_config(sd: dict, **overrides) -> DiTConfig:
     """Read a DiTConfig off an original-layout state dict (sizes, patch, classes, learned sigma)."""
     try:
@@ -317,21 +308,6 @@ def diffusers_to_original(sd: dict, depth: int) -> dict:
     return out
 
 
-def _read_weights(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints keep their "args"
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        return _unwrap_state_dict(obj)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    except Exception as e:  # truncated zip, wrong pickle, not a tensor file
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-
-
 def load_dit(path: str | Path, freq_shift: int | None = None, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu") -> DiT:
     """Load a DiT from an original ``.pt``/``.safetensors`` state dict or a diffusers model directory.
@@ -346,7 +322,7 @@ def load_dit(path: str | Path, freq_shift: int | None = None, dtype: torch.dtype
     if p.is_dir():
         model = _load_diffusers_dir(p, freq_shift)
     else:
-        sd = _read_weights(p)
+        sd = read_weights(p)
         if "pos_embed.proj.weight" in sd:  # diffusers layout saved as a single file
             depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
             sd = diffusers_to_original(sd, depth)
@@ -388,7 +364,7 @@ def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
     wfile = next((w for w in weights if w.exists()), None)
     if wfile is None:
         raise UserError(f"{p}: no diffusion_pytorch_model.safetensors or .bin (expected DiT transformer weights)")
-    sd = _read_weights(wfile)
+    sd = read_weights(wfile)
     depth = dc["num_layers"]
     heads = dc["num_attention_heads"]
     hidden = heads * dc["attention_head_dim"]
