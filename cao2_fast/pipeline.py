@@ -83,7 +83,7 @@ class Distiller:
 
     ``dit(x, t, y, drop=None)`` must return all 2C channels; ``vae.decode`` maps latents to [−1, 1] images;
     ``classifier`` maps such images to logits. Stage-1 callables can be swapped for compiled engines with
-    :meth:`use_stage1_engines`.
+    :meth:`use_engines`.
     """
 
     def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "cpu",
@@ -116,7 +116,6 @@ class Distiller:
                               num_classes=len(meta["class_names"]), mean=clf_meta["mean"], std=clf_meta["std"])
         names = meta["class_names"]
         ids = list(range(len(names))) if class_ids is None else list(class_ids)
-        overrides.setdefault("guidance_scale", meta.get("guidance_scale", 2.7))
         overrides.setdefault("classifier_input_size", clf_meta["input_size"])
         overrides.setdefault("stage1_batch", 2 * 2 * ipc)  # two classes per group: several groups to shard
         overrides.setdefault("stage2_batch", 64)
@@ -172,6 +171,23 @@ class Distiller:
 
     def _dit_call(self, x, t, y, drop=None):
         return self.dit(x, t, y, drop)
+
+    def use_engines(self, engine: str = "eager", stage2: str | None = None, cache_dir: str | Path | None = None,
+                    settings=None) -> dict:
+        """Run the stage-1 models on ``engine`` (eager, compile, onnx, trt; built or loaded from the engine cache in
+        ``cache_dir``) and the stage-2 DiT on ``stage2`` (eager or compile: it needs gradients; default compile on
+        CUDA, eager on CPU). Call after :meth:`to`. Returns the engines by model name, plus ``"stage2"``."""
+        from .engines import check_engines, stage1_engines, stage2_engine
+
+        cfg = self.config
+        check_engines(engine, stage2, self.device, cfg.dtype)
+        built = stage1_engines(engine, self.dit, self.vae, self.classifier, self.device, cfg.dtype,
+                               dit_batch=cfg.stage1_batch * (1 if cfg.guidance_scale == 1.0 else 2),
+                               decode_batch=max(1, min(cfg.stage1_batch, 64)), cache_dir=cache_dir, settings=settings)
+        built["stage2"] = stage2_engine(stage2, self.dit, self.device, cfg.dtype, settings)
+        self.stage1_dit, self.stage1_decode, self.stage1_classify = built["dit"], built["vae_decode"], built["classifier"]
+        self._dit_call = built["stage2"]
+        return built
 
     # -- the stages on tensors -------------------------------------------------------------------------------------
 

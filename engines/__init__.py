@@ -1,0 +1,75 @@
+"""How a model gets executed: eager PyTorch, ``torch.compile``, ONNX Runtime or TensorRT, behind one call.
+
+* :mod:`.registry` — one frozen :class:`Backend` per engine and the checks that pick one by name.
+* :mod:`.specs` — the three stage-1 models (DiT under guidance, VAE decode, classifier) as engines see them.
+* :mod:`.cache` — the on-disk cache of exported and built artefacts.
+* :mod:`.eager`, :mod:`.compiled`, :mod:`.onnx_ort`, :mod:`.trt` — one module per backend, each with ``build``.
+
+Stage 2 differentiates the DiT, so it runs on a backend with ``supports_gradients`` (eager or compile) whatever
+engine stage 1 uses: :func:`stage2_engine`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from .base import Engine, EngineSettings
+from .cache import EngineCache, default_root
+from .registry import BACKENDS, Backend, get_backend, require
+from .specs import ModelSpec, stage1_specs
+
+__all__ = ["BACKENDS", "Backend", "Engine", "EngineCache", "EngineSettings", "ModelSpec", "build_engine",
+           "check_engines", "default_root", "default_stage2", "get_backend", "require", "stage1_engines",
+           "stage1_specs", "stage2_engine"]
+
+
+def build_engine(name: str, spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "float32",
+                 cache: EngineCache | None = None, settings: EngineSettings | None = None, batch=None,
+                 role: str = "--engine") -> Engine:
+    """``spec``'s model on backend ``name``. ``batch`` is the batch range it will serve, ``(min, opt, max)`` or
+    one number N for ``(1, N, N)``; only TensorRT builds for it (the others accept any batch)."""
+    device = torch.device(device)
+    backend = require(name, device, precision, role)
+    module = importlib.import_module(f".{backend.module}", __name__)
+    return module.build(backend, spec, device, precision, cache or EngineCache(), settings or EngineSettings(), batch)
+
+
+def stage1_engines(name: str, dit, vae, classifier, device, precision: str = "float32", dit_batch: int = 64,
+                   decode_batch: int = 64, cache_dir: str | Path | None = None,
+                   settings: EngineSettings | None = None) -> dict[str, Engine]:
+    """The three stage-1 models on backend ``name``: ``{"dit", "vae_decode", "classifier"}``. ``dit_batch`` is the
+    largest DiT call (twice the candidates under guidance), ``decode_batch`` the largest decode/classify call."""
+    cache = EngineCache(cache_dir)
+    specs = stage1_specs(dit, vae, classifier)
+    batches = {"dit": dit_batch, "vae_decode": decode_batch, "classifier": decode_batch}
+    return {k: build_engine(name, s, device, precision, cache, settings, batches[k]) for k, s in specs.items()}
+
+
+def default_stage2(device: str | torch.device) -> str:
+    """``compile`` on CUDA, ``eager`` on CPU (where Inductor's compile time outweighs what it saves)."""
+    return "compile" if torch.device(device).type == "cuda" else "eager"
+
+
+def stage2_engine(name: str | None, dit, device, precision: str = "float32",
+                  settings: EngineSettings | None = None) -> Engine:
+    """The stage-2 DiT call ``(x, t, y, drop) -> out`` with autograd, on ``eager`` or ``compile``."""
+    device = torch.device(device)
+    name = name or default_stage2(device)
+    backend = require(name, device, precision, "--stage2-engine", gradients=True)
+    settings = settings or EngineSettings()
+    if backend.name == "compile":
+        from .compiled import compiled_callable, resolve_mode
+
+        mode = resolve_mode(settings.stage2_compile_mode, device)
+        fn = compiled_callable(dit, mode, settings.compile_dynamic, device)
+        return Engine(backend, "dit_stage2", fn, device, precision, details={"compile_mode": mode})
+    return Engine(backend, "dit_stage2", dit, device, precision)
+
+
+def check_engines(stage1: str, stage2: str | None, device, precision: str) -> None:
+    """Reject an unusable engine choice before any model is loaded (one line each, see :func:`require`)."""
+    require(stage1, device, precision, "--engine")
+    require(stage2 or default_stage2(device), device, precision, "--stage2-engine", gradients=True)

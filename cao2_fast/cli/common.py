@@ -40,3 +40,15 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: auto 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Master seed; each class's randomness depends on (seed, class id) only.")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="Turn progress bars off (also CAO2_FAST_NO_PROGRESS=1).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+
+
+class EngineName(str, Enum):
+    eager = "eager"
+    compile = "compile"
+    onnx = "onnx"
+    trt = "trt"
+
+
+EngineOpt = Annotated[EngineName, typer.Option("--engine", help="Stage-1 engine (DiT sampling, VAE decode, classifier): eager PyTorch, torch.compile, ONNX Runtime or TensorRT.")]
+Stage2EngineOpt = Annotated[EngineName | None, typer.Option("--stage2-engine", help="Stage-2 DiT engine; it needs gradients, so eager or compile (default: compile on CUDA, eager on CPU).")]
+EngineDirOpt = Annotated[Path | None, typer.Option("--engine-dir", help="Engine cache folder (default: $CAO2_FAST_CACHE/engines, else ~/.cache/cao2-fast/engines).")]

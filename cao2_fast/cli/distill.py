@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import Device, DeviceOpt, NoProgressOpt, OutOpt, SeedOpt, progress_enabled, resolve_device
+from .common import (Device, DeviceOpt, EngineDirOpt, EngineName, EngineOpt, NoProgressOpt, OutOpt, SeedOpt,
+                     Stage2EngineOpt, progress_enabled, resolve_device)
 from .main import app
 
 
@@ -60,6 +61,8 @@ Examples:
       --dataset imagenet-1k --ipc 10 --recipe official
 
   cao2-fast distill --dit ... --vae ... --classifier ... --classes 1,9,130 --ipc 1 --dry-run
+
+  cao2-fast distill --engine onnx --engine-dir /scratch/cao2-engines   # stage 1 on ONNX Runtime, exports cached
 
   torchrun --nproc_per_node 8 -m cao2_fast distill --dit ... --dataset imagenet-1k --ipc 50
 """
@@ -116,8 +119,12 @@ def distill(
     stage2_batch: Annotated[int | None, typer.Option(help="Latents optimised together.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Resolve and print the config and the plan; write nothing.")] = False,
     no_progress: NoProgressOpt = False,
+    engine: EngineOpt = EngineName.eager,
+    stage2_engine: Stage2EngineOpt = None,
+    engine_dir: EngineDirOpt = None,
 ) -> None:
     """Distill a dataset into IPC synthetic images per class (stage 1: sample + select, stage 2: optimise latents)."""
+    from ..engines import check_engines
     from ..pipeline import Distiller
 
     if ipc < 1:
@@ -126,6 +133,7 @@ def distill(
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1 (got {value})")
     dev = resolve_device(device)
+    check_engines(engine.value, stage2_engine.value if stage2_engine else None, dev, dtype.value)
     state = _distributed_state(dev)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
@@ -160,6 +168,7 @@ def distill(
             _print_plan(distiller, out_dir, world)
         return
     distiller.to(dev)
+    distiller.use_engines(engine.value, stage2_engine.value if stage2_engine else None, engine_dir)
     barrier = state.wait_for_everyone if state and world > 1 else None
     manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
                              log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)

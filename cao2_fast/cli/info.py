@@ -11,12 +11,14 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from .common import EngineDirOpt
 from .main import app
 
 
-def gather_info() -> dict:
+def gather_info(engine_dir: Path | None = None) -> dict:
     import torch
 
+    from ..engines import EngineCache
     from ..pipeline import preset_dir, versions
 
     info = {"versions": versions(), "python": platform.python_version()}
@@ -28,13 +30,18 @@ def gather_info() -> dict:
                         for m in ("onnxruntime", "tensorrt", "triton", "accelerate")}
     d = preset_dir("digits")
     info["presets"] = {"digits": str(d) if (d / "preset.json").is_file() else "missing"}
+    cache = EngineCache(engine_dir)
+    info["engines"] = {"dir": str(cache.root), **{
+        e["name"]: f"{e.get('kind', '?')} {e.get('model', '?')} {e['bytes'] / 1e6:.1f} MB, {e['state']}"
+                   f"{', ' + e['created'] if e.get('created') else ''}" for e in cache.entries()}}
     return info
 
 
 @app.command(epilog="Examples:\n\n  cao2-fast info\n\n  cao2-fast info --json")
-def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
-    """Library versions, devices, optional backends and presets."""
-    data = gather_info()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+         engine_dir: EngineDirOpt = None) -> None:
+    """Library versions, devices, optional backends, presets and cached engines."""
+    data = gather_info(engine_dir)
     if as_json:
         print(json.dumps(data, indent=1))
         return

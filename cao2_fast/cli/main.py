@@ -22,7 +22,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from . import bench, distill, info  # noqa: F401
+    from . import bench, distill, export, info  # noqa: F401
     from . import eval as eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
 
 

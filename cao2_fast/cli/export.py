@@ -1,0 +1,96 @@
+"""``cao2-fast export``: build the stage-1 engines ahead of time into the engine cache.
+
+The models are set up exactly as ``cao2-fast distill`` sets them up for the same options, so a later distill with
+the same ``--engine``, ``--dtype``, ``--batch``/``--stage1-batch`` and ``--engine-dir`` loads what this command
+built instead of exporting again.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UserError
+from .common import Device, DeviceOpt, EngineDirOpt, resolve_device
+from .main import app
+
+
+class ExportEngine(str, Enum):
+    onnx = "onnx"
+    trt = "trt"
+
+
+class ExportRecipe(str, Enum):
+    official = "official"
+    consistent = "consistent"
+
+
+class ExportDType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+EXAMPLES = """
+Examples:
+
+  cao2-fast export --engine onnx                                  # the digits preset's three models
+
+  cao2-fast export --engine trt --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\
+      --batch 64 --dtype bfloat16                                 # then: cao2-fast distill ... --engine trt --stage1-batch 64
+
+  cao2-fast export --engine onnx --engine-dir /scratch/cao2-engines --json
+"""
+
+
+@app.command(epilog=EXAMPLES)
+def export(
+    engine: Annotated[ExportEngine, typer.Option(help="What to build: ONNX files (run by ONNX Runtime) or TensorRT engines (built from those ONNX files).")] = ExportEngine.onnx,
+    preset: Annotated[str | None, typer.Option(help="Embedded preset whose models to export (default: digits unless --dit/--vae/--classifier are given).")] = None,
+    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.")] = None,
+    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.")] = None,
+    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.")] = None,
+    recipe: Annotated[ExportRecipe, typer.Option(help="The recipe decides the classifier's input normalisation, which is part of its graph.")] = ExportRecipe.official,
+    ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.")] = 10,
+    batch: Annotated[int | None, typer.Option("--batch", "--stage1-batch", help="Candidates per stage-1 DiT call, as distill's --stage1-batch (TensorRT profiles are built for it; ONNX files serve any batch).")] = None,
+    dtype: Annotated[ExportDType, typer.Option(help="Engine precision (ONNX Runtime: float32; TensorRT: all three).")] = ExportDType.float32,
+    device: DeviceOpt = Device.auto,
+    engine_dir: EngineDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model instead of text.")] = False,
+) -> None:
+    """Export the stage-1 models (DiT, VAE decoder, classifier) and build their engines into the engine cache."""
+    from ..engines import EngineCache, check_engines
+    from ..pipeline import Distiller
+
+    dev = resolve_device(device)
+    check_engines(engine.value, "eager", dev, dtype.value)
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch must be at least 1 (got {batch})")
+    overrides = {"dtype": dtype.value, **({"stage1_batch": batch} if batch is not None else {})}
+    real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
+    if real:
+        if len(real) < 3:
+            missing = sorted({"--dit", "--vae", "--classifier"} - set(real))
+            raise UserError(f"real checkpoints need all of --dit, --vae and --classifier (missing {', '.join(missing)})")
+        if preset is not None:
+            raise UserError("--preset and --dit/--vae/--classifier exclude each other: pick one set of models")
+        distiller = Distiller.from_paths(dit, vae, classifier, dataset="custom", class_ids=[0], ipc=ipc,
+                                         recipe=recipe.value, **overrides)
+    else:
+        distiller = Distiller.from_preset(preset or "digits", ipc=ipc, recipe=recipe.value, **overrides)
+    distiller.to(dev)
+    built = distiller.use_engines(engine.value, "eager", engine_dir)
+    root = EngineCache(engine_dir).root
+    for name in ("dit", "vae_decode", "classifier"):
+        e = built[name]
+        if as_json:
+            print(json.dumps(e.describe()))
+        else:
+            state = "cached" if e.cache_hit else f"built in {e.build_seconds:.1f} s"
+            print(f"{name:<11} {engine.value} {e.precision} {state:<16} {e.artefact}")
+    if not as_json:
+        print(f"engine cache: {root}")

@@ -1,0 +1,200 @@
+"""The on-disk engine cache: one folder per artefact, keyed by everything that changes it.
+
+An entry is ``<root>/<model>-<kind>-<key>/`` holding the artefact files and ``meta.json``. The key hashes the
+fields the backend passes (weights digest, input-shape profile, precision, build settings, library versions, GPU
+name and compute capability where the artefact depends on them). An entry is built in a temporary folder beside it,
+its ``meta.json`` (sizes and sha256 of every file, the key and its fields) is written last, and the folder is moved
+into place with one ``os.replace``: a reader never sees a half-written entry under the final name.
+
+Before use, an entry is checked against its metadata (key, fields, sizes, checksums) and loaded; one that fails
+any of these is reported in one warning line, deleted and rebuilt, never used.
+
+Root: ``--engine-dir``, else ``$CAO2_FAST_CACHE/engines``, else ``~/.cache/cao2-fast/engines``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger("cao2_fast.engines")
+
+ENV = "CAO2_FAST_CACHE"
+META = "meta.json"
+FORMAT = 1
+T = TypeVar("T")
+
+
+def default_root() -> Path:
+    base = os.environ.get(ENV)
+    return Path(base).expanduser() / "engines" if base else Path.home() / ".cache" / "cao2-fast" / "engines"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def normalise(fields: dict) -> dict:
+    """``fields`` as they read back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+@dataclass
+class CacheEntry:
+    path: Path
+    meta: dict
+    hit: bool  # True: found complete in the cache; False: built now
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+class EngineCache:
+    """Get-or-build of cached artefacts under ``root``; see the module docstring for the guarantees."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+
+    @staticmethod
+    def key(fields: dict) -> str:
+        return hashlib.sha256(json.dumps(normalise(fields), sort_keys=True).encode()).hexdigest()
+
+    def entry_path(self, kind: str, model: str, key: str) -> Path:
+        return self.root / f"{model}-{kind}-{key[:20]}"
+
+    def lookup(self, kind: str, model: str, fields: dict) -> tuple[Path, str | None]:
+        """The entry's path and why it cannot be used (None: usable; ``"absent"``: never built)."""
+        key = self.key(fields)
+        path = self.entry_path(kind, model, key)
+        if not path.exists():
+            return path, "absent"
+        return path, self.problem(path, key, fields)
+
+    def problem(self, path: Path, key: str, fields: dict) -> str | None:
+        meta_file = path / META
+        if not meta_file.is_file():
+            return "incomplete entry (no meta.json)"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as e:
+            return f"unreadable meta.json ({type(e).__name__})"
+        if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("fields") != normalise(fields):
+            return "meta.json does not match the entry's key"
+        files = meta.get("files")
+        if not isinstance(files, dict) or not files:
+            return "meta.json lists no files"
+        for name, info in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            size = f.stat().st_size
+            if size != info.get("bytes"):
+                return f"{name} has {size} bytes, meta.json says {info.get('bytes')} (truncated or overwritten)"
+            if file_sha256(f) != info.get("sha256"):
+                return f"{name} does not match its checksum"
+        return None
+
+    def get_or_build(self, kind: str, model: str, fields: dict, build: Callable[[Path], dict | None],
+                     load: Callable[[CacheEntry], T]) -> tuple[T, CacheEntry]:
+        """Load the entry for ``fields``, or build it with ``build(folder)`` (which writes the artefact files into
+        ``folder`` and returns extra metadata) and load that. A broken entry is reported, deleted and rebuilt."""
+        path, problem = self.lookup(kind, model, fields)
+        if problem is None:
+            entry = CacheEntry(path, json.loads((path / META).read_text()), hit=True)
+            try:
+                return load(entry), entry
+            except Exception as e:
+                problem = f"cannot be loaded ({type(e).__name__}: {_first_line(e)})"
+        if problem != "absent":
+            log.warning("engine cache: %s: %s; rebuilding it", path, problem)
+            remove(path)
+        entry = self._build(kind, model, fields, path, build)
+        return load(entry), entry
+
+    def _build(self, kind: str, model: str, fields: dict, path: Path, build: Callable[[Path], dict | None]) -> CacheEntry:
+        key = self.key(fields)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root))
+        tmp.chmod(0o755)  # mkdtemp makes it private; entries are shared like any cache file
+        try:
+            t0 = time.perf_counter()
+            extra = build(tmp) or {}
+            seconds = time.perf_counter() - t0
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                     for f in sorted(tmp.iterdir()) if f.is_file()}
+            meta = {"format": FORMAT, "kind": kind, "model": model, "key": key, "fields": normalise(fields),
+                    "files": files, "build_seconds": round(seconds, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **normalise(extra)}
+            atomic_write_bytes(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+            try:
+                os.replace(tmp, path)
+            except OSError:  # a concurrent builder put a complete entry there first: keep theirs if it is sound
+                if self.problem(path, key, fields) is None:
+                    remove(tmp)
+                    meta = json.loads((path / META).read_text())
+                else:
+                    remove(path)
+                    os.replace(tmp, path)
+        except BaseException:
+            remove(tmp)
+            raise
+        return CacheEntry(path, meta, hit=False)
+
+    def entries(self) -> list[dict]:
+        """Every entry under the root with its kind, model, size and state; sizes are checked, checksums are not
+        (use it for listing; loading checks everything)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            row = {"name": d.name, "path": str(d), "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file())}
+            try:
+                meta = json.loads((d / META).read_text())
+                bad = [n for n, i in meta["files"].items() if not (d / n).is_file() or (d / n).stat().st_size != i["bytes"]]
+                row.update(kind=meta["kind"], model=meta["model"], created=meta.get("created"),
+                           build_seconds=meta.get("build_seconds"), state="broken: " + bad[0] if bad else "ok")
+                for k in ("exporter", "precision"):
+                    if k in meta or k in meta["fields"]:
+                        row[k] = meta.get(k, meta["fields"].get(k))
+            except (OSError, ValueError, KeyError, TypeError):
+                row["state"] = "incomplete (no readable meta.json)"
+            out.append(row)
+        return out
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else ""
