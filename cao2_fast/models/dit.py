@@ -134,13 +134,14 @@ class DiTBlock(nn.Module):
         d = cfg.hidden_size
         self.eps = cfg.norm_eps
         self.mlp_eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
+        self.dim = d
         self.attn = Attention(d, cfg.num_heads)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        d = x.shape[-1]
+        d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
         return x
@@ -181,12 +182,13 @@ class FinalLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.eps = cfg.norm_eps
+        self.dim = d
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale))
+        return self.linear(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
 
 
 class PatchEmbed(nn.Module):
