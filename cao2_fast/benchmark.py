@@ -114,7 +114,8 @@ def _commit() -> str:
 
 def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None = None, steps1: int = 5,
               steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
-              ops: str | None = None, cuda_graph: bool | None = None, log=print) -> list[dict]:
+              ops: str | None = None, cuda_graph: bool | None = None, compile_stage2: bool = False,
+              log=print) -> list[dict]:
     """Measure both paths for stage 1 and stage 2 and derive end to end. Returns JSON-ready rows."""
     dev = torch.device(device)
     on_cuda = dev.type == "cuda"
@@ -193,15 +194,24 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     torch.cuda.reset_peak_memory_stats() if on_cuda else None
     t_ref2 = _timed(run_ref2, device)
     mem_ref2 = _peak_memory(device)
-    batch2, t_fast2, mem_fast2 = _fast_stage2(fast_dit, diffusion, latent, steps2, fast_batch, dev, fdt, g, cfg, ops,
-                                              on_cuda if cuda_graph is None else cuda_graph, log)
+    dit2, compile_s = fast_dit, None
+    if compile_stage2:  # the compiled stage-2 engine; its compile time is measured on the warm-up and kept apart
+        from .engines import stage2_engine
+
+        dit2 = stage2_engine("compile", fast_dit, dev, fast_dtype)
+    batch2, t_fast2, mem_fast2, warm_s = _fast_stage2(dit2, diffusion, latent, steps2, fast_batch, dev, fdt, g, cfg,
+                                                      ops, on_cuda if cuda_graph is None else cuda_graph, log)
+    if compile_stage2:
+        compile_s = warm_s
     flop2 = 2 * flop_fwd
     for path, t, n, mem, dt_name, batch in (("reference", t_ref2, ref_images * steps2, mem_ref2, "float32", 1),
                                             ("fast", t_fast2, batch2 * steps2, mem_fast2, fast_dtype, batch2)):
         per_item = t / n
         rows.append(dict(base, stage="2", path=path, dtype=dt_name, batch=batch, unit="latent-steps/s",
                          throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop2,
-                         tflops=flop2 / per_item / 1e12, peak_mem_gib=round(mem, 3)))
+                         tflops=flop2 / per_item / 1e12, peak_mem_gib=round(mem, 3),
+                         engine="compile" if path == "fast" and compile_stage2 else "eager",
+                         compile_s=compile_s if path == "fast" else None))
 
     # -- end to end (projected from the two stages) ----------------------------------------------------------------
     job = IMAGENET_IPC10 if model.startswith("dit-") else {"candidates": 10 * 20, "latents": 10 * 10}
@@ -223,7 +233,8 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
 
 
 def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, cuda_graph, log):
-    """Time the batched stage 2; ``batch=None`` starts at 256 (CUDA) or 64 (CPU) and halves on out-of-memory."""
+    """Time the batched stage 2; ``batch=None`` starts at 256 (CUDA) or 64 (CPU) and halves on out-of-memory.
+    Returns (batch, seconds of the timed run, peak memory, seconds of the warm-up run)."""
     b = batch or (256 if dev.type == "cuda" else 64)
     while True:
         try:
@@ -232,10 +243,10 @@ def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, 
             y = torch.full((b,), cfg.num_classes)
             run = lambda: stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, nz, steps, 6e-4, 10.0,  # noqa: E731
                                           "official", False, dev, dtype, ops=ops, cuda_graph=cuda_graph)
-            run()
+            warm = _timed(run, dev)  # warm-up (includes any compilation)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            return b, _timed(run, dev), _peak_memory(dev)
+            return b, _timed(run, dev), _peak_memory(dev), warm
         except torch.OutOfMemoryError:
             if b == 1:
                 raise

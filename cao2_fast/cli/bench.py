@@ -43,6 +43,7 @@ def bench(
     ref_images: Annotated[int, typer.Option(help="Latents the reference path optimises one at a time.")] = 2,
     batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch (default: largest that fits, halving on OOM).")] = None,
     ops: Annotated[str | None, typer.Option(help="Stage-2 step ops: torch or triton (default: triton on CUDA).")] = None,
+    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the JSON rows and the chart.")] = Path("bench/results"),
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
@@ -61,8 +62,8 @@ def bench(
             raise UserError(f"{name} must be at least 1")
     dev = resolve_device(device)
     name = preset or model.value
-    rows = run_bench(name, dev, dtype, steps1, steps2, ref_images, batch, ops=ops)
+    rows = run_bench(name, dev, dtype, steps1, steps2, ref_images, batch, ops=ops, compile_stage2=compile_stage2)
     print(format_table(rows))
-    tag = f"bench_{name}_{'cuda' if dev == 'cuda' else 'cpu'}"
+    tag = f"bench_{name}_{'cuda' if dev == 'cuda' else 'cpu'}{'_compile' if compile_stage2 else ''}"
     jpath, ppath = write_results(rows, out, tag)
     print(f"wrote {jpath} and {ppath}")
