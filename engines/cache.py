@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from ..fileio import atomic_write
+
 log = logging.getLogger("cao2_fast.engines")
 
 ENV = "CAO2_FAST_CACHE"
@@ -45,22 +47,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def normalise(fields: dict) -> dict:
@@ -154,7 +140,7 @@ class EngineCache:
             meta = {"format": FORMAT, "kind": kind, "model": model, "key": key, "fields": normalise(fields),
                     "files": files, "build_seconds": round(seconds, 3),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **normalise(extra)}
-            atomic_write_bytes(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+            atomic_write(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
             try:
                 os.replace(tmp, path)
             except OSError:  # a concurrent builder put a complete entry there first: keep theirs if it is sound

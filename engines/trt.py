@@ -22,7 +22,8 @@ import torch
 
 from ..errors import UserError
 from .base import Engine, EngineSettings
-from .cache import CacheEntry, EngineCache, atomic_write_bytes
+from ..fileio import atomic_write
+from .cache import CacheEntry, EngineCache
 from .onnx_ort import onnx_entry, onnx_fields
 from .specs import FLOAT, ModelSpec
 
@@ -113,7 +114,7 @@ def build_plan(spec: ModelSpec, onnx_path: Path, folder: Path, precision: str, p
         raise UserError(f"TensorRT could not build an engine for {spec.name} from {onnx_path} (see the TensorRT "
                         "messages above); run this model with --engine onnx")
     (folder / PLAN_FILE).write_bytes(bytes(plan))
-    atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
+    atomic_write(timing_path, bytes(config.get_timing_cache().serialize()))
     return {"onnx_file": str(onnx_path), "timing_cache": str(timing_path)}
 
 

@@ -18,3 +18,12 @@ def gen() -> torch.Generator:
 def np_rng() -> np.random.Generator:
     """A numpy generator with a fixed seed, fresh for each test."""
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

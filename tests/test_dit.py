@@ -43,13 +43,7 @@ NUM_CLASSES = 10
 NULL = NUM_CLASSES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs(batch: int, timesteps, labels, seed: int = 0, channels: int = 4, size: int = 8):

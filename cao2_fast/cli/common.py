@@ -42,6 +42,17 @@ NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="Turn progres
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
 
 
+class RecipeName(str, Enum):
+    official = "official"
+    consistent = "consistent"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class EngineName(str, Enum):
     eager = "eager"
     compile = "compile"

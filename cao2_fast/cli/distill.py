@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import (Device, DeviceOpt, EngineDirOpt, EngineName, EngineOpt, NoProgressOpt, OutOpt, SeedOpt,
-                     Stage2EngineOpt, progress_enabled, resolve_device)
+from .common import (Device, DeviceOpt, DType, EngineDirOpt, EngineName, EngineOpt, NoProgressOpt, OutOpt,
+                     RecipeName, SeedOpt, Stage2EngineOpt, progress_enabled, resolve_device)
 from .main import app
 
 
@@ -23,11 +23,6 @@ class Dataset(str, Enum):
     imagenette = "imagenette"
     imagewoof = "imagewoof"
     imagenet_100 = "imagenet-100"
-
-
-class RecipeName(str, Enum):
-    official = "official"
-    consistent = "consistent"
 
 
 class SelectionRule(str, Enum):
@@ -44,12 +39,6 @@ class Order(str, Enum):
 class Label(str, Enum):
     true = "true"
     null = "null"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 EXAMPLES = """

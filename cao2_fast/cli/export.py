@@ -15,24 +15,13 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import Device, DeviceOpt, EngineDirOpt, resolve_device
+from .common import Device, DeviceOpt, DType, EngineDirOpt, RecipeName, resolve_device
 from .main import app
 
 
 class ExportEngine(str, Enum):
     onnx = "onnx"
     trt = "trt"
-
-
-class ExportRecipe(str, Enum):
-    official = "official"
-    consistent = "consistent"
-
-
-class ExportDType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 EXAMPLES = """
@@ -54,10 +43,10 @@ def export(
     dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.")] = None,
     vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.")] = None,
     classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.")] = None,
-    recipe: Annotated[ExportRecipe, typer.Option(help="The recipe decides the classifier's input normalisation, which is part of its graph.")] = ExportRecipe.official,
+    recipe: Annotated[RecipeName, typer.Option(help="The recipe decides the classifier's input normalisation, which is part of its graph.")] = RecipeName.official,
     ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.")] = 10,
     batch: Annotated[int | None, typer.Option("--batch", "--stage1-batch", help="Candidates per stage-1 DiT call, as distill's --stage1-batch (TensorRT profiles are built for it; ONNX files serve any batch).")] = None,
-    dtype: Annotated[ExportDType, typer.Option(help="Engine precision (ONNX Runtime: float32; TensorRT: all three).")] = ExportDType.float32,
+    dtype: Annotated[DType, typer.Option(help="Engine precision (ONNX Runtime: float32; TensorRT: all three).")] = DType.float32,
     device: DeviceOpt = Device.auto,
     engine_dir: EngineDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model instead of text.")] = False,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..diffusion import Diffusion, sample
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from ..models.dit import DiT, DiTConfig, save_dit
+from ..fileio import atomic_write
 from ..models.vae import VAE
 from .digits_data import CLASS_NAMES, IMAGE_SIZE, digits_split
 
@@ -352,12 +353,6 @@ def _readable(path: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_save_file(path: Path, save) -> None:
     """``save(tmp_path)`` then rename onto ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -478,7 +473,7 @@ def train_digits(out_dir: Path, seed: int = 0, quick: bool = False, threads: int
         "guidance_scale": scale,
         "training": report,
     }
-    _atomic_write_bytes(out_dir / "preset.json", (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(out_dir / "preset.json", (json.dumps(meta, indent=1) + "\n").encode())
     return meta
 
 
