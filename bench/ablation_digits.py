@@ -1,0 +1,189 @@
+"""Does each stage earn its place? The method's claim, reproduced in miniature on the digits preset.
+
+For IPC 1 and 10 and several seeds, distilled sets are built five ways and scored under both evaluation protocols
+(SPEC §3, digits-scaled schedules from ``cao2_fast.eval.api.DIGITS_SETTINGS``), with the whole real train split as
+the ceiling:
+
+  real-random     IPC random real images per class from the train split
+  diffusion       plain DiT samples: a random IPC of the K·IPC candidates, no selection, no stage 2
+  stage1          objective-guided selection only (official recipe, 0 stage-2 steps)
+  stage1+2        official recipe, both stages
+  consistent      consistent recipe, both stages
+  full-train      every real train image (ceiling)
+
+Per set it also records the classifier's view of it (stage-1 candidates' accuracy, mean p(class) before and after
+stage 2), which is what explains a stage that does or does not help.
+
+    python bench/ablation_digits.py --seeds 5              # writes bench/results/ablation_digits.{json,md,png}
+
+Finished evaluations are kept in the JSON and skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cao2_fast.eval.api import evaluate
+from cao2_fast.eval.data import ImageSet
+from cao2_fast.output import atomic_write
+from cao2_fast.pipeline import Distiller
+from cao2_fast.presets.digits_data import CLASS_NAMES, digits_split
+
+VARIANTS = ["real-random", "diffusion", "stage1", "stage1+2", "consistent", "full-train"]
+PROTOCOLS = ["soft", "hard"]
+
+
+def distilled_sets(ipc: int, seed: int) -> tuple[dict[str, ImageSet], dict]:
+    """The five distilled sets of one (IPC, seed), plus what the classifier saw."""
+    x, y = digits_split("train")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([(y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)[:ipc]]
+                     for c in range(10)])
+    sets = {"real-random": ImageSet(x[idx], y[idx], CLASS_NAMES)}
+    stats = {}
+
+    def as_set(results, stage1_only=False):
+        imgs = torch.cat([r.stage1_images if stage1_only else r.images for r in results])
+        labels = torch.tensor([r.class_id for r in results for _ in range(len(r.records))])
+        return ImageSet(imgs, labels, CLASS_NAMES)
+
+    plain = Distiller.from_preset("digits", ipc=ipc, recipe="official", seed=seed, selection="random", stage2_steps=0)
+    sets["diffusion"] = as_set(plain.distill())
+    for recipe in ("official", "consistent"):
+        d = Distiller.from_preset("digits", ipc=ipc, recipe=recipe, seed=seed)
+        res = d.distill()
+        recs = [rec for r in res for rec in r.records]
+        stats[recipe] = {
+            "candidate_accuracy": statistics.fmean(r.candidate_accuracy for r in res),
+            "prob_before": statistics.fmean(rec["prob_before"] for rec in recs),
+            "prob_after": statistics.fmean(rec["prob_after"] for rec in recs),
+            "loss_first": statistics.fmean(rec["loss_first"] for rec in recs),
+            "loss_last": statistics.fmean(rec["loss_last"] for rec in recs),
+        }
+        if recipe == "official":
+            sets["stage1"] = as_set(res, stage1_only=True)
+            sets["stage1+2"] = as_set(res)
+        else:
+            sets["consistent"] = as_set(res)
+    return sets, stats
+
+
+def summarise(results: dict) -> dict:
+    """mean ± std (over seeds) per (ipc, protocol, variant)."""
+    table: dict = {}
+    for key, rec in results["evals"].items():
+        ipc, protocol, variant, _seed = key.split("|")
+        table.setdefault(f"{ipc}|{protocol}|{variant}", []).append(rec["top1"])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v), "n": len(v)} for k, v in table.items()}
+
+
+def markdown(summary: dict, stats: dict, ipcs: list[int]) -> str:
+    lines = ["| set | " + " | ".join(f"IPC {i} {p}" for i in ipcs for p in PROTOCOLS) + " |",
+             "|---|" + "---|" * (len(ipcs) * len(PROTOCOLS))]
+    for v in VARIANTS:
+        cells = []
+        for i in ipcs:
+            for p in PROTOCOLS:
+                s = summary.get(f"{i}|{p}|{v}")
+                cells.append(f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})" if s else "–")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| recipe, IPC | stage-1 candidate accuracy | p(class) stage-1 pick | p(class) after stage 2 | "
+                 "stage-2 loss first → last |")
+    lines.append("|---|---|---|---|---|")
+    for key, s in sorted(stats.items()):
+        lines.append(f"| {key} | {s['candidate_accuracy']:.3f} | {s['prob_before']:.3f} | {s['prob_after']:.3f} | "
+                     f"{s['loss_first']:.3f} → {s['loss_last']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, ipcs: list[int], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ipcs) * len(PROTOCOLS), figsize=(3.2 * len(ipcs) * len(PROTOCOLS), 3.2),
+                             sharey=True)
+    for ax, (i, p) in zip(axes, [(i, p) for i in ipcs for p in PROTOCOLS]):
+        vals = [summary.get(f"{i}|{p}|{v}") for v in VARIANTS]
+        ax.bar(range(len(VARIANTS)), [s["mean"] if s else 0 for s in vals],
+               yerr=[s["std"] if s else 0 for s in vals], color=["#999", "#7ab", "#49c", "#27a", "#c72", "#ccc"])
+        ax.set_xticks(range(len(VARIANTS)), VARIANTS, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"IPC {i}, {p}-label", fontsize=9)
+    axes[0].set_ylabel("top-1 on held-out digits (%)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--full-train-seeds", type=int, default=None, help="seeds for the ceiling (default --seeds)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    jpath = args.out / "ablation_digits.json"
+    results = json.loads(jpath.read_text()) if jpath.is_file() else {"evals": {}, "stats": {}}
+    xs, ys = digits_split("train")
+    full = ImageSet(xs, ys, CLASS_NAMES)
+
+    def save():
+        atomic_write(jpath, json.dumps(results, indent=1, sort_keys=True).encode())
+
+    for seed in range(args.seeds):
+        for ipc in args.ipc:
+            todo = [(p, v) for p in PROTOCOLS for v in VARIANTS[:-1] if f"{ipc}|{p}|{v}|{seed}" not in results["evals"]]
+            if not todo:
+                continue
+            t0 = time.perf_counter()
+            sets, stats = distilled_sets(ipc, seed)
+            for recipe, s in stats.items():
+                results["stats"][f"{recipe}, IPC {ipc}, seed {seed}"] = s
+            print(f"ipc {ipc} seed {seed}: sets built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            for p, v in todo:
+                rec = evaluate(sets[v], protocol=p, dataset="digits", repeats=1, seed=seed)
+                results["evals"][f"{ipc}|{p}|{v}|{seed}"] = {"top1": rec["top1"][0], "seconds": rec["seconds"]}
+                print(f"  {p:4s} {v:11s} {rec['top1'][0]:.1f}%", file=sys.stderr)
+                save()
+        for p in PROTOCOLS:  # the ceiling does not depend on IPC: one entry per protocol and seed
+            if seed < (args.full_train_seeds or args.seeds) and f"all|{p}|full-train|{seed}" not in results["evals"]:
+                rec = evaluate(full, protocol=p, dataset="digits", repeats=1, seed=seed)
+                results["evals"][f"all|{p}|full-train|{seed}"] = {"top1": rec["top1"][0], "seconds": rec["seconds"]}
+                print(f"  {p:4s} full-train  {rec['top1'][0]:.1f}%", file=sys.stderr)
+                save()
+    summary = summarise(results)
+    for p in PROTOCOLS:  # show the ceiling in every IPC column
+        if f"all|{p}|full-train" in summary:
+            for ipc in args.ipc:
+                summary[f"{ipc}|{p}|full-train"] = summary[f"all|{p}|full-train"]
+    stats = {}
+    for key, s in results["stats"].items():
+        recipe_ipc = key.rsplit(", seed", 1)[0]
+        stats.setdefault(recipe_ipc, []).append(s)
+    stats = {k: {f: statistics.fmean(x[f] for x in v) for f in v[0]} for k, v in stats.items()}
+    results["summary"] = summary
+    save()
+    md = markdown(summary, stats, args.ipc)
+    atomic_write(args.out / "ablation_digits.md", md.encode())
+    plot(summary, args.ipc, args.out / "ablation_digits.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
