@@ -32,7 +32,7 @@ import torch
 
 from cao2_fast.eval.api import evaluate
 from cao2_fast.eval.data import ImageSet
-from cao2_fast.output import atomic_write
+from cao2_fast.fileio import atomic_write, save_figure
 from cao2_fast.pipeline import Distiller
 from cao2_fast.presets.digits_data import CLASS_NAMES, digits_split
 
@@ -105,8 +105,6 @@ def markdown(summary: dict, stats: dict, ipcs: list[int]) -> str:
 
 
 def plot(summary: dict, ipcs: list[int], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,10 +120,7 @@ def plot(summary: dict, ipcs: list[int], path: Path) -> None:
         ax.set_title(f"IPC {i}, {p}-label", fontsize=9)
     axes[0].set_ylabel("top-1 on held-out digits (%)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from cao2_fast.engines import BACKENDS, EngineCache, EngineSettings, build_engine, require, stage1_specs
 from cao2_fast.errors import UserError
-from cao2_fast.output import atomic_write
+from cao2_fast.fileio import atomic_write, save_figure
 from cao2_fast.pipeline import Distiller, preset_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,8 +179,6 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,10 +198,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title(f"{done[0]['models']} on {done[0]['device'][:40]}, {done[0]['threads']} thread(s)", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> None:

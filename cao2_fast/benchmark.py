@@ -270,13 +270,11 @@ def _version(mod: str) -> str | None:
 
 def write_results(rows: list[dict], out_dir: Path, tag: str) -> tuple[Path, Path]:
     """JSON rows + a bar chart of fast/reference per stage. Files are replaced atomically."""
-    from .output import atomic_write
+    from .fileio import atomic_write, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath = out_dir / f"{tag}.json"
     atomic_write(jpath, json.dumps(rows, indent=1).encode())
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,11 +289,8 @@ def write_results(rows: list[dict], out_dir: Path, tag: str) -> tuple[Path, Path
     ax.set_ylabel("fast / reference speed")
     ax.set_title(f"{rows[0]['model']} on {rows[0]['device'][:40]}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
     ppath = out_dir / f"{tag}.png"
-    atomic_write(ppath, buf.getvalue())
+    save_figure(fig, ppath, dpi=120)
     return jpath, ppath
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError, require_file
-from .weights import read_weights
+from ..errors import UserError
+from .weights import read_diffusers_config, read_weights
 
 NAMED_SIZES = {  # (depth, hidden, heads), SPEC §4
     "XL": (28, 1152, 16),
@@ -353,15 +353,9 @@ def _load_into(model: DiT, sd: dict, where: Path) -> None:
 
 
 def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
-    if (p / "transformer").is_dir():
-        p = p / "transformer"
-    cfg_file = require_file(p / "config.json", "a diffusers DiTTransformer2DModel config.json")
-    try:
-        dc = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    p, dc = read_diffusers_config(p, "transformer", "DiTTransformer2DModel")
     if dc.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
-        raise UserError(f"{cfg_file}: is a {dc.get('_class_name')}, not a DiT transformer")
+        raise UserError(f"{p / 'config.json'}: is a {dc.get('_class_name')}, not a DiT transformer")
     weights = [p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
     wfile = next((w for w in weights if w.exists()), None)
     if wfile is None:

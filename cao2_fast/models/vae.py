@@ -6,13 +6,13 @@ and returns images in [−1, 1].
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UserError, require_dir, require_file
+from ..errors import UserError, require_dir
+from .weights import read_diffusers_config
 
 
 class VAE(nn.Module):
@@ -43,15 +43,10 @@ class VAE(nn.Module):
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> VAE:
     """Load ``AutoencoderKL`` from a local diffusers directory (a pipeline root with ``vae/`` works too)."""
     p = require_dir(path, "a diffusers AutoencoderKL directory with config.json and weights")
-    if (p / "vae").is_dir():
-        p = p / "vae"
-    cfg_file = require_file(p / "config.json", "a diffusers AutoencoderKL config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    p, cfg = read_diffusers_config(p, "vae", "AutoencoderKL")
     if cfg.get("_class_name") != "AutoencoderKL":
-        raise UserError(f"{cfg_file}: is a {cfg.get('_class_name')!r}, not an AutoencoderKL (is this the VAE directory?)")
+        raise UserError(f"{p / 'config.json'}: is a {cfg.get('_class_name')!r}, not an AutoencoderKL (is this the VAE "
+                        "directory?)")
     from diffusers import AutoencoderKL
 
     try:

@@ -8,11 +8,12 @@ Loading stays ``weights_only`` (no code from a checkpoint runs); ``argparse.Name
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, require_file
 
 WRAPPERS = ("ema", "state_dict", "model")  # EMA weights are preferred over raw ones when a checkpoint has both
 
@@ -40,3 +41,15 @@ def read_weights(path: Path) -> dict:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:  # truncated zip, foreign pickle, not a tensor file
         raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def read_diffusers_config(folder: Path, subfolder: str, what: str) -> tuple[Path, dict]:
+    """(model folder, parsed config.json) of a diffusers model: ``folder`` itself or its ``subfolder`` (a pipeline
+    root). A missing or malformed config is a one-line error naming the file."""
+    if (folder / subfolder).is_dir():
+        folder = folder / subfolder
+    cfg_file = require_file(folder / "config.json", f"a diffusers {what} config.json")
+    try:
+        return folder, json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
