@@ -128,3 +128,16 @@ def tiny_autoencoder(seed: int = 0, scaling_factor: float = 0.5):
         norm_num_groups=4, latent_channels=4, sample_size=16, scaling_factor=scaling_factor,
     )
     return ae.eval()
+
+
+def run_cli(args, capsys):
+    """Run ``cao2-fast ARGS`` in-process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from cao2_fast.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err

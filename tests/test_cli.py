@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cao2_fast.cli.main import main
+from helpers import run_cli
 from cao2_fast.models.dit import DiTConfig
 from cao2_fast.models.random import random_models
 
@@ -29,14 +29,6 @@ def ckpts(tmp_path_factory):
     (root / "transformer").mkdir()
     (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel"}))
     return root
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def real_args(ckpts, out, *extra):

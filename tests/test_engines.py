@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from cao2_fast.cli.main import main
+from helpers import run_cli
 from cao2_fast.config import build_config
 from cao2_fast.engines import (BACKENDS, EngineCache, EngineSettings, build_engine, get_backend, onnx_ort, require,
                                stage1_specs, stage2_engine, trt)
@@ -122,14 +122,6 @@ def assert_matches_eager(engines: dict, models, n: int, dit_only: bool = False) 
         scored = engines["classifier"](images)
         assert scored.shape == (n, CFG.num_classes)
         assert torch.equal(scored.argmax(1), logits.argmax(1))
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def lines(text: str) -> list[str]:
