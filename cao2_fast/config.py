@@ -139,6 +139,11 @@ class DistillConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
+    def decode_batch(self) -> int:
+        """Latents per VAE-decode and classifier call (decoding is far heavier in memory than a DiT step)."""
+        return max(1, min(self.stage1_batch, 64))
+
+    @property
     def classes_per_group(self) -> int:
         """Classes whose candidates share one stage-1 batch. Work is scheduled and sharded in these groups so the
         float rounding of every class is the same however the run is split."""

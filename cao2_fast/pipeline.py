@@ -24,7 +24,7 @@ from . import output, stage1, stage2
 from .config import DistillConfig, build_config
 from .diffusion import Diffusion
 from .errors import UserError
-from .models.classifier import Classifier, load_classifier
+from .models.classifier import Classifier, load_classifier, parse_spec
 from .models.dit import DiT, load_dit
 from .models.vae import VAE, load_vae
 
@@ -135,7 +135,7 @@ class Distiller:
         """Real checkpoints on disk: an original/diffusers DiT, a diffusers VAE dir, a timm ``name[:ckpt]``."""
         dit_m = load_dit(dit)
         vae_m = load_vae(vae)
-        name, _, ckpt = classifier.partition(":")
+        name, ckpt = parse_spec(classifier)
         clf = load_classifier(classifier, input_size=classifier_input_size)
         if class_ids is not None:
             dataset = "custom" if dataset in ("imagenet-1k", "custom") else dataset
@@ -183,7 +183,7 @@ class Distiller:
         check_engines(engine, stage2, self.device, cfg.dtype)
         built = stage1_engines(engine, self.dit, self.vae, self.classifier, self.device, cfg.dtype,
                                dit_batch=cfg.stage1_batch * (1 if cfg.guidance_scale == 1.0 else 2),
-                               decode_batch=max(1, min(cfg.stage1_batch, 64)), cache_dir=cache_dir, settings=settings)
+                               decode_batch=cfg.decode_batch, cache_dir=cache_dir, settings=settings)
         built["stage2"] = stage2_engine(stage2, self.dit, self.device, cfg.dtype, settings)
         self.stage1_dit, self.stage1_decode, self.stage1_classify = built["dit"], built["vae_decode"], built["classifier"]
         self._dit_call = built["stage2"]
@@ -204,7 +204,7 @@ class Distiller:
                                       self.dit.null_class, cfg.guidance_scale, cfg.recipe.guided_channels, self.device,
                                       self.dtype, cfg.stage1_batch, progress=bar)
         images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, latents, self.device,
-                                                self.dtype, max(1, min(cfg.stage1_batch, 64)))
+                                                self.dtype, cfg.decode_batch)
         out = {}
         for j, c in enumerate(class_ids):
             sl = slice(j * n, (j + 1) * n)
@@ -253,7 +253,7 @@ class Distiller:
         noise = stage2.Stage2Noise.cat([self.stage2_noise(c, s1[c]["candidate_index"]) for c in class_ids])
         r2 = self.stage2(lat, ids, noise, bars.get("stage2"))
         images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, r2.latents, self.device,
-                                                self.dtype, max(1, min(cfg.stage1_batch, 64)))
+                                                self.dtype, cfg.decode_batch)
         names = dict(zip(cfg.class_ids, cfg.class_names))
         results = []
         for j, c in enumerate(class_ids):

@@ -20,24 +20,14 @@ from cao2_fast.models.dit import (
     timestep_embedding,
 )
 
-try:
-    from helpers import (
-        diffusers_forward,
-        mae_2d_sincos,
-        original_layout_from_diffusers,
-        reference_timestep_embedding,
-        set_diffusers_freq_shift_,
-        tiny_diffusers_dit,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import (
-        diffusers_forward,
-        mae_2d_sincos,
-        original_layout_from_diffusers,
-        reference_timestep_embedding,
-        set_diffusers_freq_shift_,
-        tiny_diffusers_dit,
-    )
+from helpers import (
+    diffusers_forward,
+    mae_2d_sincos,
+    original_layout_from_diffusers,
+    reference_timestep_embedding,
+    set_diffusers_freq_shift_,
+    tiny_diffusers_dit,
+)
 
 NUM_CLASSES = 10
 NULL = NUM_CLASSES

@@ -12,10 +12,7 @@ from cao2_fast.errors import UserError
 from cao2_fast.models.classifier import Classifier, load_classifier, parse_spec
 from cao2_fast.models.vae import load_vae
 
-try:
-    from helpers import randomize_, tiny_autoencoder, tiny_diffusers_dit
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import randomize_, tiny_autoencoder, tiny_diffusers_dit
+from helpers import randomize_, tiny_autoencoder, tiny_diffusers_dit
 
 SF = 0.37
 
