@@ -25,7 +25,7 @@ from .config import DistillConfig, build_config
 from .diffusion import Diffusion
 from .errors import UserError
 from .models.classifier import Classifier, load_classifier, parse_spec
-from .models.dit import DiT, load_dit
+from .models.dit import DiT, fast_kernels, load_dit
 from .models.vae import VAE, load_vae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,6 +96,7 @@ class Distiller:
         self.latent_shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
         self.classifier.normalize = config.recipe.classifier_normalize
         self.classifier.input_size = config.classifier_input_size
+        self.dit.set_kernels(fast_kernels(self.device))
         self.stage1_dit: Callable = self._dit_call
         self.stage1_decode: Callable = vae.decode
         self.stage1_classify: Callable = classifier
@@ -154,6 +155,7 @@ class Distiller:
 
     def to(self, device) -> "Distiller":
         self.device = torch.device(device)
+        self.dit.set_kernels(fast_kernels(self.device))
         self.dit.to(self.device, self.dtype)
         self.vae.to(self.device, self.dtype)
         self.classifier.to(self.device, self.dtype)

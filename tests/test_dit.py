@@ -521,3 +521,61 @@ def test_load_dit_returns_eval_mode_without_dropout(orig_pair, tmp_path):
         a = model(x, t, y)
         b = model(x, t, y)
     assert not model.training and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel forms: the CPU-fast GELU and attention compute the released maths
+
+
+def test_sigmoid_gelu_matches_torch_tanh_gelu_and_its_gradient():
+    from cao2_fast.models.dit import _SigmoidGelu, gelu_tanh
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 257, generator=g) * 4).double()  # tails to ±16: σ saturates where tanh does
+    assert torch.autograd.gradcheck(_SigmoidGelu.apply, (x[:3, :7].clone().requires_grad_(),))
+    up = torch.randn(64, 257, generator=g, dtype=torch.float64)
+    xs = {}
+    for form in ("tanh", "sigmoid"):
+        xf = x.float().clone().requires_grad_(True)
+        y = gelu_tanh(xf, form)
+        y.backward(up.float())
+        xs[form] = (y.detach(), xf.grad)
+    x64 = x.clone().requires_grad_(True)
+    y64 = torch.nn.functional.gelu(x64, approximate="tanh")
+    y64.backward(up)
+    for form, (y, gx) in xs.items():  # both fp32 forms are within a few ulps of the float64 truth
+        assert (y.double() - y64).abs().max() <= 2e-6, form
+        assert (gx.double() - x64.grad).abs().max() <= 2e-5, form
+    with torch.no_grad():  # the traced/no-grad spelling is the same function
+        torch.testing.assert_close(gelu_tanh(x.float(), "sigmoid"), xs["tanh"][0], rtol=1e-5, atol=2e-6)
+
+
+def test_cpu_kernels_match_released_forward_and_input_gradient():
+    from cao2_fast.models.dit import RELEASED_KERNELS, DiTKernels, fast_kernels, random_dit
+
+    dit = random_dit(DiTConfig(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=NUM_CLASSES), seed=4)
+    assert fast_kernels("cpu") == DiTKernels("sigmoid", "math") and fast_kernels("cuda") == RELEASED_KERNELS
+    x, t, y = _inputs(5, [1, 7, 30, 500, 999], [0, 3, NULL, 9, 1], seed=12)
+    outs = {}
+    for kernels in (RELEASED_KERNELS, DiTKernels("sigmoid", "sdpa"), DiTKernels("tanh", "math"), fast_kernels("cpu")):
+        dit.set_kernels(kernels)
+        assert dit.kernels == kernels
+        xg = x.clone().requires_grad_(True)
+        out = dit(xg, t, y)
+        (gx,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), xg)
+        outs[kernels] = (out.detach(), gx)
+    base_out, base_gx = outs.pop(RELEASED_KERNELS)
+    for kernels, (out, gx) in outs.items():
+        assert (out - base_out).abs().max() <= 1e-5 * base_out.abs().max(), kernels
+        assert (gx - base_gx).abs().max() <= 1e-5 * base_gx.abs().max(), kernels
+        assert not torch.equal(out, base_out) or kernels.gelu == "tanh"  # the sigmoid form really ran
+    dit.set_kernels(RELEASED_KERNELS)
+
+
+def test_set_kernels_rejects_unknown_forms():
+    from cao2_fast.models.dit import DiTKernels
+
+    with pytest.raises(ValueError, match="GELU form"):
+        DiTKernels("erf", "sdpa")
+    with pytest.raises(ValueError, match="attention"):
+        DiTKernels("tanh", "flash")

@@ -27,6 +27,8 @@ Examples:
 
   cao2-fast bench --preset digits                               # CPU, embedded preset
 
+  cao2-fast bench --preset digits --threads 1 --out /tmp/b      # one core
+
   cao2-fast bench --model dit-xl-2-256 --random-weights --device cuda
 """
 
@@ -45,8 +47,12 @@ def bench(
     ops: Annotated[str | None, typer.Option(help="Stage-2 step ops: torch or triton (default: triton on CUDA).")] = None,
     compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the JSON rows and the chart.")] = Path("bench/results"),
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement; the median is reported.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths (default: torch's).")] = None,
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
+    import torch
+
     from ..benchmark import format_table, run_bench, write_results
 
     if (preset is None) == (model is None):
@@ -57,13 +63,19 @@ def bench(
         raise UserError("--model builds the architecture only: add --random-weights (or bench a preset)")
     if ops not in (None, "torch", "triton"):
         raise UserError(f"--ops {ops!r}: torch or triton")
-    for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images)):
+    for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
         if v < 1:
             raise UserError(f"{name} must be at least 1")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1 (got {threads})")
+        torch.set_num_threads(threads)
     dev = resolve_device(device)
     name = preset or model.value
-    rows = run_bench(name, dev, dtype, steps1, steps2, ref_images, batch, ops=ops, compile_stage2=compile_stage2)
+    rows = run_bench(name, dev, dtype, steps1, steps2, ref_images, batch, ops=ops, compile_stage2=compile_stage2,
+                     repeats=repeats)
     print(format_table(rows))
-    tag = f"bench_{name}_{'cuda' if dev == 'cuda' else 'cpu'}{'_compile' if compile_stage2 else ''}"
+    where = "cuda" if dev == "cuda" else f"cpu-{torch.get_num_threads()}t"  # CPU results depend on the thread count
+    tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}"
     jpath, ppath = write_results(rows, out, tag)
     print(f"wrote {jpath} and {ppath}")

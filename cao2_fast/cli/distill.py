@@ -163,6 +163,10 @@ def distill(
         if rank == 0:
             _print_plan(distiller, out_dir, world)
         return
+    if dev == "cpu":
+        from ..cpu import keep_freed_memory
+
+        keep_freed_memory()
     distiller.to(dev)
     distiller.use_engines(engine.value, stage2_engine.value if stage2_engine else None, engine_dir)
     barrier = state.wait_for_everyone if state and world > 1 else None

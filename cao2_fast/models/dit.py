@@ -110,12 +110,79 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.impl = "sdpa"  # see DiTKernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.impl == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:  # softmax(q·kᵀ/√d)·v written out: two batched matmuls, cheaper than the fused CPU kernel for few tokens
+            x = torch.softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+# tanh-GELU through the logistic identity 0.5·(1 + tanh(u)) = σ(2u): gelu(x) = x·σ(x·(A + B·x²)).
+_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_B = _GELU_A * 0.044715
+
+
+@dataclass(frozen=True)
+class DiTKernels:
+    """How a DiT evaluates two of its functions; every choice computes the same maths (to float rounding).
+
+    ``gelu``: ``tanh`` is torch's tanh-GELU kernel (the released execution), ``sigmoid`` the same function through
+    0.5·(1 + tanh(u)) = σ(2u) with a hand-written backward (:class:`_SigmoidGelu`) — on CPU, torch's tanh kernels
+    are the slowest elementwise op of a small DiT. ``attention``: ``sdpa`` is ``scaled_dot_product_attention``
+    (flash attention on GPUs), ``math`` the two batched matmuls and a softmax, quicker on CPU for few tokens.
+    """
+
+    gelu: str = "tanh"
+    attention: str = "sdpa"
+
+    def __post_init__(self):
+        if self.gelu not in ("tanh", "sigmoid"):
+            raise ValueError(f"unknown GELU form {self.gelu!r}: tanh or sigmoid")
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"unknown attention {self.attention!r}: sdpa or math")
+
+
+RELEASED_KERNELS = DiTKernels()
+
+
+class _SigmoidGelu(torch.autograd.Function):
+    """tanh-GELU as x·σ(u) with a hand-written backward: a few in-place passes instead of torch's CPU tanh kernels,
+    which are the slowest elementwise op of a small DiT on CPU. Saves x and σ(u) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s = torch.mul(x, x).mul_(_GELU_B).add_(_GELU_A).mul_(x).sigmoid_()
+        ctx.save_for_backward(x, s)
+        return torch.mul(x, s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, s = ctx.saved_tensors
+        # d/dx [x·σ(u)] = σ + x·σ·(1 − σ)·du/dx, du/dx = A + 3B·x²
+        d = torch.mul(x, x).mul_(3.0 * _GELU_B).add_(_GELU_A).mul_(x)
+        return d.mul_(s).mul_(torch.sub(1.0, s)).add_(s).mul_(grad)
+
+
+def gelu_tanh(x: torch.Tensor, form: str = "tanh") -> torch.Tensor:
+    """The DiT's tanh-approximate GELU in the given :class:`DiTKernels` form. The ``sigmoid`` form uses
+    :class:`_SigmoidGelu` under autograd in eager mode; traced (compile, export) or without gradients it is plain
+    ops, which a compiler fuses."""
+    if form == "tanh":
+        return F.gelu(x, approximate="tanh")
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _SigmoidGelu.apply(x)
+    return x * torch.sigmoid(x * (_GELU_A + _GELU_B * x * x))
+
+
+def fast_kernels(device) -> DiTKernels:
+    """The quicker :class:`DiTKernels` on ``device``: the sigmoid GELU and written-out attention on CPU; the
+    released ones on GPUs, where torch's GELU is one fused memory pass and SDPA is flash attention."""
+    return DiTKernels("sigmoid", "math") if torch.device(device).type == "cpu" else RELEASED_KERNELS
 
 
 class Mlp(nn.Module):
@@ -123,9 +190,10 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.gelu_form = "tanh"  # see DiTKernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x), self.gelu_form))
 
 
 class DiTBlock(nn.Module):
@@ -221,6 +289,19 @@ class DiT(nn.Module):
     @property
     def null_class(self) -> int:
         return self.cfg.num_classes
+
+    @property
+    def kernels(self) -> DiTKernels:
+        if not len(self.blocks):
+            return RELEASED_KERNELS
+        return DiTKernels(self.blocks[0].mlp.gelu_form, self.blocks[0].attn.impl)
+
+    def set_kernels(self, kernels: DiTKernels) -> "DiT":
+        """Evaluate GELU and attention the :class:`DiTKernels` way in every block (the maths is unchanged)."""
+        for block in self.blocks:
+            block.mlp.gelu_form = kernels.gelu
+            block.attn.impl = kernels.attention
+        return self
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         p, c = self.cfg.patch_size, self.cfg.out_channels
