@@ -186,3 +186,33 @@ def test_fast_stage2_on_cpu_kernels_ends_within_tolerance_of_the_released_execut
     ref = reference.stage2(dit, diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False, "cpu")
     assert (ref - x0).abs().max() > 5e-3
     assert (fast.latents - ref).abs().max() <= 5e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_stage2_with_native_kernels_matches_the_reference(dit, monkeypatch):
+    """On CUDA: the fast step (native Triton kernels, the whole loop captured in one CUDA graph) against the plain
+    loop with torch ops, and against the reference path on CPU, fp32 without TF32. Moves ~1e-2, agrees to 1e-4."""
+    import copy
+
+    from cao2_fast.kernels import triton_available
+
+    if not triton_available("cuda"):
+        pytest.skip("Triton cannot run on this CUDA device")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cuda_dit = copy.deepcopy(dit).cuda()
+    g = torch.Generator().manual_seed(10)
+    diffusion = Diffusion.create(respacing=50)
+    b, steps = 6, 12
+    x0 = torch.randn(b, 4, 8, 8, generator=g)
+    noise = stage2.Stage2Noise.draw(b, (4, 8, 8), steps, 11, g, dropout_prob=0.0)
+    y = torch.full((b,), dit.null_class)
+    run = lambda ops, graph: stage2.optimize(lambda *a: cuda_dit(*a), diffusion, x0, y, noise, steps, 6e-4, 10.0,  # noqa: E731
+                                             "official", False, "cuda", ops=ops, cuda_graph=graph)
+    captured, plain = run("triton", True), run("torch", False)
+    ref = reference.stage2(dit, diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False, "cpu")
+    assert (ref - x0).abs().max() > 5e-3
+    assert (captured.latents - plain.latents).abs().max() <= 1e-4
+    assert (captured.latents - ref).abs().max() <= 1e-4
+    assert (captured.steps_done == steps).all() and captured.finite.all()
+    torch.testing.assert_close(captured.loss_first, plain.loss_first, rtol=1e-4, atol=1e-4)
