@@ -244,24 +244,23 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
 def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, cuda_graph, repeats, log):
     """Time the batched stage 2; ``batch=None`` starts at 256 (CUDA) or 64 (CPU) and halves on out-of-memory.
     Returns (batch, seconds of the timed run, peak memory, seconds of the warm-up run)."""
-    b = batch or (256 if dev.type == "cuda" else 64)
-    while True:
-        try:
-            x0 = torch.randn(b, *latent, generator=g)
-            nz = stage2.Stage2Noise.draw(b, latent, steps, 11, g, 0.0)
-            y = torch.full((b,), cfg.num_classes)
-            run = lambda: stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, nz, steps, 6e-4, 10.0,  # noqa: E731
-                                          "official", False, dev, dtype, ops=ops, cuda_graph=cuda_graph)
-            warm = _timed(run, dev)  # warm-up (includes any compilation)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            return b, _timed(run, dev, repeats), _peak_memory(dev), warm
-        except torch.OutOfMemoryError:
-            if b == 1:
-                raise
-            log(f"stage 2: batch {b} ran out of memory, halving")
-            b //= 2
-            torch.cuda.empty_cache()
+
+    def attempt(b: int):
+        x0 = torch.randn(b, *latent, generator=g)
+        nz = stage2.Stage2Noise.draw(b, latent, steps, 11, g, 0.0)
+        y = torch.full((b,), cfg.num_classes)
+
+        def run():
+            stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, nz, steps, 6e-4, 10.0, "official", False, dev,
+                            dtype, ops=ops, cuda_graph=cuda_graph)
+
+        warm = _timed(run, dev)  # warm-up (includes any compilation)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return _timed(run, dev, repeats), _peak_memory(dev), warm
+
+    b, (t, mem, warm) = stage2.halve_on_oom(attempt, batch or (256 if dev.type == "cuda" else 64), log)
+    return b, t, mem, warm
 
 
 def _copy_model(m, dev, dtype):

@@ -92,6 +92,7 @@ class Distiller:
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
         self.progress = progress
+        self.log: Callable[[str], None] | None = None  # where notes such as a halved stage-2 batch go (run sets it)
         self.diffusion = Diffusion.create(respacing=config.sample_steps)
         self.latent_shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
         self.classifier.normalize = config.recipe.classifier_normalize
@@ -232,15 +233,25 @@ class Distiller:
 
     def stage2(self, latents: torch.Tensor, class_ids: torch.Tensor, noise: stage2.Stage2Noise,
                bar=None) -> stage2.Stage2Result:
-        """Optimise ``latents`` (B, C, H, W) of classes ``class_ids`` (B,) in chunks of ``stage2_batch``."""
+        """Optimise ``latents`` (B, C, H, W) of classes ``class_ids`` (B,) in chunks of ``stage2_batch``. On CUDA each
+        chunk's step loop runs as one CUDA graph; a chunk that runs out of device memory is retried at half the size,
+        and the chunks after it keep that size (batching is exact, so the latents do not depend on it)."""
         cfg = self.config
         y = class_ids.clone() if cfg.stage2_label == "true" else torch.full_like(class_ids, self.dit.null_class)
-        parts = []
-        for s in range(0, len(latents), cfg.stage2_batch):
-            e = s + cfg.stage2_batch
-            parts.append(stage2.optimize(self._dit_call, self.diffusion, latents[s:e], y[s:e], noise.slice(s, e),
-                                         cfg.stage2_steps, cfg.lr, cfg.lam, cfg.recipe.timestep_mode,
-                                         cfg.recipe.label_dropout, self.device, self.dtype, progress=bar))
+        parts, s, batch = [], 0, cfg.stage2_batch
+        while s < len(latents):
+            ticks = _Ticks(bar)
+
+            def chunk(b: int, s: int = s, ticks: _Ticks = ticks) -> stage2.Stage2Result:
+                ticks.start(b)
+                return stage2.optimize(self._dit_call, self.diffusion, latents[s:s + b], y[s:s + b],
+                                       noise.slice(s, s + b), cfg.stage2_steps, cfg.lr, cfg.lam,
+                                       cfg.recipe.timestep_mode, cfg.recipe.label_dropout, self.device, self.dtype,
+                                       progress=ticks, cuda_graph=self.device.type == "cuda")
+
+            batch, part = stage2.halve_on_oom(chunk, min(batch, len(latents) - s), self.log)
+            parts.append(part)
+            s += batch
         return stage2.Stage2Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                      ("latents", "loss_first", "loss_last", "steps_done", "finite")))
 
@@ -294,6 +305,8 @@ class Distiller:
         cfg = self.config
         out = Path(out)
         fp = cfg.fingerprint()
+        if log is not None:
+            self.log = log
         if rank == 0:
             output.check_output_dir(out, fp, overwrite)
         if barrier is not None:
@@ -372,8 +385,8 @@ class Distiller:
                                       position=0), out),
             "stage1": _Bar(tqdm(total=cfg.sample_steps * _chunks(todo, cfg), desc="stage 1 (sampling steps)",
                                 unit="step", position=1, leave=False)),
-            "stage2": _Bar(tqdm(total=cfg.stage2_steps * _s2_chunks(todo, cfg), desc="stage 2 (latent steps)",
-                                unit="step", position=2, leave=False)),
+            "stage2": _Bar(tqdm(total=cfg.stage2_steps * cfg.ipc * sum(map(len, todo)), desc="stage 2",
+                                unit="latent-step", unit_scale=True, position=2, leave=False)),
         }
 
 
@@ -391,6 +404,24 @@ class _Bar:
 
     def close(self):
         self.bar.close()
+
+
+class _Ticks:
+    """Stage-2 progress of one chunk in latent-steps: :meth:`start` (re)begins it for ``b`` latents, taking back
+    what an attempt that ran out of memory had counted; each call is one step of all of them."""
+
+    def __init__(self, bar):
+        self.bar, self.b, self.n = bar, 0, 0
+
+    def start(self, b: int) -> None:
+        if self.bar is not None and self.n:
+            self.bar.update(-self.n)
+        self.b, self.n = b, 0
+
+    def __call__(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.b)
+            self.n += self.b
 
 
 class _ClassBar(_Bar):
@@ -411,10 +442,6 @@ def _ceil(a: int, b: int) -> int:
 
 def _chunks(groups: list[list[int]], cfg: DistillConfig) -> int:
     return sum(_ceil(len(g) * cfg.num_candidates, cfg.stage1_batch) for g in groups)
-
-
-def _s2_chunks(groups: list[list[int]], cfg: DistillConfig) -> int:
-    return sum(_ceil(len(g) * cfg.ipc, cfg.stage2_batch) for g in groups)
 
 
 def _num(x: torch.Tensor) -> float | None:

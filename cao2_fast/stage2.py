@@ -10,8 +10,9 @@ An image whose loss or latent turns non-finite stops: it keeps its last finite l
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -19,6 +20,7 @@ from .config import NOISE_BANK_SEED, NOISE_BANK_SIZE
 from .diffusion import Diffusion
 
 Fn = Callable[..., torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -150,12 +152,20 @@ def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, n
         alive.copy_(ok)
         done.add_(ok.long())
 
+    captured = False
     if cuda_graph and device.type == "cuda" and steps > 0:
-        _run_captured(step, steps, (x, exp_avg, exp_avg_sq, first, last, alive, done))
-        if progress is not None:
+        try:
+            _run_captured(step, steps, (x, exp_avg, exp_avg_sq, first, last, alive, done))
+            captured = True
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # an op the graph cannot hold: the state was restored, run the plain loop
+            warnings.warn(f"stage 2: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); running the "
+                          "steps uncaptured", RuntimeWarning, stacklevel=2)
+        if captured and progress is not None:
             for _ in range(steps):
                 progress()
-    else:
+    if not captured:
         for k in range(steps):
             step(k)
             if progress is not None:
@@ -163,23 +173,49 @@ def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, n
     return Stage2Result(x.detach().cpu(), first.cpu(), last.cpu(), done.cpu(), alive.cpu())
 
 
+def halve_on_oom(fn: Callable[[int], T], batch: int, log: Callable[[str], None] | None = None) -> tuple[int, T]:
+    """``fn(batch)``, retried at half the batch (down to 1) while it runs out of device memory.
+    Returns (the batch that fitted, its result). Stage 2 is exact under batching, so the result does not depend on
+    the batch that fitted."""
+    while True:
+        try:
+            return batch, fn(batch)
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            if log is not None:
+                log(f"stage 2: a batch of {batch} ran out of device memory, retrying with {batch // 2}")
+            batch //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def _run_captured(step: Callable[[int], None], steps: int, state: tuple[torch.Tensor, ...]) -> None:
     """Capture all ``steps`` in one CUDA graph and replay it once. Warm-up runs on a side stream against a saved
-    copy of ``state``, which is restored before capture, so the captured run starts from the caller's state."""
+    copy of ``state``, which is restored before capture (capture does not execute) and again if anything fails, so
+    both the replay and a caller's fallback start from the caller's state."""
     saved = [s.clone() for s in state]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for k in range(min(2, steps)):
-            step(k)
-    torch.cuda.current_stream().wait_stream(side)
-    for s, v in zip(state, saved):
-        s.copy_(v)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k in range(steps):
-            step(k)
-    for s, v in zip(state, saved):  # capture does not execute; start the replay from the saved state
-        s.copy_(v)
+
+    def restore():
+        for s, v in zip(state, saved):
+            s.copy_(v)
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for k in range(min(2, steps)):
+                step(k)
+        torch.cuda.current_stream().wait_stream(side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for k in range(steps):
+                step(k)
+    except BaseException:
+        torch.cuda.synchronize()
+        restore()
+        raise
+    restore()  # nothing ran during capture; this only guards the replay's starting point
     graph.replay()
     torch.cuda.synchronize()

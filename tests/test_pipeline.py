@@ -13,6 +13,7 @@ from cao2_fast.errors import UserError
 from cao2_fast.models.dit import DiTConfig
 from cao2_fast.models.random import random_models
 from cao2_fast.pipeline import Distiller, class_generator
+from cao2_fast.stage2 import Stage2Noise
 
 
 def make_distiller(class_ids=(0, 2, 4), ipc=2, recipe="official", **kw):
@@ -203,3 +204,56 @@ def test_nonfinite_stage2_is_recorded_in_the_manifest_and_the_run_continues(tmp_
     stopped = [r for c in manifest["classes"] for r in c["images"] if r["stage2_status"] != "ok"][0]
     assert stopped["stage2_steps"] == 1 and stopped["loss_last"] is not None
     assert len(list((tmp_path / "nan").rglob("*.png"))) == 6 + 1  # all images + contact sheet
+
+
+def test_halve_on_oom_retries_at_half_the_batch_down_to_one():
+    from cao2_fast.stage2 import halve_on_oom
+
+    tried, notes = [], []
+
+    def fn(b):
+        tried.append(b)
+        if b > 5:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return b * 10
+
+    assert halve_on_oom(fn, 64, notes.append) == (4, 40)
+    assert tried == [64, 32, 16, 8, 4] and len(notes) == 4 and "batch of 64" in notes[0]
+    with pytest.raises(torch.OutOfMemoryError):
+        halve_on_oom(lambda b: (_ for _ in ()).throw(torch.OutOfMemoryError("always")), 4)
+
+
+class _CountingBar:
+    def __init__(self):
+        self.updates = []
+
+    def update(self, n):
+        self.updates.append(n)
+
+
+def test_stage2_chunk_that_runs_out_of_memory_is_retried_smaller_with_the_same_latents():
+    d = make_distiller(stage2_batch=4)
+    s1 = d.stage1([0, 2, 4])
+    lat = torch.cat([s1[c]["latents"] for c in (0, 2, 4)])
+    ids = torch.tensor([c for c in (0, 2, 4) for _ in range(2)])
+    noise = Stage2Noise.cat([d.stage2_noise(c, s1[c]["candidate_index"]) for c in (0, 2, 4)])
+    whole = d.stage2(lat, ids, noise)
+
+    calls, notes = [], []
+    real = d._dit_call
+
+    def tight(x, *a):  # a device that fits one latent; the failure comes after some steps of the first chunk
+        calls.append(x.shape[0])
+        if x.shape[0] > 1 and len(calls) > 2:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return real(x, *a)
+
+    d._dit_call, d.log = tight, notes.append
+    bar = _CountingBar()
+    halved = d.stage2(lat, ids, noise, bar)
+    assert calls[:4] == [4, 4, 4, 2] and set(calls[4:]) == {1}  # 4 fails on its 3rd step, 2 on its 1st, then 1s
+    assert len(notes) == 2 and "batch of 4" in notes[0] and "retrying with 2" in notes[0]
+    assert (halved.latents - whole.latents).abs().max() <= 1e-6
+    torch.testing.assert_close(halved.loss_last, whole.loss_last, rtol=1e-6, atol=1e-6)
+    assert min(bar.updates) < 0  # the failed attempt's progress was taken back
+    assert sum(bar.updates) == d.config.stage2_steps * len(lat)
