@@ -165,6 +165,22 @@ def test_reference_stage2_weight_grads_do_not_change_the_result_and_are_cleaned_
     assert all(not p.requires_grad and p.grad is None for p in dit.parameters())
 
 
+def _released_problem(dit, seed: int, b: int, steps: int):
+    """One stage-2 problem at the released settings (lr 6e-4, λ 10, null label, official timesteps): returns x0, a
+    runner of the fast path for any model and options, and the reference path's latents on ``dit``."""
+    g = torch.Generator().manual_seed(seed)
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(b, 4, 8, 8, generator=g)
+    noise = stage2.Stage2Noise.draw(b, (4, 8, 8), steps, 11, g, dropout_prob=0.0)
+    y = torch.full((b,), dit.null_class)
+
+    def fast(model, device="cpu", **kw):
+        return stage2.optimize(lambda *a: model(*a), diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False,
+                               device, **kw)
+
+    return x0, fast, reference.stage2(dit, diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False, "cpu")
+
+
 def test_fast_stage2_on_cpu_kernels_ends_within_tolerance_of_the_released_execution(dit):
     """The fast path (batched, input-only backward, sigmoid GELU, written-out attention) against the reference path
     (one image at a time, torch.optim.Adam, weight gradients, torch's GELU and SDPA) on the same weights, fp32,
@@ -173,19 +189,11 @@ def test_fast_stage2_on_cpu_kernels_ends_within_tolerance_of_the_released_execut
 
     from cao2_fast.models.dit import RELEASED_KERNELS, fast_kernels
 
-    fast_dit = copy.deepcopy(dit).set_kernels(fast_kernels("cpu"))
     assert dit.kernels == RELEASED_KERNELS
-    g = torch.Generator().manual_seed(9)
-    diffusion = Diffusion.create(respacing=50)
-    b, steps = 4, 20
-    x0 = torch.randn(b, 4, 8, 8, generator=g)
-    noise = stage2.Stage2Noise.draw(b, (4, 8, 8), steps, 11, g, dropout_prob=0.0)
-    y = torch.full((b,), dit.null_class)
-    fast = stage2.optimize(lambda *a: fast_dit(*a), diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False,
-                           "cpu")
-    ref = reference.stage2(dit, diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False, "cpu")
+    x0, fast, ref = _released_problem(dit, seed=9, b=4, steps=20)
+    out = fast(copy.deepcopy(dit).set_kernels(fast_kernels("cpu")))
     assert (ref - x0).abs().max() > 5e-3
-    assert (fast.latents - ref).abs().max() <= 5e-6
+    assert (out.latents - ref).abs().max() <= 5e-6
 
 
 @pytest.mark.parametrize("ops", ["torch", "triton"])
@@ -198,20 +206,12 @@ def test_bf16_stage2_follows_the_fp32_reference(dit, ops):
 
     if ops == "triton" and not triton_available("cpu"):
         pytest.skip("Triton cannot run here")
-    bf16_dit = copy.deepcopy(dit).to(torch.bfloat16)
-    g = torch.Generator().manual_seed(11)
-    diffusion = Diffusion.create(respacing=50)
-    b, steps = 6, 20
-    x0 = torch.randn(b, 4, 8, 8, generator=g)
-    noise = stage2.Stage2Noise.draw(b, (4, 8, 8), steps, 11, g, dropout_prob=0.0)
-    y = torch.full((b,), dit.null_class)
-    fast = stage2.optimize(lambda *a: bf16_dit(*a), diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False,
-                           "cpu", dtype=torch.bfloat16, ops=ops)
-    ref = reference.stage2(dit, diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False, "cpu")
-    assert fast.latents.dtype == torch.float32 and fast.finite.all()
+    x0, fast, ref = _released_problem(dit, seed=11, b=6, steps=20)
+    out = fast(copy.deepcopy(dit).to(torch.bfloat16), dtype=torch.bfloat16, ops=ops)
+    assert out.latents.dtype == torch.float32 and out.finite.all()
     moved = (ref - x0).flatten(1).norm(dim=1)
     assert (moved > 0).all()
-    assert ((fast.latents - ref).flatten(1).norm(dim=1) <= 0.1 * moved).all()
+    assert ((out.latents - ref).flatten(1).norm(dim=1) <= 0.1 * moved).all()
 
 
 @pytest.mark.gpu
@@ -227,16 +227,10 @@ def test_cuda_graph_stage2_with_native_kernels_matches_the_reference(dit, monkey
         pytest.skip("Triton cannot run on this CUDA device")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cuda_dit = copy.deepcopy(dit).cuda()
-    g = torch.Generator().manual_seed(10)
-    diffusion = Diffusion.create(respacing=50)
-    b, steps = 6, 12
-    x0 = torch.randn(b, 4, 8, 8, generator=g)
-    noise = stage2.Stage2Noise.draw(b, (4, 8, 8), steps, 11, g, dropout_prob=0.0)
-    y = torch.full((b,), dit.null_class)
-    run = lambda ops, graph: stage2.optimize(lambda *a: cuda_dit(*a), diffusion, x0, y, noise, steps, 6e-4, 10.0,  # noqa: E731
-                                             "official", False, "cuda", ops=ops, cuda_graph=graph)
-    captured, plain = run("triton", True), run("torch", False)
-    ref = reference.stage2(dit, diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False, "cpu")
+    steps = 12
+    x0, fast, ref = _released_problem(dit, seed=10, b=6, steps=steps)
+    captured = fast(cuda_dit, "cuda", ops="triton", cuda_graph=True)
+    plain = fast(cuda_dit, "cuda", ops="torch", cuda_graph=False)
     assert (ref - x0).abs().max() > 5e-3
     assert (captured.latents - plain.latents).abs().max() <= 1e-4
     assert (captured.latents - ref).abs().max() <= 1e-4

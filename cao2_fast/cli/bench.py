@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import Device, DeviceOpt, resolve_device
+from .common import Device, DeviceOpt, resolve_device, set_threads
 from .main import app
 
 
@@ -66,10 +66,7 @@ def bench(
     for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
         if v < 1:
             raise UserError(f"{name} must be at least 1")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1 (got {threads})")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     dev = resolve_device(device)
     name = preset or model.value
     rows = run_bench(name, dev, dtype, steps1, steps2, ref_images, batch, ops=ops, compile_stage2=compile_stage2,

@@ -9,11 +9,24 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UserError
+
 
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (None keeps torch's default), rejecting values below 1 in one line."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {threads})")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def resolve_device(device: Device | str) -> str:
@@ -23,8 +36,6 @@ def resolve_device(device: Device | str) -> str:
     if d == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if d == "cuda" and not torch.cuda.is_available():
-        from ..errors import UserError
-
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
     return d
 

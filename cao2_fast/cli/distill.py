@@ -13,7 +13,7 @@ import typer
 
 from ..errors import UserError
 from .common import (Device, DeviceOpt, DType, EngineDirOpt, EngineName, EngineOpt, NoProgressOpt, OutOpt,
-                     RecipeName, SeedOpt, Stage2EngineOpt, progress_enabled, resolve_device)
+                     RecipeName, SeedOpt, Stage2EngineOpt, progress_enabled, resolve_device, set_threads)
 from .main import app
 
 
@@ -122,12 +122,7 @@ def distill(
     for name, value in (("--stage1-batch", stage1_batch), ("--stage2-batch", stage2_batch)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1 (got {value})")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1 (got {threads})")
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     dev = resolve_device(device)
     check_engines(engine.value, stage2_engine.value if stage2_engine else None, dev, dtype.value)
     state = _distributed_state(dev)
