@@ -83,7 +83,8 @@ class Distiller:
 
     ``dit(x, t, y, drop=None)`` must return all 2C channels; ``vae.decode`` maps latents to [−1, 1] images;
     ``classifier`` maps such images to logits. Stage-1 callables can be swapped for compiled engines with
-    :meth:`use_engines`.
+    :meth:`use_engines`. The DiT is switched to :func:`~cao2_fast.models.dit.fast_kernels` for the device (on CPU:
+    the sigmoid-form GELU and written-out attention; the same maths to float rounding).
     """
 
     def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "cpu",
