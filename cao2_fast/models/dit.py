@@ -170,13 +170,15 @@ class _SigmoidGelu(torch.autograd.Function):
 
 def gelu_tanh(x: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     """The DiT's tanh-approximate GELU in the given :class:`DiTKernels` form. The ``sigmoid`` form uses
-    :class:`_SigmoidGelu` under autograd in eager mode; traced (compile, export) or without gradients it is plain
-    ops, which a compiler fuses."""
+    :class:`_SigmoidGelu` under autograd in eager mode, plain ops under autograd while compiling (the compiler fuses
+    them and derives the backward), and two buffers updated in place without gradients."""
     if form == "tanh":
         return F.gelu(x, approximate="tanh")
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and x.requires_grad:
+        if torch.compiler.is_compiling():
+            return x * torch.sigmoid(x * (_GELU_A + _GELU_B * x * x))
         return _SigmoidGelu.apply(x)
-    return x * torch.sigmoid(x * (_GELU_A + _GELU_B * x * x))
+    return torch.mul(x, x).mul_(_GELU_B).add_(_GELU_A).mul_(x).sigmoid_().mul_(x)
 
 
 def fast_kernels(device) -> DiTKernels:
