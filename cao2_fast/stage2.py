@@ -111,9 +111,16 @@ def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, n
     ``timestep_mode``: ``official`` tells the DiT the raw respaced index t (the released quirk), ``consistent`` the
     original timestep that matches ᾱ_t. ``dtype`` is the DiT's compute dtype; x0, the loss and Adam stay float32.
     Each step runs the DiT forward, the loss gradient w.r.t. ε̂ in closed form, and one backward to x_t only (the
-    DiT's weights are frozen). All per-step randomness is pre-drawn and moved to the device once, so a step never
-    waits on the host; with ``cuda_graph`` the whole loop is captured once and replayed.
+    DiT's weights are frozen).
+
+    Every per-step input lives on the device before the first step: each image's pre-drawn timesteps and dropout
+    draws (B, steps), and the Adam scalars of every step (:func:`~cao2_fast.kernels.adam_schedule`). A step picks
+    its column with a step counter that is itself a device tensor, so a step never waits on the host and one step's
+    work is the same kernels with the same buffers at every step. With ``cuda_graph`` on CUDA, two steps run
+    eagerly (they warm up every kernel), the third is captured in a CUDA graph and the graph is replayed for the rest.
     """
+    from cao2_fast.kernels import adam_schedule
+
     device = torch.device(device)
     K = step_ops(ops or default_ops(device))
     b, c = x0.shape[0], x0.shape[1]
@@ -124,6 +131,8 @@ def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, n
     t_all = noise.t.to(device)
     tm_all = t_all if timestep_mode == "official" else diffusion.model_timesteps(t_all)
     drop_all = noise.drop.to(device) if label_dropout else None
+    adam_rows = adam_schedule(max(steps, 1), lr, device=device)
+    k_dev = torch.zeros(1, dtype=torch.long, device=device)  # the step counter every step reads and advances
     sqrt_ac = diffusion.sqrt_alphas_cumprod.float().to(device)
     sqrt_1m = diffusion.sqrt_one_minus_alphas_cumprod.float().to(device)
     first = torch.full((b,), float("nan"), device=device)
@@ -132,45 +141,75 @@ def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, n
     done = torch.zeros(b, dtype=torch.long, device=device)
     view = (-1,) + (1,) * (x.dim() - 1)
 
-    def step(k: int) -> None:
-        t = t_all[:, k]
+    def column(a: torch.Tensor) -> torch.Tensor:
+        return a.index_select(1, k_dev).squeeze(1)
+
+    def step(is_first: bool) -> None:
+        t = column(t_all)
         xt = K.noise(x, eps, t, sqrt_ac, sqrt_1m, out_dtype=dtype).requires_grad_(True)
         with torch.enable_grad():
-            eps_hat = dit(xt, tm_all[:, k], y, None if drop_all is None else drop_all[:, k])[:, :c]
+            eps_hat = dit(xt, column(tm_all), y, None if drop_all is None else column(drop_all))[:, :c]
         loss, g = K.loss_grad(eps, eps_hat.detach(), lam)
         (gx,) = torch.autograd.grad(eps_hat, xt, grad_outputs=g)
-        if k == 0:
+        if is_first:
             first.copy_(loss)
         ok = alive & torch.isfinite(loss) & torch.isfinite(gx).flatten(1).all(dim=1)
         last.copy_(torch.where(ok, loss, last))
         prev = (x.clone(), exp_avg.clone(), exp_avg_sq.clone())
         K.adam(x, torch.where(ok.view(view), gx, torch.zeros_like(gx)).contiguous(), sqrt_ac[t], exp_avg,
-               exp_avg_sq, k + 1, lr)
+               exp_avg_sq, adam_rows.index_select(0, k_dev).squeeze(0), lr)
         ok &= torch.isfinite(x).flatten(1).all(dim=1)
         for cur, old in zip((x, exp_avg, exp_avg_sq), prev):  # a stopped image keeps its last finite state
             cur.copy_(torch.where(ok.view(view), cur, old))
         alive.copy_(ok)
         done.add_(ok.long())
+        k_dev.add_(1)
 
-    captured = False
-    if cuda_graph and device.type == "cuda" and steps > 0:
-        try:
-            _run_captured(step, steps, (x, exp_avg, exp_avg_sq, first, last, alive, done))
-            captured = True
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as e:  # an op the graph cannot hold: the state was restored, run the plain loop
-            warnings.warn(f"stage 2: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); running the "
-                          "steps uncaptured", RuntimeWarning, stacklevel=2)
-        if captured and progress is not None:
-            for _ in range(steps):
-                progress()
-    if not captured:
-        for k in range(steps):
-            step(k)
-            if progress is not None:
-                progress()
+    def tick() -> None:
+        if progress is not None:
+            progress()
+
+    eager_from = 0
+    if cuda_graph and device.type == "cuda" and steps > 2:
+        graph = _capture_step(step)
+        if graph is not None:
+            for _ in range(2):
+                tick()
+            for _ in range(2, steps):
+                graph.replay()
+                tick()
+            torch.cuda.synchronize(device)
+            eager_from = steps
+        else:
+            eager_from = 2  # the two warm-up steps were real
+            for _ in range(2):
+                tick()
+    for k in range(eager_from, steps):
+        step(k == 0)
+        tick()
     return Stage2Result(x.detach().cpu(), first.cpu(), last.cpu(), done.cpu(), alive.cpu())
+
+
+def _capture_step(step: Callable[[bool], None]) -> torch.cuda.CUDAGraph | None:
+    """Run steps 0 and 1 for real on a side stream (the warm-up capture needs), then capture one step. Returns the
+    graph, or None (with a warning) when the step cannot be captured; out-of-memory propagates to the caller."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(True)
+        step(False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step(False)  # recorded, not run: the state and the step counter are as the warm-up left them
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        warnings.warn(f"stage 2: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); running the remaining "
+                      "steps uncaptured", RuntimeWarning, stacklevel=3)
+        return None
+    return graph
 
 
 def halve_on_oom(fn: Callable[[int], T], batch: int, log: Callable[[str], None] | None = None) -> tuple[int, T]:
@@ -188,34 +227,3 @@ def halve_on_oom(fn: Callable[[int], T], batch: int, log: Callable[[str], None] 
             batch //= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-def _run_captured(step: Callable[[int], None], steps: int, state: tuple[torch.Tensor, ...]) -> None:
-    """Capture all ``steps`` in one CUDA graph and replay it once. Warm-up runs on a side stream against a saved
-    copy of ``state``, which is restored before capture (capture does not execute) and again if anything fails, so
-    both the replay and a caller's fallback start from the caller's state."""
-    saved = [s.clone() for s in state]
-
-    def restore():
-        for s, v in zip(state, saved):
-            s.copy_(v)
-
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for k in range(min(2, steps)):
-                step(k)
-        torch.cuda.current_stream().wait_stream(side)
-        restore()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for k in range(steps):
-                step(k)
-    except BaseException:
-        torch.cuda.synchronize()
-        restore()
-        raise
-    restore()  # nothing ran during capture; this only guards the replay's starting point
-    graph.replay()
-    torch.cuda.synchronize()

@@ -25,7 +25,7 @@ class EngineSettings:
     compile_dynamic: ``torch.compile``'s ``dynamic``: None recompiles once for a second batch size and then
         generalises, False specialises on every batch size (what CUDA graphs want), True starts dynamic.
     stage2_compile_mode: mode of the stage-2 DiT (forward and backward). ``default`` keeps CUDA graphs out of
-        autograd; stage 2 can capture its whole step loop itself.
+        autograd; stage 2 captures its own step in a CUDA graph and replays it.
     opset: ONNX opset; None takes the exporter's default (recorded in the cache metadata).
     trt_workspace_gb: TensorRT builder scratch memory; more lets it consider more tactics.
     trt_optimization_level: TensorRT builder optimisation level 0-5 (3 is TensorRT's default; 5 builds slowest).

@@ -22,6 +22,7 @@ _EXPORTS = {
     "latent_loss_grad_reference": "latent_loss",
     "latent_adam_step_": "latent_adam",
     "latent_adam_step_reference": "latent_adam",
+    "adam_schedule": "latent_adam",
 }
 
 __all__ = ["triton_available", *_EXPORTS]

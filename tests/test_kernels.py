@@ -204,3 +204,31 @@ def test_latent_adam_rejects_bad_step_and_non_contiguous_state(gen):
     with pytest.raises(ValueError, match="contiguous"):
         latent_adam_step_(x0, torch.zeros_like(x0), torch.ones(2, device=DEVICE), bad, torch.zeros_like(x0),
                           step=1, lr=1e-3)
+
+
+@pytest.mark.parametrize("shape,block", SHAPES[:2])
+def test_latent_adam_reads_its_step_from_a_schedule_row_as_from_an_int(shape, block, gen):
+    """The form a CUDA graph replays: the step's scalars read from a device-resident adam_schedule row."""
+    from cao2_fast.kernels import adam_schedule
+
+    lr, steps, betas = 1e-2, 5, (0.9, 0.999)
+    sqrt_ac, _ = schedule()
+    table = adam_schedule(steps, lr, *betas, device=DEVICE)
+    assert table.shape == (steps, 2) and table.dtype == torch.float32
+    assert table[0, 0].item() == pytest.approx(-lr / (1 - betas[0]), rel=1e-6)
+    assert table[2, 1].item() == pytest.approx((1 - betas[1] ** 3) ** 0.5, rel=1e-6)
+    x0 = randn(shape, gen)
+    runs = {name: [x0.clone(), torch.zeros_like(x0), torch.zeros_like(x0)] for name in ("int", "row", "ref_row")}
+    for step in range(1, steps + 1):
+        t = torch.randint(1, 12, (shape[0],), generator=gen).to(DEVICE)
+        grad_xt = randn(shape, gen)
+        latent_adam_step_(*runs["int"][:1], grad_xt, sqrt_ac[t], *runs["int"][1:], step, lr, block=block)
+        latent_adam_step_(*runs["row"][:1], grad_xt, sqrt_ac[t], *runs["row"][1:], table[step - 1], lr, block=block)
+        latent_adam_step_reference(*runs["ref_row"][:1], grad_xt, sqrt_ac[t], *runs["ref_row"][1:], table[step - 1],
+                                   lr)
+    for name in ("row", "ref_row"):
+        for ours, want in zip(runs[name], runs["int"]):
+            assert_close(ours, want)
+    assert (runs["int"][0] - x0).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="adam_schedule"):
+        latent_adam_step_(x0, x0, sqrt_ac[:shape[0]], torch.zeros_like(x0), torch.zeros_like(x0), table[:, 0], lr)
