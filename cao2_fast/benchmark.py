@@ -67,16 +67,32 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int = 1) -> float:
-    """Median wall time of ``repeats`` runs: one slow run on a shared machine does not move it."""
-    times = []
+def _timed(fn, device) -> float:
+    """Wall time of one run of ``fn``, synchronising the device before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _timed_pair(ref, fast, device, repeats: int) -> tuple[float, float]:
+    """Median wall times of ``ref`` and ``fast``, timed alternately (ref, fast, ref, fast, ...): a shared machine
+    that slows down or speeds up during the measurement moves both paths alike, not their ratio."""
+    times = ([], [])
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+        for fn, out in zip((ref, fast), times):
+            out.append(_timed(fn, device))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _peak_of(fn, device) -> float:
+    """Peak device memory of one more run of ``fn`` (CUDA); on CPU the process's peak RSS so far."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        torch.cuda.synchronize()
+    return _peak_memory(device)
 
 
 def _peak_memory(device) -> float:
@@ -160,11 +176,6 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
             with torch.no_grad():
                 s.classifier(s.vae.decode(z))
 
-    ref_stage1()  # warm-up
-    torch.cuda.reset_peak_memory_stats() if on_cuda else None
-    t_ref1 = _timed(ref_stage1, device, repeats)
-    mem_ref1 = _peak_memory(device)
-
     fast_dit = _copy_model(s.dit, dev, fdt).set_kernels(fast_kernels(dev))
     vae_f = _copy_model(s.vae, dev, fdt)
     clf_f = _copy_model(s.classifier, dev, fdt)
@@ -177,10 +188,10 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
                                 s.guidance_scale, 3, dev, fdt, batch=len(labels))
             stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
 
+    ref_stage1()  # warm-ups
     fast_stage1()
-    torch.cuda.reset_peak_memory_stats() if on_cuda else None
-    t_fast1 = _timed(fast_stage1, device, repeats)
-    mem_fast1 = _peak_memory(device)
+    t_ref1, t_fast1 = _timed_pair(ref_stage1, fast_stage1, device, repeats)
+    mem_ref1, mem_fast1 = _peak_of(ref_stage1, device), _peak_of(fast_stage1, device)
     n1 = classes * n_cand
     full = 50 / steps1  # normalise to 50 sampling steps per candidate
     flop1 = 50 * 2 * flop_fwd  # per candidate (guided: 2 forwards per step)
@@ -198,20 +209,18 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     y_null = torch.full((ref_images,), cfg.num_classes)
     run_ref2 = lambda: reference.stage2(ref_dit, diffusion, x0, y_null, nz2, steps2, 6e-4, 10.0, "official", False,  # noqa: E731
                                         dev, weight_grads=True)
-    run_ref2()
-    torch.cuda.reset_peak_memory_stats() if on_cuda else None
-    t_ref2 = _timed(run_ref2, device, repeats)
-    mem_ref2 = _peak_memory(device)
+    run_ref2()  # warm-up
     dit2, compile_s = fast_dit, None
     if compile_stage2:  # the compiled stage-2 engine; its compile time is measured on the warm-up and kept apart
         from .engines import stage2_engine
 
         dit2 = stage2_engine("compile", fast_dit, dev, fast_dtype)
-    batch2, t_fast2, mem_fast2, warm_s = _fast_stage2(dit2, diffusion, latent, steps2, fast_batch, dev, fdt, g, cfg,
-                                                      ops, on_cuda if cuda_graph is None else cuda_graph, repeats,
-                                                      log)
+    batch2, run_fast2, warm_s = _fast_stage2(dit2, diffusion, latent, steps2, fast_batch, dev, fdt, g, cfg, ops,
+                                             on_cuda if cuda_graph is None else cuda_graph, log)
     if compile_stage2:
         compile_s = warm_s
+    t_ref2, t_fast2 = _timed_pair(run_ref2, run_fast2, device, repeats)
+    mem_ref2, mem_fast2 = _peak_of(run_ref2, device), _peak_of(run_fast2, device)
     flop2 = 2 * flop_fwd
     for path, t, n, mem, dt_name, batch in (("reference", t_ref2, ref_images * steps2, mem_ref2, "float32", 1),
                                             ("fast", t_fast2, batch2 * steps2, mem_fast2, fast_dtype, batch2)):
@@ -241,9 +250,9 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     return rows
 
 
-def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, cuda_graph, repeats, log):
-    """Time the batched stage 2; ``batch=None`` starts at 256 (CUDA) or 64 (CPU) and halves on out-of-memory.
-    Returns (batch, seconds of the timed run, peak memory, seconds of the warm-up run)."""
+def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, cuda_graph, log):
+    """The batched stage 2 at the largest batch that runs: ``batch=None`` starts at 256 (CUDA) or 64 (CPU) and
+    halves on out-of-memory. Returns (batch, the warmed-up run, seconds of the warm-up run)."""
 
     def attempt(b: int):
         x0 = torch.randn(b, *latent, generator=g)
@@ -254,13 +263,10 @@ def _fast_stage2(dit, diffusion, latent, steps, batch, dev, dtype, g, cfg, ops, 
             stage2.optimize(lambda *a: dit(*a), diffusion, x0, y, nz, steps, 6e-4, 10.0, "official", False, dev,
                             dtype, ops=ops, cuda_graph=cuda_graph)
 
-        warm = _timed(run, dev)  # warm-up (includes any compilation)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        return _timed(run, dev, repeats), _peak_memory(dev), warm
+        return run, _timed(run, dev)  # the warm-up includes any compilation
 
-    b, (t, mem, warm) = stage2.halve_on_oom(attempt, batch or (256 if dev.type == "cuda" else 64), log)
-    return b, t, mem, warm
+    b, (run, warm) = stage2.halve_on_oom(attempt, batch or (256 if dev.type == "cuda" else 64), log)
+    return b, run, warm
 
 
 def _copy_model(m, dev, dtype):

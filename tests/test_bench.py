@@ -72,3 +72,21 @@ def test_bench_rejects_bad_input_in_one_line(args, message, capsys, tmp_path):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "b").exists()
+
+
+def test_paths_are_timed_alternately_and_the_medians_reported(monkeypatch):
+    from cao2_fast import benchmark
+
+    order = []
+    fake = {"ref": [5.0, 1.0, 3.0], "fast": [0.2, 0.4, 9.0]}
+    monkeypatch.setattr(benchmark, "_timed", lambda fn, device: fn())
+
+    def path(name):
+        def run():
+            order.append(name)
+            return fake[name][sum(o == name for o in order) - 1]
+        return run
+
+    t_ref, t_fast = benchmark._timed_pair(path("ref"), path("fast"), "cpu", 3)
+    assert order == ["ref", "fast"] * 3
+    assert (t_ref, t_fast) == (3.0, 0.4)

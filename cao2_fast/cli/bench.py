@@ -47,7 +47,7 @@ def bench(
     ops: Annotated[str | None, typer.Option(help="Stage-2 step ops: torch or triton (default: triton on CUDA).")] = None,
     compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the JSON rows and the chart.")] = Path("bench/results"),
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement; the median is reported.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.")] = 3,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths (default: torch's).")] = None,
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
