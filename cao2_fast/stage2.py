@@ -172,18 +172,15 @@ def optimize(dit: Fn, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, n
     eager_from = 0
     if cuda_graph and device.type == "cuda" and steps > 2:
         graph = _capture_step(step)
+        tick()
+        tick()
+        eager_from = 2  # the two warm-up steps were real
         if graph is not None:
-            for _ in range(2):
-                tick()
             for _ in range(2, steps):
                 graph.replay()
                 tick()
             torch.cuda.synchronize(device)
             eager_from = steps
-        else:
-            eager_from = 2  # the two warm-up steps were real
-            for _ in range(2):
-                tick()
     for k in range(eager_from, steps):
         step(k == 0)
         tick()

@@ -151,8 +151,8 @@ RELEASED_KERNELS = DiTKernels()
 
 
 class _SigmoidGelu(torch.autograd.Function):
-    """tanh-GELU as x·σ(u) with a hand-written backward: a few in-place passes instead of torch's CPU tanh kernels,
-    which are the slowest elementwise op of a small DiT on CPU. Saves x and σ(u) for the backward."""
+    """tanh-GELU as x·σ(u) with a hand-written backward of a few in-place passes (see :class:`DiTKernels`).
+    Saves x and σ(u) for the backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
