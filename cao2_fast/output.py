@@ -3,13 +3,18 @@
 Layout::
 
     <out>/<class>/<index>.png       the distilled images (what ImageFolder reads)
-    <out>/<class>/.complete.json    the class's manifest part; written last, it marks the class complete
+    <out>/<class>/.complete.json    the class's manifest part (checksums, records, stage-1 thumbnails)
     <out>/manifest.json             merged from the parts when every class is complete
     <out>/contact_sheet.png         one row per class: stage-1 pick beside its stage-2 result
+    <out>/.cao2-lock                advisory locks, one byte per class (two runs on one folder share the work)
 
-Every file is written to a temporary name in the same folder and renamed into place, so a reader (or a re-run after a
-crash) never sees half a file. A class counts as complete only if its marker exists, carries the run's config
-fingerprint, and every image's SHA-256 matches.
+A class is written into a hidden staging folder (``.cao2-partial-<class>``) and renamed into place once its images
+and marker are on disk, so a reader never sees a partial class; every file is written to a temporary name and
+renamed. A class counts as complete only if its folder holds exactly the IPC images its marker records, each with
+its SHA-256, the marker carries the run's config fingerprint, and nothing else is there.
+
+cao2-fast deletes only what it wrote (see :class:`ClassFolder` and :func:`scan`): a folder holding anything else is
+refused before any work, ``--overwrite`` included. Every JSON file is strict JSON (no bare NaN).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import hashlib
 import io
 import json
 import os
-import shutil
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,8 @@ from .fileio import atomic_write
 MARKER = ".complete.json"
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
+PARTIAL_PREFIX = ".cao2-partial-"
+LOCK_FILE = ".cao2-lock"
 THUMB_MAX = 64
 
 
@@ -61,82 +69,202 @@ def thumbnail_b64(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_class(out: Path, class_name: str, images: np.ndarray, stage1_images: np.ndarray, records: list[dict],
-                fingerprint: str) -> None:
-    """Write one class's images, then its marker (with checksums and stage-1 thumbnails for the contact sheet)."""
-    folder = out / class_name
-    clear_class(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (arr, rec) in enumerate(zip(images, records)):
-        data = png_bytes(arr)
-        atomic_write(folder / f"{i}.png", data)
-        rec["file"] = f"{class_name}/{i}.png"
-        rec["sha256"] = sha256(data)
-    part = {
-        "fingerprint": fingerprint,
-        "class_name": class_name,
-        "images": records,
-        "stage1_thumbnails": [thumbnail_b64(a) for a in stage1_images],
-    }
-    atomic_write(folder / MARKER, json.dumps(part, indent=1, sort_keys=True).encode())
+def dumps(obj) -> bytes:
+    """Strict JSON (no bare NaN/Infinity: a non-finite number reaching here is a bug, so it raises)."""
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode()
 
 
-def clear_class(folder: Path) -> None:
-    """Remove what a previous, incomplete attempt left in a class folder."""
-    if folder.is_dir():
-        shutil.rmtree(folder)
+# -- what is ours --------------------------------------------------------------------------------------------------
+#
+# cao2-fast deletes only what it wrote: the files a class marker of ours records (and the marker), its own temporary
+# names, its hidden staging folders and lock files, the manifest and the contact sheet. Everything else in an output
+# folder is foreign, and a folder holding anything foreign is refused before any work, with or without --overwrite.
+
+_ROOT_TMP = re.compile(r"^\.(manifest\.json|contact_sheet\.png)\.\w+\.tmp$")
+_CLASS_TMP = re.compile(r"^\.((0|[1-9]\d*)\.png|\.complete\.json)\.\w+\.tmp$")
+_INDEX_PNG = re.compile(r"^(0|[1-9]\d*)\.png$")
 
 
-def read_complete(out: Path, class_name: str, fingerprint: str) -> dict | None:
-    """The class's manifest part if the class is complete under ``fingerprint`` with intact files, else None."""
-    marker = out / class_name / MARKER
+def parse_marker(path: Path) -> dict | None:
+    """A class marker as written by :func:`write_class`, or None if it is unreadable or malformed."""
     try:
-        part = json.loads(marker.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        part = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    if part.get("fingerprint") != fingerprint:
+    if not (isinstance(part, dict) and isinstance(part.get("fingerprint"), str)
+            and isinstance(part.get("class_name"), str) and isinstance(part.get("images"), list)
+            and isinstance(part.get("stage1_thumbnails", []), list)):
         return None
-    for rec in part.get("images", []):
-        f = out / rec["file"]
-        if not f.is_file() or sha256(f.read_bytes()) != rec["sha256"]:
+    for rec in part["images"]:
+        if not (isinstance(rec, dict) and isinstance(rec.get("file"), str) and isinstance(rec.get("sha256"), str)
+                and _INDEX_PNG.match(Path(rec["file"]).name) and Path(rec["file"]).parent.name == path.parent.name):
             return None
     return part
 
 
-def foreign_fingerprint(out: Path, fingerprint: str) -> str | None:
-    """A fingerprint other than ``fingerprint`` found in the folder's manifest or class markers, if any."""
-    if not out.is_dir():
+@dataclass
+class ClassFolder:
+    """One class folder (or staging folder) as found on disk."""
+
+    path: Path
+    part: dict | None  # the parsed marker; None if absent or damaged
+    has_marker: bool
+    ours: list[Path]  # files cao2-fast wrote here (safe to delete)
+    foreign: list[Path]  # anything else
+
+    @classmethod
+    def scan(cls, path: Path, ipc: int | None = None, staging: bool = False) -> "ClassFolder":
+        """Sort ``path``'s files. In a staging folder (our hidden name) every index-named image is ours."""
+        marker = path / MARKER
+        has_marker = marker.is_file()
+        part = parse_marker(marker) if has_marker else None
+        recorded = {Path(r["file"]).name for r in part["images"]} if part else set()
+        ours, foreign = [], []
+        for f in sorted(path.iterdir()):
+            name = f.name
+            if f.is_file() and not f.is_symlink() and (
+                    name == MARKER and has_marker or name in recorded or _CLASS_TMP.match(name)
+                    or (staging and _INDEX_PNG.match(name))
+                    # a damaged marker records nothing readable: its index-named images are still ours
+                    or (has_marker and part is None and _INDEX_PNG.match(name) and ipc is not None
+                        and int(name.split(".")[0]) < ipc)):
+                ours.append(f)
+            else:
+                foreign.append(f)
+        return cls(path, part, has_marker, ours, foreign)
+
+    def problem(self, fingerprint: str, ipc: int) -> str | None:
+        """None if the class is complete under ``fingerprint``: an intact marker of this config recording exactly
+        ``ipc`` images, each present with its checksum, and nothing else in the folder. Else what is wrong."""
+        if not self.has_marker:
+            return "no marker"
+        if self.part is None:
+            return "damaged marker"
+        if self.part["fingerprint"] != fingerprint:
+            return "other config"
+        if self.part["class_name"] != self.path.name or len(self.part["images"]) != ipc:
+            return "marker does not match the class"
+        if self.foreign:
+            return "foreign files"
+        if len(self.ours) != ipc + 1:
+            return "extra files"
+        for rec in self.part["images"]:
+            f = self.path / Path(rec["file"]).name
+            if not f.is_file() or sha256(f.read_bytes()) != rec["sha256"]:
+                return "image missing or changed"
         return None
-    manifest = out / MANIFEST
-    if manifest.is_file():
+
+    def remove_ours(self) -> None:
+        """Delete our files, then the folder if that left it empty."""
+        for f in self.ours:
+            f.unlink(missing_ok=True)
         try:
-            fp = json.loads(manifest.read_text())["config"]["fingerprint"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            fp = "unreadable"
-        if fp != fingerprint:
-            return fp
-    for marker in out.glob(f"*/{MARKER}"):
-        try:
-            fp = json.loads(marker.read_text()).get("fingerprint")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a damaged marker only makes its class incomplete
-        if fp != fingerprint:
-            return fp
-    return None
+            self.path.rmdir()
+        except OSError:
+            pass
 
 
-def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
-    """Refuse to mix into a folder made with a different config (unless ``overwrite``), and check it is writable."""
+def partial_dir(out: Path, class_name: str) -> Path:
+    """The hidden folder a class is written into before it is renamed into place."""
+    return out / f"{PARTIAL_PREFIX}{class_name}"
+
+
+@dataclass
+class Scan:
+    """An output folder sorted into what is ours and what is not."""
+
+    classes: dict[str, ClassFolder]  # visible class folders of ours (they hold a marker)
+    partial: list[ClassFolder]  # hidden staging folders left by an interrupted write
+    files: list[Path]  # our root files: manifest, contact sheet, temporaries, locks
+    foreign: list[Path]
+    manifest_fingerprint: str | None  # None: no manifest; "damaged": ours but unreadable
+
+    def other_fingerprints(self, fingerprint: str, names: set[str]) -> set[str]:
+        fps = {c.part["fingerprint"] for c in self.classes.values() if c.part is not None}
+        fps |= {"damaged" for n, c in self.classes.items() if c.part is None and n not in names}
+        fps |= {"unknown" for c in self.partial if c.path.name[len(PARTIAL_PREFIX):] not in names}
+        if self.manifest_fingerprint not in (None, "damaged"):
+            fps.add(self.manifest_fingerprint)
+        return fps - {fingerprint}
+
+
+def scan(out: Path, class_names, ipc: int) -> Scan:
+    names = set(class_names)
+    classes, partial, files, foreign = {}, [], [], []
+    manifest_fp = None
+    if not out.is_dir():
+        return Scan(classes, partial, files, foreign, manifest_fp)
+    pending_root = []  # manifest / contact sheet: ours only if the folder holds something else of ours
+    for e in sorted(out.iterdir()):
+        name = e.name
+        if e.is_symlink():
+            foreign.append(e)
+        elif e.is_dir() and name.startswith(PARTIAL_PREFIX):
+            f = ClassFolder.scan(e, ipc, staging=True)
+            (partial.append(f) if not f.foreign else foreign.extend(f.foreign))
+        elif e.is_dir():
+            f = ClassFolder.scan(e, ipc)
+            if f.has_marker:
+                classes[name] = f
+                foreign.extend(f.foreign)
+            elif f.foreign or name not in names:
+                foreign.extend(f.foreign or [e])  # a folder we did not write (an empty one of our names is harmless)
+        elif e.is_file() and (_ROOT_TMP.match(name) or name == LOCK_FILE):
+            files.append(e)
+        elif e.is_file() and name in (MANIFEST, CONTACT_SHEET):
+            pending_root.append(e)
+        else:
+            foreign.append(e)
+    for e in pending_root:
+        if e.name == MANIFEST:
+            try:
+                m = json.loads(e.read_text())
+                manifest_fp = m["config"]["fingerprint"] if isinstance(m, dict) else None
+                if not isinstance(manifest_fp, str):
+                    raise TypeError
+            except (OSError, ValueError):  # unreadable: ours (damaged) if the rest of the folder is ours
+                manifest_fp = "damaged" if classes else None
+            except (KeyError, TypeError):
+                manifest_fp = None
+            if manifest_fp is None:
+                foreign.append(e)
+                continue
+        elif not (classes or manifest_fp):
+            foreign.append(e)
+            continue
+        files.append(e)
+    return Scan(classes, partial, files, foreign, manifest_fp)
+
+
+def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwrite: bool) -> Scan:
+    """Make ``out`` ready for a run: refuse a folder holding anything cao2-fast did not write, refuse one made with
+    another config unless ``overwrite`` (which removes only our files), drop what an interrupted run left (its
+    temporaries and staging folders), and check the folder is writable. Returns the scan it acted on."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    other = foreign_fingerprint(out, fingerprint)
-    if other is not None:
+    try:
+        found = scan(out, class_names, ipc)
+    except OSError as e:
+        raise UserError(f"{out}: cannot read the output folder ({e.strerror or e})") from None
+    if found.foreign:
+        shown = ", ".join(str(p.relative_to(out)) for p in found.foreign[:3])
+        more = f" and {len(found.foreign) - 3} more" if len(found.foreign) > 3 else ""
+        raise UserError(f"{out}: holds files cao2-fast did not write ({shown}{more}); it deletes only its own "
+                        f"files, so move them away or choose another --out")
+    other = found.other_fingerprints(fingerprint, set(class_names))
+    if other:
         if not overwrite:
-            raise UserError(f"{out}: holds a distilled set made with a different config (fingerprint {other}, this run "
-                            f"{fingerprint}); pass --overwrite to replace it or choose another --out")
-        shutil.rmtree(out)
-    for stale in out.glob(".*.tmp") if out.is_dir() else []:  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+            raise UserError(f"{out}: holds a distilled set made with a different config (fingerprint "
+                            f"{sorted(other)[0]}, this run {fingerprint}); pass --overwrite to replace it or choose "
+                            f"another --out")
+        for c in [*found.classes.values(), *found.partial]:
+            c.remove_ours()
+        for f in found.files:
+            if f.name != LOCK_FILE:
+                f.unlink(missing_ok=True)
+    for f in found.files:  # a temporary left by a process killed mid-write
+        if _ROOT_TMP.match(f.name):
+            f.unlink(missing_ok=True)
     parent = out if out.exists() else _existing_parent(out)
     try:  # a real write, not os.access: permissions, read-only mounts and a file in the path all show up here
         fd, probe = tempfile.mkstemp(prefix=".cao2-probe-", dir=parent)
@@ -144,6 +272,7 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"{out}: output folder is not writable ({e.strerror or e} at {parent})") from None
+    return found
 
 
 def _existing_parent(p: Path) -> Path:
@@ -151,6 +280,131 @@ def _existing_parent(p: Path) -> Path:
     while not p.exists():
         p = p.parent
     return p
+
+
+# -- one class ---------------------------------------------------------------------------------------------------
+
+
+def write_class(out: Path, class_name: str, images: np.ndarray, stage1_images: np.ndarray, records: list[dict],
+                fingerprint: str, extra: dict | None = None) -> dict:
+    """Write one class: its images and marker go into a hidden staging folder, which is renamed into place once
+    complete, so a reader never sees a partial class. A previous attempt of ours at the same class is replaced; a
+    class folder holding anything we did not write is refused. On any error our partial files are removed.
+
+    Callers hold the class's lock (:class:`FolderLock`). Returns the class's manifest part."""
+    final = out / class_name
+    staging = partial_dir(out, class_name)
+    out.mkdir(parents=True, exist_ok=True)
+    if staging.exists():
+        _remove_staging(staging)
+    staging.mkdir()
+    try:
+        for i, (arr, rec) in enumerate(zip(images, records)):
+            data = png_bytes(arr)
+            atomic_write(staging / f"{i}.png", data)
+            rec["file"] = f"{class_name}/{i}.png"
+            rec["sha256"] = sha256(data)
+        part = {"fingerprint": fingerprint, "class_name": class_name, "images": records,
+                "stage1_thumbnails": [thumbnail_b64(a) for a in stage1_images], **(extra or {})}
+        atomic_write(staging / MARKER, dumps(part))
+        if final.exists():
+            old = ClassFolder.scan(final, len(records))
+            if old.foreign:
+                raise UserError(f"{final}: holds files cao2-fast did not write ({old.foreign[0].name}); move them "
+                                "away and re-run")
+            old.remove_ours()
+        os.rename(staging, final)
+        _fsync_dir(out)
+    except BaseException:
+        if staging.exists():
+            _remove_staging(staging)
+        raise
+    return part
+
+
+def _remove_staging(staging: Path) -> None:
+    left = ClassFolder.scan(staging, staging=True)
+    left.remove_ours()
+    if left.foreign:
+        raise UserError(f"{staging}: holds files cao2-fast did not write ({left.foreign[0].name}); move them away")
+
+
+def read_complete(out: Path, class_name: str, fingerprint: str, ipc: int) -> dict | None:
+    """The class's manifest part if the class is complete under ``fingerprint`` (see :meth:`ClassFolder.problem`),
+    else None."""
+    folder = out / class_name
+    if not folder.is_dir() or folder.is_symlink():
+        return None
+    try:
+        f = ClassFolder.scan(folder, ipc)
+        return f.part if f.problem(fingerprint, ipc) is None else None
+    except OSError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- locks ---------------------------------------------------------------------------------------------------------
+
+
+class FolderLock:
+    """Advisory locks on the classes of one output folder, so two runs on the same folder share the work instead of
+    both doing it. One lock file per folder (``.cao2-lock``, left in place: deleting a lock file another process
+    waits on would split the lock); class i of the config is byte i of it (POSIX record locks, ``lockf``). Record
+    locks belong to the process and closing any descriptor of the file drops them all, so a run keeps this one
+    descriptor open until :meth:`close`. Where ``fcntl`` is missing (not POSIX), locking is a no-op."""
+
+    def __init__(self, out: Path, class_names):
+        self.index = {n: i for i, n in enumerate(class_names)}
+        try:
+            import fcntl
+        except ImportError:
+            self.fcntl, self.fh = None, None
+            return
+        self.fcntl = fcntl
+        self.fh = open(out / LOCK_FILE, "a")
+
+    def try_acquire(self, names) -> bool:
+        """Lock every class of ``names`` without waiting; all or none."""
+        if self.fh is None:
+            return True
+        taken = []
+        for name in names:
+            try:
+                self.fcntl.lockf(self.fh, self.fcntl.LOCK_EX | self.fcntl.LOCK_NB, 1, self.index[name])
+            except OSError:
+                self.release(taken)
+                return False
+            taken.append(name)
+        return True
+
+    def release(self, names) -> None:
+        if self.fh is None:
+            return
+        for name in names:
+            self.fcntl.lockf(self.fh, self.fcntl.LOCK_UN, 1, self.index[name])
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def contact_sheet(parts: list[dict], out: Path, per_row: int = 8) -> None:
@@ -187,6 +441,7 @@ def contact_sheet(parts: list[dict], out: Path, per_row: int = 8) -> None:
 
 def write_manifest(out: Path, header: dict, parts: list[dict]) -> dict:
     manifest = dict(header)
-    manifest["classes"] = [{"class_name": p["class_name"], "images": p["images"]} for p in parts]
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    manifest["classes"] = [{k: v for k, v in p.items() if k not in ("fingerprint", "stage1_thumbnails")}
+                           for p in parts]
+    atomic_write(out / MANIFEST, dumps(manifest))
     return manifest

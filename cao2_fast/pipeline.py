@@ -28,6 +28,8 @@ from .models.classifier import Classifier, load_classifier, parse_spec
 from .models.dit import DiT, fast_kernels, load_dit
 from .models.vae import VAE, load_vae
 
+LOCK_POLL_S = 0.5  # how often a run waiting for another run's classes looks again
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,6 +78,7 @@ class ClassResult:
     images: torch.Tensor  # after stage 2
     records: list[dict]
     candidate_accuracy: float
+    failure: str | None = None  # why the class cannot be written (e.g. too few finite candidates); None if fine
 
 
 class Distiller:
@@ -94,6 +97,8 @@ class Distiller:
         self.dtype = DTYPES[config.dtype]
         self.progress = progress
         self.log: Callable[[str], None] | None = None  # where notes such as a halved stage-2 batch go (run sets it)
+        self.engines = {"stage1": "eager", "stage2": "eager"}  # recorded in each class marker (use_engines sets it)
+        self.last_run: dict = {}  # what the last ``run`` did in this process (see ``run``)
         self.diffusion = Diffusion.create(respacing=config.sample_steps)
         self.latent_shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
         self.classifier.normalize = config.recipe.classifier_normalize
@@ -191,6 +196,7 @@ class Distiller:
         built["stage2"] = stage2_engine(stage2, self.dit, self.device, cfg.dtype, settings)
         self.stage1_dit, self.stage1_decode, self.stage1_classify = built["dit"], built["vae_decode"], built["classifier"]
         self._dit_call = built["stage2"]
+        self.engines = {"stage1": engine, "stage2": built["stage2"].backend.name}
         return built
 
     # -- the stages on tensors -------------------------------------------------------------------------------------
@@ -301,7 +307,11 @@ class Distiller:
         """Distill into ``out``: skip complete classes, redo incomplete ones, merge the manifest on rank 0.
 
         Classes are scheduled in groups (see ``DistillConfig.classes_per_group``) and group g runs on rank
-        g mod world_size, so every class sees the same batches however many ranks share the job.
+        g mod world_size, so every class sees the same batches however many ranks share the job. A group is worked
+        on under advisory locks of its classes: a second run on the same folder does the groups nobody holds and
+        waits for the rest. A class whose stage 1 cannot fill IPC with finite candidates fails alone: the other
+        classes are written, then the run raises one ``UserError`` naming it. ``self.last_run`` counts what this
+        process did (``distilled``, ``already_complete``).
         """
         cfg = self.config
         out = Path(out)
@@ -309,46 +319,91 @@ class Distiller:
         if log is not None:
             self.log = log
         if rank == 0:
-            output.check_output_dir(out, fp, overwrite)
+            output.check_output_dir(out, fp, cfg.class_names, cfg.ipc, overwrite)
+            out.mkdir(parents=True, exist_ok=True)
         if barrier is not None:
             barrier()
         names = dict(zip(cfg.class_ids, cfg.class_names))
         mine = [g for i, g in enumerate(self.groups()) if i % world_size == rank]
-        todo = [g for g in mine if any(output.read_complete(out, names[c], fp) is None for c in g)]
+        todo = [g for g in mine if not self._complete(out, g)]
+        self.last_run = {"distilled": 0, "already_complete": sum(map(len, mine)) - sum(map(len, todo))}
+        failed: dict[int, str] = {}
         t0 = time.perf_counter()
         bars = self._bars(out, fp, names, todo)
         try:
-            for group in todo:
-                for r in self.distill(group, bars):
-                    if output.read_complete(out, r.class_name, fp) is not None:
-                        continue
-                    for rec in r.records:
-                        rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
-                    try:
-                        output.write_class(out, r.class_name, output.to_uint8(r.images),
-                                           output.to_uint8(r.stage1_images), r.records, fp)
-                    except OSError as e:
-                        raise UserError(f"{out / r.class_name}: cannot write ({e.strerror or e}); classes already "
-                                        f"complete are kept, re-run the same command to resume") from None
-                    if "classes" in bars:
-                        bars["classes"].update(1)
+            with output.FolderLock(out, cfg.class_names) as lock:
+                pending, said = list(todo), False
+                while pending:
+                    progressed = False
+                    for group in list(pending):
+                        group_names = [names[c] for c in group]
+                        if not lock.try_acquire(group_names):
+                            continue
+                        try:
+                            pending.remove(group)
+                            progressed = True
+                            if self._complete(out, group):  # finished meanwhile by another run on this folder
+                                self.last_run["already_complete"] += len(group)
+                                continue
+                            self._write_group(out, group, fp, bars, failed)
+                        finally:
+                            lock.release(group_names)
+                    if pending and not progressed:
+                        if not said and self.log:
+                            busy = ", ".join(names[c] for g in pending for c in g)
+                            self.log(f"another cao2-fast run is working on classes {busy} in {out}; waiting for it")
+                            said = True
+                        time.sleep(LOCK_POLL_S)
         finally:
             for b in bars.values():
                 b.close()
-        if log:
-            log(f"rank {rank}: {sum(map(len, todo))} classes distilled in {time.perf_counter() - t0:.1f} s")
+        if self.log:
+            self.log(f"rank {rank}: {self.last_run['distilled']} classes distilled in "
+                     f"{time.perf_counter() - t0:.1f} s")
         if barrier is not None:
             barrier()
+        if failed:
+            first = next(iter(failed))
+            raise UserError(f"class {first} ({names[first]}): {failed[first]}"
+                            + (f" (and {len(failed) - 1} more classes)" if len(failed) > 1 else "")
+                            + "; the other classes are written, re-run the same command after fixing it")
         if rank != 0:
             return None
         return self.merge(out)
 
+    def _complete(self, out: Path, group: list[int]) -> bool:
+        cfg = self.config
+        names = dict(zip(cfg.class_ids, cfg.class_names))
+        return all(output.read_complete(out, names[c], cfg.fingerprint(), cfg.ipc) is not None for c in group)
+
+    def _write_group(self, out: Path, group: list[int], fp: str, bars: dict, failed: dict[int, str]) -> None:
+        for r in self.distill(group, bars):
+            if r.failure is not None:
+                failed[r.class_id] = r.failure
+                if self.log:
+                    self.log(f"class {r.class_id} ({r.class_name}) failed: {r.failure}")
+                continue
+            if output.read_complete(out, r.class_name, fp, self.config.ipc) is not None:
+                continue  # complete already; it shared its group's batches with a class that was not
+            for rec in r.records:
+                rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
+            try:
+                output.write_class(out, r.class_name, output.to_uint8(r.images), output.to_uint8(r.stage1_images),
+                                   r.records, fp, extra={"engines": dict(self.engines)})
+            except OSError as e:
+                raise UserError(f"{out / r.class_name}: cannot write ({e.strerror or e}); classes already "
+                                f"complete are kept, re-run the same command to resume") from None
+            self.last_run["distilled"] += 1
+            if "classes" in bars:
+                bars["classes"].update(1)
+
     def merge(self, out: Path) -> dict:
+        """Write ``manifest.json`` and the contact sheet from the class markers (a damaged manifest is rebuilt)."""
         cfg = self.config
         fp = cfg.fingerprint()
         parts = []
         for c, name in zip(cfg.class_ids, cfg.class_names):
-            part = output.read_complete(out, name, fp)
+            part = output.read_complete(out, name, fp, cfg.ipc)
             if part is None:
                 raise UserError(f"{out / name}: class {c} is not complete; re-run the same command to finish it")
             parts.append(part)
@@ -357,15 +412,17 @@ class Distiller:
             "config": cfg.to_json(),
             "versions": versions(),
             "seed": cfg.seed,
+            "engines": sorted({json.dumps(p.get("engines"), sort_keys=True) for p in parts}),
             "summary": {
                 "classes": len(parts),
                 "images": sum(len(p["images"]) for p in parts),
-                "stage1_candidate_accuracy": round(float(np.mean(acc)), 6) if acc else None,
+                "stage1_candidate_accuracy": _mean(acc),
                 "mean_prob_before": _mean(r["prob_before"] for p in parts for r in p["images"]),
                 "mean_prob_after": _mean(r["prob_after"] for p in parts for r in p["images"]),
                 "stage2_stopped": sum(r["stage2_status"] != "ok" for p in parts for r in p["images"]),
             },
         }
+        header["engines"] = [json.loads(e) for e in header["engines"]]
         try:
             manifest = output.write_manifest(out, header, parts)
             output.contact_sheet(parts, out)
@@ -380,7 +437,7 @@ class Distiller:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        done = sum(output.read_complete(out, n, fp) is not None for n in cfg.class_names)
+        done = sum(output.read_complete(out, n, fp, cfg.ipc) is not None for n in cfg.class_names)
         return {
             "classes": _ClassBar(tqdm(total=len(cfg.class_ids), initial=done, desc="classes", unit="class",
                                       position=0), out),

@@ -39,7 +39,7 @@ def snapshot(folder):
 
 def test_layout_is_an_imagefolder_with_manifest_and_contact_sheet(finished):
     d, out, manifest = finished
-    assert sorted(os.listdir(out)) == ["0000", "0002", "0004", "contact_sheet.png", "manifest.json"]
+    assert sorted(os.listdir(out)) == [".cao2-lock", "0000", "0002", "0004", "contact_sheet.png", "manifest.json"]
     for name in ("0000", "0002", "0004"):
         assert sorted(p.name for p in (out / name).glob("*.png")) == ["0.png", "1.png"]
     from torchvision.datasets import ImageFolder
@@ -100,7 +100,8 @@ def test_rerun_skips_complete_classes_and_redoes_damaged_ones(finished, tmp_path
     untouched = target / "0000" / "0.png"
     mtime = untouched.stat().st_mtime_ns
     (target / "0002" / "1.png").write_bytes(b"garbage")  # damaged image: checksum mismatch
-    (target / "0004" / ".complete.json").unlink()  # interrupted before the marker
+    (target / "0004").rename(target / ".cao2-partial-0004")  # killed before the staged class was renamed into place
+    (target / ".cao2-partial-0004" / ".complete.json").unlink()
     (target / "manifest.json").unlink()
     d.run(target)
     assert snapshot(target) == before
@@ -162,12 +163,13 @@ def test_disk_full_keeps_finished_classes(tmp_path, monkeypatch):
         d.run(target)
     monkeypatch.setattr(output, "atomic_write", real)
     fp = d.config.fingerprint()
-    assert output.read_complete(target, "0000", fp) is not None
-    assert output.read_complete(target, "0002", fp) is not None
-    assert output.read_complete(target, "0004", fp) is None
+    assert output.read_complete(target, "0000", fp, 2) is not None
+    assert output.read_complete(target, "0002", fp, 2) is not None
+    assert not (target / "0004").exists()  # no partial class where an ImageFolder reader would see it
+    assert sorted(p.name for p in target.iterdir()) == [".cao2-lock", "0000", "0002"]  # nor a staging folder
     assert not (target / "manifest.json").exists()
     d.run(target)  # resumes
-    assert output.read_complete(target, "0004", fp) is not None and (target / "manifest.json").is_file()
+    assert output.read_complete(target, "0004", fp, 2) is not None and (target / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("where", ["file-in-path", "read-only-fs"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from .. import distributed
 from ..errors import UserError
 from .common import (Device, DeviceOpt, DType, EngineDirOpt, EngineName, EngineOpt, NoProgressOpt, OutOpt,
                      RecipeName, SeedOpt, Stage2EngineOpt, progress_enabled, resolve_device, set_threads)
@@ -57,27 +58,45 @@ Examples:
 """
 
 
+MAX_CLASS_IDS = 100_000  # far above any class-conditional DiT's class count; bounds what a typo can build
+
+
 def parse_classes(text: str) -> list[int]:
-    """``1,2,5-9`` or ``@file`` (one id per line) -> class ids."""
+    """``1,2,5-9`` or ``@file`` (one id per line) -> class ids. Only ASCII digits count (no ``1_0``, no other
+    scripts' digits), a range must not run backwards, and at most ``MAX_CLASS_IDS`` ids are built."""
     if text.startswith("@"):
         path = Path(text[1:])
         if not path.is_file():
             raise UserError(f"{path}: no such class list file (expected one class id per line)")
-        text = ",".join(line.strip() for line in path.read_text().splitlines() if line.strip())
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file (expected one class id per line)") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read the class list ({e.strerror or e})") from None
+        text = ",".join(line.strip() for line in lines if line.strip())
+    bad = UserError(f"--classes {text[:60]!r}: expected comma-separated class ids or ranges, e.g. 1,7,100-109")
     ids: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                ids.extend(range(int(a), int(b) + 1))
-            elif part:
-                ids.append(int(part))
-    except ValueError:
-        raise UserError(f"--classes {text!r}: expected comma-separated class ids or ranges, e.g. 1,7,100-109") from None
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = _RANGE.fullmatch(part)
+        if m is None:
+            raise bad
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise UserError(f"--classes {part!r}: the range runs backwards (write {b}-{a})")
+        if len(ids) + (b - a + 1) > MAX_CLASS_IDS:
+            raise UserError(f"--classes {text[:60]!r}: more than {MAX_CLASS_IDS} class ids")
+        ids.extend(range(a, b + 1))
     if not ids:
         raise UserError("--classes is empty")
     return ids
+
+
+_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
 
 
 @app.command(epilog=EXAMPLES)
@@ -112,6 +131,7 @@ def distill(
     engine: EngineOpt = EngineName.eager,
     stage2_engine: Stage2EngineOpt = None,
     engine_dir: EngineDirOpt = None,
+    rank_timeout: Annotated[float, typer.Option(help="Seconds a rank waits at a barrier for the others before it stops with an error naming the missing ranks (torchrun).")] = 1800.0,
 ) -> None:
     """Distill a dataset into IPC synthetic images per class (stage 1: sample + select, stage 2: optimise latents)."""
     from ..engines import check_engines
@@ -122,10 +142,12 @@ def distill(
     for name, value in (("--stage1-batch", stage1_batch), ("--stage2-batch", stage2_batch)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1 (got {value})")
+    if not rank_timeout > 0:
+        raise UserError(f"--rank-timeout must be positive (got {rank_timeout:g})")
     set_threads(threads)
     dev = resolve_device(device)
     check_engines(engine.value, stage2_engine.value if stage2_engine else None, dev, dtype.value)
-    state = _distributed_state(dev)
+    state = distributed.join(dev)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
     overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
                      sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
@@ -164,23 +186,22 @@ def distill(
         keep_freed_memory()
     distiller.to(dev)
     distiller.use_engines(engine.value, stage2_engine.value if stage2_engine else None, engine_dir)
-    barrier = state.wait_for_everyone if state and world > 1 else None
+    barrier = distributed.bounded_barrier(rank_timeout) if state and world > 1 else None
     manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
                              log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
     if manifest is not None:
         s = manifest["summary"]
-        print(f"wrote {s['images']} images of {s['classes']} classes to {out_dir} "
-              f"(stage-1 candidate accuracy {s['stage1_candidate_accuracy']:.3f}, "
-              f"p(class) {s['mean_prob_before']:.3f} -> {s['mean_prob_after']:.3f})")
+        done = distiller.last_run.get("distilled", 0)
+        if world == 1 and done == 0:
+            head = f"{s['classes']} classes already complete in {out_dir}, nothing to do"
+        else:
+            head = f"wrote {s['images']} images of {s['classes']} classes to {out_dir}"
+        print(f"{head} (stage-1 candidate accuracy {_fmt(s['stage1_candidate_accuracy'])}, "
+              f"p(class) {_fmt(s['mean_prob_before'])} -> {_fmt(s['mean_prob_after'])})")
 
 
-def _distributed_state(device: str):
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group through accelerate."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu")
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _print_plan(distiller, out_dir: Path, world: int) -> None:

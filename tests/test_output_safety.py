@@ -1,0 +1,196 @@
+"""The output folder never loses a user's files and never passes off a wrong set as complete (tiny random models).
+
+cao2-fast may delete only what it wrote: files recorded in its class markers, its markers, manifest, contact sheet,
+temporaries, staging folders and lock file. Everything else makes the run stop before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from cao2_fast import output
+from cao2_fast.errors import UserError
+
+from test_pipeline import make_distiller, snapshot
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    d = make_distiller()
+    d.run(out)
+    return d, out, snapshot(out)
+
+
+def test_a_class_folder_we_did_not_write_is_refused_and_kept(tmp_path):
+    out = tmp_path / "X"
+    (out / "0000").mkdir(parents=True)
+    (out / "0000" / "precious.jpg").write_bytes(b"p")
+    with pytest.raises(UserError, match=r"did not write \(0000/precious.jpg\)"):
+        make_distiller().run(out)
+    with pytest.raises(UserError, match="did not write"):  # --overwrite does not change that
+        make_distiller().run(out, overwrite=True)
+    assert sorted(p.name for p in out.rglob("*")) == ["0000", "precious.jpg"]
+
+
+def test_a_class_folder_without_our_marker_is_foreign_even_with_our_names(tmp_path):
+    out = tmp_path / "X"
+    (out / "0002").mkdir(parents=True)
+    (out / "0002" / "0.png").write_bytes(b"someone's image")
+    with pytest.raises(UserError, match="0002/0.png"):
+        make_distiller().run(out)
+    assert (out / "0002" / "0.png").read_bytes() == b"someone's image"
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "photos"])
+def test_unknown_entries_beside_the_set_are_refused(tmp_path, name):
+    out = tmp_path / "X"
+    out.mkdir()
+    (out / name).mkdir() if name == "photos" else (out / name).write_text("mine")
+    with pytest.raises(UserError, match=f"did not write \\({name}\\)"):
+        make_distiller().run(out)
+    assert (out / name).exists()
+
+
+def test_overwrite_removes_only_our_files(reference, tmp_path):
+    _, ref, _ = reference
+    out = tmp_path / "Y"
+    make_distiller(seed=5).run(out)
+    with pytest.raises(UserError, match="different config"):
+        make_distiller().run(out)
+    make_distiller().run(out, overwrite=True)
+    assert snapshot(out) == reference[2]
+
+
+def test_overwrite_refuses_a_foreign_manifest_and_deletes_nothing(tmp_path):
+    out = tmp_path / "Y"
+    (out / "photos").mkdir(parents=True)
+    (out / "photos" / "a.jpg").write_bytes(b"a")
+    (out / "manifest.json").write_text(json.dumps({"name": "someone else's manifest"}))
+    before = snapshot(out)
+    with pytest.raises(UserError, match="did not write"):
+        make_distiller().run(out, overwrite=True)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", [b'{"config": {"finger', b"", b"\xff\xfe"])
+def test_a_damaged_manifest_of_ours_is_rebuilt_without_redoing_classes(reference, tmp_path, damage):
+    _, _, ref = reference
+    out = tmp_path / "Z"
+    d = make_distiller()
+    d.run(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*.png")}
+    (out / "manifest.json").write_bytes(damage)
+    d.run(out)
+    assert d.last_run == {"distilled": 0, "already_complete": 3}
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.png")} == mtimes
+    assert snapshot(out) == ref
+
+
+@pytest.mark.parametrize("marker", [b"[]", b"null", b'{"fingerprint": "x"}', b'{"images": [], "class_name": "0002"',
+                                    b"\x00\x01"])
+def test_a_damaged_marker_makes_its_class_redone(reference, tmp_path, marker):
+    _, _, ref = reference
+    out = tmp_path / "M"
+    d = make_distiller()
+    d.run(out)
+    (out / "0002" / ".complete.json").write_bytes(marker)
+    d.run(out)
+    assert snapshot(out) == ref
+    assert d.last_run["distilled"] == 1
+
+
+def test_a_marker_recording_no_images_is_not_complete(reference, tmp_path):
+    _, _, ref = reference
+    out = tmp_path / "E"
+    d = make_distiller()
+    d.run(out)
+    marker = out / "0004" / ".complete.json"
+    part = json.loads(marker.read_text())
+    for rec in part["images"]:
+        (out / rec["file"]).unlink()
+    part["images"] = []
+    marker.write_text(json.dumps(part))
+    assert output.read_complete(out, "0004", d.config.fingerprint(), 2) is None
+    d.run(out)
+    assert snapshot(out) == ref
+
+
+def test_an_extra_image_in_a_finished_class_is_refused_not_counted(reference, tmp_path):
+    out = tmp_path / "C"
+    d = make_distiller()
+    d.run(out)
+    (out / "0002" / "7.png").write_bytes((out / "0002" / "0.png").read_bytes())
+    assert output.read_complete(out, "0002", d.config.fingerprint(), 2) is None
+    with pytest.raises(UserError, match="0002/7.png"):
+        d.run(out)
+    assert (out / "0002" / "7.png").is_file()
+
+
+def test_a_stale_temporary_of_ours_in_a_class_is_cleaned_by_redoing_it(reference, tmp_path):
+    _, _, ref = reference
+    out = tmp_path / "T"
+    d = make_distiller()
+    d.run(out)
+    (out / "0000" / ".1.png.abc123.tmp").write_bytes(b"half")
+    d.run(out)
+    assert snapshot(out) == ref
+
+
+def test_a_class_that_fails_to_write_leaves_nothing_visible_and_no_staging(tmp_path, monkeypatch):
+    out = tmp_path / "F"
+    d = make_distiller(stage1_batch=4)
+    real = output.atomic_write
+
+    def failing(path, data):
+        if path.name == "1.png" and "0002" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(output, "atomic_write", failing)
+    with pytest.raises(UserError, match="No space left"):
+        d.run(out)
+    assert sorted(p.name for p in out.iterdir()) == [".cao2-lock", "0000"]
+
+
+def test_the_lock_makes_a_second_run_wait_for_the_classes_another_holds(tmp_path):
+    """A helper process holds class 0002's lock; the run does the other groups, waits, then finishes it."""
+    make_distiller(stage1_batch=4).run(tmp_path / "free")
+    ref = snapshot(tmp_path / "free")
+    out = tmp_path / "L"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX, 1, 1); print('held', flush=True);"
+         " sys.stdin.read()", str(out / ".cao2-lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        logs = []
+
+        def log(msg):
+            logs.append(msg)
+            if "waiting" in msg:
+                assert (out / "0004").is_dir() and not (out / "0002").exists()  # free groups went first
+                threading.Timer(0.2, holder.stdin.close).start()
+
+        d = make_distiller(stage1_batch=4)  # one class per group: 0000, 0002, 0004
+        d.run(out, log=log)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert any("another cao2-fast run is working on classes 0002" in m for m in logs)
+    assert snapshot(out) == ref
+
+
+def test_all_json_we_write_is_strict(reference):
+    _, out, _ = reference
+    for f in [out / "manifest.json", *out.glob("*/.complete.json")]:
+        json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f} holds {c}"))
+    with pytest.raises(ValueError):
+        output.dumps({"x": float("nan")})
