@@ -116,14 +116,17 @@ class Distiller:
                     progress: bool = False, class_ids: list[int] | None = None, **overrides) -> "Distiller":
         """The embedded digits preset (SPEC §6)."""
         meta = read_preset(name)
+        names = meta["class_names"]
+        ids = list(range(len(names))) if class_ids is None else list(class_ids)
+        bad = [c for c in ids if not 0 <= c < len(names)]
+        if bad:
+            raise UserError(f"class id {bad[0]} is not in the {name} preset (valid: 0..{len(names) - 1})")
         d = preset_dir(name)
         dit = load_dit(d / "dit.safetensors")
         vae = load_vae(d / "vae")
         clf_meta = meta["classifier"]
         clf = load_classifier(f"{clf_meta['model']}:{d / 'classifier.safetensors'}", input_size=clf_meta["input_size"],
                               num_classes=len(meta["class_names"]), mean=clf_meta["mean"], std=clf_meta["std"])
-        names = meta["class_names"]
-        ids = list(range(len(names))) if class_ids is None else list(class_ids)
         overrides.setdefault("classifier_input_size", clf_meta["input_size"])
         overrides.setdefault("stage1_batch", 2 * 2 * ipc)  # two classes per group: several groups to shard
         overrides.setdefault("stage2_batch", 64)
@@ -426,6 +429,7 @@ class Distiller:
         try:
             manifest = output.write_manifest(out, header, parts)
             output.contact_sheet(parts, out)
+            (out / output.LOCK_FILE).unlink(missing_ok=True)  # the set is complete: nothing left to share
         except OSError as e:
             raise UserError(f"{out}: cannot write the manifest ({e.strerror or e}); all classes are complete, "
                             "re-run the same command to merge") from None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import UserError
 from ..fileio import atomic_write
 
 log = logging.getLogger("cao2_fast.engines")
@@ -128,8 +129,14 @@ class EngineCache:
 
     def _build(self, kind: str, model: str, fields: dict, path: Path, build: Callable[[Path], dict | None]) -> CacheEntry:
         key = self.key(fields)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root))
+        try:  # the only place the cache writes to its root: a bad --engine-dir shows up here, before any export
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root))
+        except OSError as e:
+            what = "is a file, not a folder" if self.root.is_file() or isinstance(e, FileExistsError) else \
+                f"is not writable ({e.strerror or e})"
+            raise UserError(f"{self.root}: engine cache folder {what}; pass --engine-dir with a writable folder "
+                            f"(or set {ENV})") from None
         tmp.chmod(0o755)  # mkdtemp makes it private; entries are shared like any cache file
         try:
             t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def snapshot(folder):
 
 def test_layout_is_an_imagefolder_with_manifest_and_contact_sheet(finished):
     d, out, manifest = finished
-    assert sorted(os.listdir(out)) == [".cao2-lock", "0000", "0002", "0004", "contact_sheet.png", "manifest.json"]
+    assert sorted(os.listdir(out)) == ["0000", "0002", "0004", "contact_sheet.png", "manifest.json"]
     for name in ("0000", "0002", "0004"):
         assert sorted(p.name for p in (out / name).glob("*.png")) == ["0.png", "1.png"]
     from torchvision.datasets import ImageFolder

@@ -109,8 +109,13 @@ def _read(path: Path, size: int | None, crop_ratio: float) -> torch.Tensor:
                 im = im.crop((left, top, left + size, top + size))
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             return data.view(im.size[1], im.size[0], 3).permute(2, 0, 1).contiguous()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
+    except (OSError, Image.DecompressionBombError) as e:  # a bomb: more pixels than PIL's safety limit
+        raise UserError(f"{path}: cannot read image ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 160 else text[:160].rsplit(" ", 1)[0] + " …"
 
 
 def load_image_folder(root: str | Path, size: int | None = None, crop_ratio: float = 1.0,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError, require_file
-from .weights import read_weights
+from .weights import load_checked, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,10 +78,7 @@ def load_classifier(spec: str, input_size: int = 224, normalize: bool = False, n
     except RuntimeError as e:
         raise UserError(f"classifier {name!r}: {str(e).splitlines()[0]}") from None
     if sd is not None:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise UserError(f"{ckpt}: weights do not fit timm {name} (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]})")
+        load_checked(model, sd, ckpt, f"timm {name}")
     model.requires_grad_(False)
     clf = Classifier(model, input_size, normalize, mean, std)
     return clf.eval().to(device=device, dtype=dtype)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .weights import read_diffusers_config, read_weights
+from .weights import load_checked, read_diffusers_config, read_weights
 
 NAMED_SIZES = {  # (depth, hidden, heads), SPEC §4
     "XL": (28, 1152, 16),
@@ -430,9 +430,7 @@ def load_dit(path: str | Path, freq_shift: int | None = None, dtype: torch.dtype
 
 def _load_into(model: DiT, sd: dict, where: Path) -> None:
     sd = {k: v for k, v in sd.items() if k != "pos_embed"}  # fixed table, recomputed
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{where}: DiT weights do not fit (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    load_checked(model, sd, where, "DiT")
 
 
 def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
