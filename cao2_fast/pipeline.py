@@ -316,8 +316,15 @@ class Distiller:
         classes are written, then the run raises one ``UserError`` naming it. ``self.last_run`` counts what this
         process did (``distilled``, ``already_complete``).
         """
+        try:
+            return self._run(Path(out), overwrite, rank, world_size, barrier, log)
+        except BaseException as e:
+            if hasattr(barrier, "fail"):  # tell the other ranks at once instead of letting them wait it out
+                barrier.fail(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
+            raise
+
+    def _run(self, out: Path, overwrite: bool, rank: int, world_size: int, barrier, log) -> dict | None:
         cfg = self.config
-        out = Path(out)
         fp = cfg.fingerprint()
         if log is not None:
             self.log = log

@@ -76,3 +76,33 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(ckpts, single, tmp_path):
     assert snapshot(out) == snapshot(single)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     shutil.rmtree(out)
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line_then_a_rerun_completes(ckpts, single, tmp_path):
+    """Two ranks started by hand (no launcher to tear the job down): rank 1 is killed once rank 0 has prepared the
+    output folder, before it can reach the last barrier. Rank 0 must not wait forever: it stops at a bounded barrier
+    with one line naming rank 1."""
+    out = tmp_path / "dead"
+    base = dict(env(), MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", WORLD_SIZE="2")
+    cmd = [sys.executable, "-m", "cao2_fast", *args(ckpts, out), "--rank-timeout", "20"]
+    procs = [subprocess.Popen(cmd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not out.is_dir() and procs[1].poll() is None:
+            time.sleep(0.01)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert procs[0].returncode == 2, err[-3000:]
+    assert len(lines) == 1 and "rank 0: rank 1 did not reach the barrier within 20 s" in lines[0], err[-3000:]
+    assert "Traceback" not in err and waited < 90
+    assert not (out / "manifest.json").exists()
+    subprocess.run([sys.executable, "-m", "cao2_fast", *args(ckpts, out)], check=True, env=env(), timeout=300)
+    assert snapshot(out) == snapshot(single)

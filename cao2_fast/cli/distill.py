@@ -186,7 +186,7 @@ def distill(
         keep_freed_memory()
     distiller.to(dev)
     distiller.use_engines(engine.value, stage2_engine.value if stage2_engine else None, engine_dir)
-    barrier = distributed.bounded_barrier(rank_timeout) if state and world > 1 else None
+    barrier = distributed.BoundedBarrier(rank_timeout) if state and world > 1 else None
     manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
                              log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
     if manifest is not None:
