@@ -218,19 +218,28 @@ class Distiller:
                                       self.dtype, cfg.stage1_batch, progress=bar)
         images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, latents, self.device,
                                                 self.dtype, cfg.decode_batch)
+        # a candidate whose latent, image or probabilities are not finite (NaN/Inf in a model) is never kept
+        finite = (latents.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
+                  & probs.isfinite().all(1))
         out = {}
         for j, c in enumerate(class_ids):
             sl = slice(j * n, (j + 1) * n)
             target = self._target_index[c]
             gen = class_generator(cfg.seed, c, "select")
-            keep = stage1.select(probs[sl], target, cfg.ipc, cfg.selection, cfg.order, gen)
-            p = probs[sl]
+            p, ok = probs[sl], finite[sl]
+            n_ok = int(ok.sum())
+            keep = (stage1.select(p, target, cfg.ipc, cfg.selection, cfg.order, gen, valid=ok) if n_ok >= cfg.ipc
+                    else torch.zeros(0, dtype=torch.long))
             out[c] = {
                 "latents": latents[sl][keep],
                 "candidate_index": keep,
                 "images": images[sl][keep],
                 "prob": p[keep, target],
-                "candidate_accuracy": float((p.argmax(1) == target).float().mean()),
+                "candidate_accuracy": float(((p.argmax(1) == target) & ok).float().mean()),
+                "nonfinite_candidates": n - n_ok,
+                "failure": None if n_ok >= cfg.ipc else
+                f"only {n_ok} of {n} stage-1 candidates are finite (NaN/Inf in the DiT, VAE or classifier output), "
+                f"{cfg.ipc} are needed",
             }
         return out
 
@@ -269,16 +278,22 @@ class Distiller:
         """Both stages for ``class_ids`` (default: the config's), in memory."""
         cfg = self.config
         class_ids = list(cfg.class_ids if class_ids is None else class_ids)
+        class_order = list(class_ids)
         bars = bars or {}
         s1 = self.stage1(class_ids, bars.get("stage1"))
+        names = dict(zip(cfg.class_ids, cfg.class_names))
+        results = [ClassResult(c, names.get(c, str(c)), s1[c]["images"], s1[c]["images"], [],
+                               s1[c]["candidate_accuracy"], failure=s1[c]["failure"])
+                   for c in class_ids if s1[c]["failure"] is not None]  # the other classes go on without them
+        class_ids = [c for c in class_ids if s1[c]["failure"] is None]
+        if not class_ids:
+            return results
         lat = torch.cat([s1[c]["latents"] for c in class_ids])
         ids = torch.tensor([c for c in class_ids for _ in range(cfg.ipc)])
         noise = stage2.Stage2Noise.cat([self.stage2_noise(c, s1[c]["candidate_index"]) for c in class_ids])
         r2 = self.stage2(lat, ids, noise, bars.get("stage2"))
         images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, r2.latents, self.device,
                                                 self.dtype, cfg.decode_batch)
-        names = dict(zip(cfg.class_ids, cfg.class_names))
-        results = []
         for j, c in enumerate(class_ids):
             sl = slice(j * cfg.ipc, (j + 1) * cfg.ipc)
             target = self._target_index[c]
@@ -287,15 +302,20 @@ class Distiller:
                 records.append({
                     "class_id": c,
                     "candidate_index": int(s1[c]["candidate_index"][i]),
-                    "prob_before": round(float(s1[c]["prob"][i]), 6),
-                    "prob_after": round(float(probs[b, target]), 6),
+                    "prob_before": _num(s1[c]["prob"][i]),
+                    "prob_after": _num(probs[b, target]),
                     "loss_first": _num(r2.loss_first[b]),
                     "loss_last": _num(r2.loss_last[b]),
                     "stage2_steps": int(r2.steps_done[b]),
                     "stage2_status": "ok" if bool(r2.finite[b]) else "stopped: non-finite loss or latent",
+                    "stage1_nonfinite_candidates": s1[c]["nonfinite_candidates"],
                 })
+            bad = not bool(images[sl].isfinite().all())
             results.append(ClassResult(c, names.get(c, str(c)), s1[c]["images"], images[sl], records,
-                                       s1[c]["candidate_accuracy"]))
+                                       s1[c]["candidate_accuracy"],
+                                       failure="a decoded stage-2 image is not finite (NaN/Inf in the VAE output)"
+                                       if bad else None))
+        results.sort(key=lambda r: class_order.index(r.class_id))
         return results
 
     # -- the job on disk ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def decode_and_score(decode: Fn, classify: Fn, latents: torch.Tensor, device, dt
 
 
 def select(probs: torch.Tensor, target: int, ipc: int, rule: str = "confident", order: str = "desc",
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the ``ipc`` kept candidates of one class, in keeping order.
 
     confident: candidates whose argmax is ``target``, by max softmax probability (``desc`` most confident first,
@@ -72,8 +72,12 @@ def select(probs: torch.Tensor, target: int, ipc: int, rule: str = "confident", 
         confident wrong ones (by max probability, descending).
     el2n: all candidates by EL2N = ‖softmax − onehot(target)‖₂; ``desc`` keeps the hardest, ``asc`` the easiest.
     random: a uniform random subset drawn from ``generator``.
-    Ties are broken by candidate index, so the choice is deterministic.
+    Ties are broken by candidate index, so the choice is deterministic. ``valid`` (bool, per candidate) excludes the
+    candidates marked False from every rule (non-finite ones); the returned indices still index all of ``probs``.
     """
+    if valid is not None and not bool(valid.all()):
+        kept = torch.nonzero(valid).flatten()
+        return kept[select(probs[kept], target, ipc, rule, order, generator)]
     n = probs.shape[0]
     if ipc > n:
         raise ValueError(f"cannot keep {ipc} of {n} candidates")

@@ -12,6 +12,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from cao2_fast import output
 from cao2_fast.errors import UserError
@@ -194,3 +195,78 @@ def test_all_json_we_write_is_strict(reference):
         json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f} holds {c}"))
     with pytest.raises(ValueError):
         output.dumps({"x": float("nan")})
+
+
+def strict_json(path):
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_one_nan_in_the_dit_weights_fails_every_class_and_writes_nothing(tmp_path):
+    d = make_distiller()
+    with torch.no_grad():
+        d.dit.final_layer.linear.weight[0, 0] = float("nan")
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"class 0 \(0000\): only 0 of 4 stage-1 candidates are finite .*"
+                                        r"\(and 2 more classes\)"):
+        d.run(out)
+    assert not [p for p in out.rglob("*") if p.name != ".cao2-lock"]  # no black PNGs, no manifest
+
+
+def test_a_class_without_enough_finite_candidates_fails_alone(tmp_path):
+    """Class 0002's candidates all turn NaN in the classifier: 0000 and 0004 are written, 0002 is reported."""
+    d = make_distiller(stage1_batch=4)  # one class per group
+    real = d.stage1_classify
+    calls = {"n": 0}
+
+    def poisoned(images):
+        calls["n"] += 1
+        logits = real(images)
+        return logits * float("nan") if calls["n"] == 3 else logits  # calls per group: stage-1 scores, final scores
+
+    d.stage1_classify = poisoned
+    out = tmp_path / "one"
+    with pytest.raises(UserError, match=r"^class 2 \(0002\): only 0 of 4 .* re-run the same command"):
+        d.run(out)
+    assert sorted(p.name for p in out.iterdir()) == [".cao2-lock", "0000", "0004"]
+    for marker in out.glob("*/.complete.json"):
+        strict_json(marker)
+
+
+def test_non_finite_candidates_are_never_kept_and_are_counted(tmp_path):
+    d = make_distiller(class_ids=(1,), k=3)  # 6 candidates, 2 kept
+    real = d.stage1_classify
+    first = {"done": False}
+
+    def poisoned(images):
+        logits = real(images)
+        if not first["done"]:  # stage-1 scoring: candidates 0 and 3 become NaN
+            first["done"] = True
+            logits = logits.clone()
+            logits[[0, 3]] = float("nan")
+        return logits
+
+    d.stage1_classify = poisoned
+    manifest = d.run(tmp_path / "some")
+    recs = manifest["classes"][0]["images"]
+    assert {r["candidate_index"] for r in recs}.isdisjoint({0, 3})
+    assert all(r["stage1_nonfinite_candidates"] == 2 for r in recs)
+    assert all(r["prob_before"] is not None for r in recs)
+    strict_json(tmp_path / "some" / "manifest.json")
+
+
+@pytest.mark.parametrize("valid,expect", [
+    ([True] * 6, None),
+    ([False, True, True, False, True, True], "subset"),
+])
+def test_select_skips_invalid_candidates_under_every_rule(valid, expect):
+    from cao2_fast.stage1 import select
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(6, 3, generator=g), 1)
+    valid = torch.tensor(valid)
+    for rule in ("confident", "el2n", "random"):
+        keep = select(probs, 1, 3, rule, "desc", torch.Generator().manual_seed(1), valid=valid)
+        assert len(keep) == 3 and len(set(keep.tolist())) == 3
+        assert all(bool(valid[i]) for i in keep), (rule, keep)
+        if expect is None:
+            assert keep.tolist() == select(probs, 1, 3, rule, "desc", torch.Generator().manual_seed(1)).tolist()
