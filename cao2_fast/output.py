@@ -236,10 +236,11 @@ def scan(out: Path, class_names, ipc: int) -> Scan:
     return Scan(classes, partial, files, foreign, manifest_fp)
 
 
-def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwrite: bool) -> Scan:
+def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwrite: bool, act: bool = True) -> Scan:
     """Make ``out`` ready for a run: refuse a folder holding anything cao2-fast did not write, refuse one made with
-    another config unless ``overwrite`` (which removes only our files), drop what an interrupted run left (its
-    temporaries and staging folders), and check the folder is writable. Returns the scan it acted on."""
+    another config unless ``overwrite`` (which removes only our files), drop the temporaries an interrupted run
+    left, and check the folder is writable. With ``act`` False it only refuses (deletes nothing), so a caller with
+    several folders can check them all first. Returns the scan."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     try:
@@ -252,11 +253,20 @@ def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwri
         raise UserError(f"{out}: holds files cao2-fast did not write ({shown}{more}); it deletes only its own "
                         f"files, so move them away or choose another --out")
     other = found.other_fingerprints(fingerprint, set(class_names))
+    if other and not overwrite:
+        raise UserError(f"{out}: holds a distilled set made with a different config (fingerprint "
+                        f"{sorted(other)[0]}, this run {fingerprint}); pass --overwrite to replace it or choose "
+                        f"another --out")
+    parent = out if out.exists() else _existing_parent(out)
+    try:  # a real write, not os.access: permissions, read-only mounts and a file in the path all show up here
+        fd, probe = tempfile.mkstemp(prefix=".cao2-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{out}: output folder is not writable ({e.strerror or e} at {parent})") from None
+    if not act:
+        return found
     if other:
-        if not overwrite:
-            raise UserError(f"{out}: holds a distilled set made with a different config (fingerprint "
-                            f"{sorted(other)[0]}, this run {fingerprint}); pass --overwrite to replace it or choose "
-                            f"another --out")
         for c in [*found.classes.values(), *found.partial]:
             c.remove_ours()
         for f in found.files:
@@ -265,13 +275,6 @@ def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwri
     for f in found.files:  # a temporary left by a process killed mid-write
         if _ROOT_TMP.match(f.name):
             f.unlink(missing_ok=True)
-    parent = out if out.exists() else _existing_parent(out)
-    try:  # a real write, not os.access: permissions, read-only mounts and a file in the path all show up here
-        fd, probe = tempfile.mkstemp(prefix=".cao2-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{out}: output folder is not writable ({e.strerror or e} at {parent})") from None
     return found
 
 

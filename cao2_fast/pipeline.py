@@ -98,6 +98,7 @@ class Distiller:
         self.progress = progress
         self.log: Callable[[str], None] | None = None  # where notes such as a halved stage-2 batch go (run sets it)
         self.engines = {"stage1": "eager", "stage2": "eager"}  # recorded in each class marker (use_engines sets it)
+        self.stage1_out: Path | None = None  # where ``run`` also writes the stage-1 picks, if asked
         self.last_run: dict = {}  # what the last ``run`` did in this process (see ``run``)
         self.diffusion = Diffusion.create(respacing=config.sample_steps)
         self.latent_shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
@@ -326,7 +327,8 @@ class Distiller:
         return [ids[i:i + g] for i in range(0, len(ids), g)]
 
     def run(self, out: str | Path, overwrite: bool = False, rank: int = 0, world_size: int = 1,
-            barrier: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> dict | None:
+            barrier: Callable[[], None] | None = None, log: Callable[[str], None] | None = None,
+            stage1_out: str | Path | None = None) -> dict | None:
         """Distill into ``out``: skip complete classes, redo incomplete ones, merge the manifest on rank 0.
 
         Classes are scheduled in groups (see ``DistillConfig.classes_per_group``) and group g runs on rank
@@ -335,9 +337,20 @@ class Distiller:
         waits for the rest. A class whose stage 1 cannot fill IPC with finite candidates fails alone: the other
         classes are written, then the run raises one ``UserError`` naming it. ``self.last_run`` counts what this
         process did (``distilled``, ``already_complete``).
+
+        ``stage1_out``: also write each class's stage-1 picks (before stage 2) as an ImageFolder tree of its own
+        there, with the same staging, checksums and resume; it must lie outside ``out`` (and ``out`` outside it),
+        and a class counts as complete only when both trees hold it.
         """
+        out = Path(out)
+        self.stage1_out = None if stage1_out is None else Path(stage1_out)
+        if self.stage1_out is not None:
+            a, b = out.absolute(), self.stage1_out.absolute()
+            if a == b or a in b.parents or b in a.parents:
+                raise UserError(f"{self.stage1_out}: the stage-1 folder must lie beside --out {out}, not inside it "
+                                "(or around it): the main root holds only the distilled class folders")
         try:
-            return self._run(Path(out), overwrite, rank, world_size, barrier, log)
+            return self._run(out, overwrite, rank, world_size, barrier, log)
         except BaseException as e:
             if hasattr(barrier, "fail"):  # tell the other ranks at once instead of letting them wait it out
                 barrier.fail(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
@@ -349,8 +362,11 @@ class Distiller:
         if log is not None:
             self.log = log
         if rank == 0:
-            output.check_output_dir(out, fp, cfg.class_names, cfg.ipc, overwrite)
-            out.mkdir(parents=True, exist_ok=True)
+            for act in (False, True):  # every refusal before any deletion, in either tree
+                for root in self._roots(out):
+                    output.check_output_dir(root, fp, cfg.class_names, cfg.ipc, overwrite, act=act)
+            for root in self._roots(out):
+                root.mkdir(parents=True, exist_ok=True)
         if barrier is not None:
             barrier()
         names = dict(zip(cfg.class_ids, cfg.class_names))
@@ -401,10 +417,15 @@ class Distiller:
             return None
         return self.merge(out)
 
+    def _roots(self, out: Path) -> list[Path]:
+        """The folders a run writes: ``out``, and the stage-1 tree when asked for."""
+        return [out] if self.stage1_out is None else [out, self.stage1_out]
+
     def _complete(self, out: Path, group: list[int]) -> bool:
         cfg = self.config
         names = dict(zip(cfg.class_ids, cfg.class_names))
-        return all(output.read_complete(out, names[c], cfg.fingerprint(), cfg.ipc) is not None for c in group)
+        return all(output.read_complete(root, names[c], cfg.fingerprint(), cfg.ipc) is not None
+                   for root in self._roots(out) for c in group)
 
     def _write_group(self, out: Path, group: list[int], fp: str, bars: dict, failed: dict[int, str]) -> None:
         for r in self.distill(group, bars):
@@ -413,16 +434,27 @@ class Distiller:
                 if self.log:
                     self.log(f"class {r.class_id} ({r.class_name}) failed: {r.failure}")
                 continue
-            if output.read_complete(out, r.class_name, fp, self.config.ipc) is not None:
-                continue  # complete already; it shared its group's batches with a class that was not
             for rec in r.records:
                 rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
-            try:
-                output.write_class(out, r.class_name, output.to_uint8(r.images), output.to_uint8(r.stage1_images),
-                                   r.records, fp, extra={"engines": dict(self.engines)})
-            except OSError as e:
-                raise UserError(f"{out / r.class_name}: cannot write ({e.strerror or e}); classes already "
-                                f"complete are kept, re-run the same command to resume") from None
+            stage1_images = output.to_uint8(r.stage1_images)
+            writes = [(out, output.to_uint8(r.images), r.records)]
+            if self.stage1_out is not None:
+                picks = [{k: rec[k] for k in ("class_id", "candidate_index", "prob_before",
+                                              "stage1_candidate_accuracy")} for rec in r.records]
+                writes.insert(0, (self.stage1_out, stage1_images, picks))
+            wrote = False
+            for root, images, records in writes:
+                if output.read_complete(root, r.class_name, fp, self.config.ipc) is not None:
+                    continue  # complete already; it shared its group's batches with a class that was not
+                wrote = True
+                try:
+                    output.write_class(root, r.class_name, images, stage1_images, records, fp,
+                                       extra={"engines": dict(self.engines)})
+                except OSError as e:
+                    raise UserError(f"{root / r.class_name}: cannot write ({e.strerror or e}); classes already "
+                                    f"complete are kept, re-run the same command to resume") from None
+            if not wrote:
+                continue
             self.last_run["distilled"] += 1
             if "classes" in bars:
                 bars["classes"].update(1)
@@ -431,12 +463,16 @@ class Distiller:
         """Write ``manifest.json`` and the contact sheet from the class markers (a damaged manifest is rebuilt)."""
         cfg = self.config
         fp = cfg.fingerprint()
-        parts = []
+        stage1_out = self.stage1_out
+        parts, stage1_parts = [], []
         for c, name in zip(cfg.class_ids, cfg.class_names):
-            part = output.read_complete(out, name, fp, cfg.ipc)
-            if part is None:
-                raise UserError(f"{out / name}: class {c} is not complete; re-run the same command to finish it")
-            parts.append(part)
+            for root, into in ((out, parts), (stage1_out, stage1_parts)):
+                if root is None:
+                    continue
+                part = output.read_complete(root, name, fp, cfg.ipc)
+                if part is None:
+                    raise UserError(f"{root / name}: class {c} is not complete; re-run the same command to finish it")
+                into.append(part)
         acc = [rec["stage1_candidate_accuracy"] for p in parts for rec in p["images"][:1]]
         header = {
             "config": cfg.to_json(),
@@ -453,7 +489,13 @@ class Distiller:
             },
         }
         header["engines"] = [json.loads(e) for e in header["engines"]]
+        if stage1_out is not None:
+            header["stage1_folder"] = os.path.relpath(stage1_out.absolute(), out.absolute())
         try:
+            if stage1_out is not None:
+                output.write_manifest(stage1_out, {**header, "stage1_folder": None, "main_folder": os.path.relpath(
+                    out.absolute(), stage1_out.absolute()), "contents": "stage-1 picks, before stage 2"},
+                    stage1_parts)
             manifest = output.write_manifest(out, header, parts)
             output.contact_sheet(parts, out)
             (out / output.LOCK_FILE).unlink(missing_ok=True)  # the set is complete: nothing left to share

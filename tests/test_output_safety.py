@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,3 +271,49 @@ def test_select_skips_invalid_candidates_under_every_rule(valid, expect):
         assert all(bool(valid[i]) for i in keep), (rule, keep)
         if expect is None:
             assert keep.tolist() == select(probs, 1, 3, rule, "desc", torch.Generator().manual_seed(1)).tolist()
+
+
+def test_save_stage1_writes_the_picks_as_their_own_imagefolder_beside_the_set(reference, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    _, _, ref = reference
+    out, s1 = tmp_path / "set", tmp_path / "set-stage1"
+    d = make_distiller()
+    manifest = d.run(out, stage1_out=s1)
+    assert snapshot(out)["0000/0.png"] == ref["0000/0.png"]  # the main set does not change
+    assert sorted(p.name for p in out.iterdir()) == ["0000", "0002", "0004", "contact_sheet.png", "manifest.json"]
+    ds = ImageFolder(str(s1))
+    assert ds.classes == ["0000", "0002", "0004"] and len(ds) == 6
+    assert manifest["stage1_folder"] == "../set-stage1"
+    s1_manifest = json.loads((s1 / "manifest.json").read_text())
+    assert s1_manifest["main_folder"] == "../set"
+    picks = [r["candidate_index"] for c in s1_manifest["classes"] for r in c["images"]]
+    assert picks == [r["candidate_index"] for c in manifest["classes"] for r in c["images"]]
+    # each stage-1 PNG is the pick the main set's contact sheet shows before stage 2
+    import base64
+    import io
+
+    from PIL import Image
+
+    part = json.loads((out / "0002" / ".complete.json").read_text())
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(part["stage1_thumbnails"][1]))))
+    assert (np.asarray(Image.open(s1 / "0002" / "1.png")) == thumb).all()
+
+
+def test_save_stage1_added_later_fills_the_stage1_tree_without_rewriting_the_set(tmp_path):
+    out, s1 = tmp_path / "set", tmp_path / "picks"
+    make_distiller().run(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*.png")}
+    d = make_distiller()
+    d.run(out, stage1_out=s1)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.png")} == mtimes
+    assert len(list(s1.glob("*/*.png"))) == 6 and d.last_run["distilled"] == 3
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "around"])
+def test_the_stage1_tree_never_lies_inside_the_set(tmp_path, where):
+    out = tmp_path / "set"
+    s1 = {"inside": out / "stage1", "same": out, "around": tmp_path}[where]
+    with pytest.raises(UserError, match="must lie beside --out"):
+        make_distiller().run(out, stage1_out=s1)
+    assert not out.exists()

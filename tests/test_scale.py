@@ -106,3 +106,26 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_then_a_rerun_completes(
     assert not (out / "manifest.json").exists()
     subprocess.run([sys.executable, "-m", "cao2_fast", *args(ckpts, out)], check=True, env=env(), timeout=300)
     assert snapshot(out) == snapshot(single)
+
+
+def test_save_stage1_survives_sigkill_and_resume_byte_identically(ckpts, tmp_path):
+    """Both trees after a kill -9 mid-run and a re-run equal an uninterrupted run's (same folder names)."""
+    whole, killed = tmp_path / "whole" / "o", tmp_path / "killed" / "o"
+    subprocess.run([sys.executable, "-m", "cao2_fast", *args(ckpts, whole), "--save-stage1"], check=True, env=env(),
+                   timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "cao2_fast", *args(ckpts, killed), "--save-stage1"], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s1 = killed.parent / "o-stage1"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(s1.glob("*/.complete.json")) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the kill must land mid-run"
+    subprocess.run([sys.executable, "-m", "cao2_fast", *args(ckpts, killed), "--save-stage1"], check=True, env=env(),
+                   timeout=300)
+    for name in ("o", "o-stage1"):
+        assert snapshot(killed.parent / name) == snapshot(whole.parent / name), name
+    from torchvision.datasets import ImageFolder
+
+    assert len(ImageFolder(str(s1))) == 12 and len(ImageFolder(str(killed))) == 12

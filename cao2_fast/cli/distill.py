@@ -121,6 +121,8 @@ def distill(
     seed: SeedOpt = 0,
     out: OutOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an output folder made with a different config.")] = False,
+    save_stage1: Annotated[bool, typer.Option("--save-stage1", help="Also write the stage-1 picks (before stage 2) as their own ImageFolder tree beside --out (OUT-stage1, or --stage1-out).")] = False,
+    stage1_out: Annotated[Path | None, typer.Option(help="Folder for --save-stage1's tree (default: OUT-stage1 beside OUT; implies --save-stage1).")] = None,
     device: DeviceOpt = Device.auto,
     dtype: Annotated[DType, typer.Option(help="Model compute dtype.")] = DType.float32,
     stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).")] = None,
@@ -176,6 +178,7 @@ def distill(
     cfg = distiller.config
     suffix = "" if cfg.recipe.name == "official" else f"-{cfg.recipe.name}"
     out_dir = out or Path("cao2-out") / f"{cfg.dataset}-ipc{cfg.ipc}{suffix}"
+    s1_dir = stage1_out or (out_dir.parent / f"{out_dir.name}-stage1" if save_stage1 else None)
     if dry_run:
         if rank == 0:
             _print_plan(distiller, out_dir, world)
@@ -188,6 +191,7 @@ def distill(
     distiller.use_engines(engine.value, stage2_engine.value if stage2_engine else None, engine_dir)
     barrier = distributed.BoundedBarrier(rank_timeout) if state and world > 1 else None
     manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
+                             stage1_out=s1_dir,
                              log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
     if manifest is not None:
         s = manifest["summary"]
@@ -198,6 +202,8 @@ def distill(
             head = f"wrote {s['images']} images of {s['classes']} classes to {out_dir}"
         print(f"{head} (stage-1 candidate accuracy {_fmt(s['stage1_candidate_accuracy'])}, "
               f"p(class) {_fmt(s['mean_prob_before'])} -> {_fmt(s['mean_prob_after'])})")
+        if s1_dir is not None:
+            print(f"stage-1 picks (before stage 2) in {s1_dir}")
 
 
 def _fmt(x) -> str:
