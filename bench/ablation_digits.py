@@ -32,7 +32,7 @@ import torch
 
 from cao2_fast.eval.api import evaluate
 from cao2_fast.eval.data import ImageSet
-from cao2_fast.fileio import atomic_write, save_figure
+from cao2_fast.fileio import atomic_write, json_bytes, save_figure
 from cao2_fast.pipeline import Distiller
 from cao2_fast.presets.digits_data import CLASS_NAMES, digits_split
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     full = ImageSet(xs, ys, CLASS_NAMES)
 
     def save():
-        atomic_write(jpath, json.dumps(results, indent=1, sort_keys=True).encode())
+        atomic_write(jpath, json_bytes(results, sort_keys=True))
 
     for seed in range(args.seeds):
         for ipc in args.ipc:

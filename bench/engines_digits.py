@@ -26,7 +26,7 @@ import torch
 
 from cao2_fast.engines import BACKENDS, EngineCache, EngineSettings, build_engine, require, stage1_specs
 from cao2_fast.errors import UserError
-from cao2_fast.fileio import atomic_write, save_figure
+from cao2_fast.fileio import atomic_write, json_bytes, save_figure
 from cao2_fast.pipeline import Distiller, preset_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +222,7 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"{tag}.json"
     kept = json.loads(path.read_text()) if a.append and path.is_file() else []
-    atomic_write(path, json.dumps(kept + rows, indent=1).encode())
+    atomic_write(path, json_bytes(kept + rows))
     if any("model" in r for r in rows):
         plot(rows, a.out / f"{tag}.png")
     print(f"{rows[0]['models']} on {rows[0]['device']} ({rows[0]['threads']} threads, load average "

@@ -284,11 +284,11 @@ def _version(mod: str) -> str | None:
 
 def write_results(rows: list[dict], out_dir: Path, tag: str) -> tuple[Path, Path]:
     """JSON rows + a bar chart of fast/reference per stage. Files are replaced atomically."""
-    from .fileio import atomic_write, save_figure
+    from .fileio import atomic_write, json_bytes, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath = out_dir / f"{tag}.json"
-    atomic_write(jpath, json.dumps(rows, indent=1).encode())
+    atomic_write(jpath, json_bytes(rows))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +25,31 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finite_or_none(obj, where: str = "", found: list[str] | None = None):
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by None; the JSON paths replaced are appended to
+    ``found``. Strict JSON readers reject bare NaN, which ``json.dumps`` writes by default."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if found is not None:
+            found.append(where or "$")
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
+    return obj
+
+
+def json_bytes(obj, status_key: str | None = None, **kw) -> bytes:
+    """Strict JSON of ``obj`` (``allow_nan=False``): non-finite numbers become null, and when ``status_key`` is given
+    and ``obj`` is a dict, the paths that were nulled are listed under it so a reader knows why."""
+    found: list[str] = []
+    clean = finite_or_none(obj, found=found)
+    if found and status_key and isinstance(clean, dict):
+        clean[status_key] = "non-finite values written as null: " + ", ".join(found[:20])
+    kw.setdefault("indent", 1)
+    return json.dumps(clean, allow_nan=False, **kw).encode()
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:

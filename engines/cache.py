@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import UserError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, json_bytes
 
 log = logging.getLogger("cao2_fast.engines")
 
@@ -147,7 +147,7 @@ class EngineCache:
             meta = {"format": FORMAT, "kind": kind, "model": model, "key": key, "fields": normalise(fields),
                     "files": files, "build_seconds": round(seconds, 3),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **normalise(extra)}
-            atomic_write(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+            atomic_write(tmp / META, json_bytes(meta, sort_keys=True))
             try:
                 os.replace(tmp, path)
             except OSError:  # a concurrent builder put a complete entry there first: keep theirs if it is sound

@@ -317,3 +317,12 @@ def test_the_stage1_tree_never_lies_inside_the_set(tmp_path, where):
     with pytest.raises(UserError, match="must lie beside --out"):
         make_distiller().run(out, stage1_out=s1)
     assert not out.exists()
+
+
+def test_json_bytes_writes_non_finite_numbers_as_null_with_a_status():
+    from cao2_fast.fileio import json_bytes
+
+    data = json.loads(json_bytes({"acc": float("nan"), "runs": [1.5, float("-inf")], "ok": 2}, status_key="status"))
+    assert data == {"acc": None, "runs": [1.5, None], "ok": 2,
+                    "status": "non-finite values written as null: acc, runs[1]"}
+    assert json.loads(json_bytes({"x": 1.0}, status_key="status")) == {"x": 1.0}  # no status when all is finite

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..fileio import json_bytes
 from .data import ImageSet, load_image_folder
 from .protocols import Protocol, TrainConfig, TrainResult, build_student, default_config, fit_student
 from .teacher import ClassOrderReport, check_class_order, check_num_classes, load_teacher
@@ -275,7 +276,7 @@ def write_record(record: dict, path: Path) -> Path:
     """Write atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.write_bytes(json_bytes(record, status_key="status") + b"\n")
     tmp.replace(path)
     return path
 

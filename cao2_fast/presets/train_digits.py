@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..diffusion import Diffusion, sample
 from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from ..models.dit import DiT, DiTConfig, save_dit
-from ..fileio import atomic_write
+from ..fileio import atomic_write, json_bytes
 from ..models.vae import VAE
 from .digits_data import CLASS_NAMES, IMAGE_SIZE, digits_split
 
@@ -473,7 +473,7 @@ def train_digits(out_dir: Path, seed: int = 0, quick: bool = False, threads: int
         "guidance_scale": scale,
         "training": report,
     }
-    atomic_write(out_dir / "preset.json", (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(out_dir / "preset.json", json_bytes(meta) + b"\n")
     return meta
 
 
