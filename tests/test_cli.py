@@ -116,3 +116,17 @@ def test_entry_point_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "cao2_fast", "distill", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "Examples" in proc.stdout and "--recipe" in proc.stdout
+
+
+def test_rerun_into_a_complete_folder_says_nothing_was_done_and_the_manifest_names_the_engines(ckpts, tmp_path,
+                                                                                             capsys):
+    out = tmp_path / "o"
+    code, stdout, _ = run_cli(real_args(ckpts, out, "--classes", "1,3", "--ipc", "1"), capsys)
+    assert code == 0 and "wrote 2 images of 2 classes" in stdout
+    before = (out / "manifest.json").read_bytes()
+    code, stdout, _ = run_cli(real_args(ckpts, out, "--classes", "1,3", "--ipc", "1", "--engine", "compile"), capsys)
+    assert code == 0 and "2 classes already complete" in stdout and "nothing to do" in stdout
+    assert "wrote" not in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engines"] == [{"stage1": "eager", "stage2": "eager"}]  # what made the classes, not this run
+    assert (out / "manifest.json").read_bytes() == before
