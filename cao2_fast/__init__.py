@@ -1,14 +1,34 @@
-"""cao2-fast: CaO2 dataset distillation (objective-guided sampling + condition-aware latent optimisation)."""
+"""cao2-fast: CaO2 dataset distillation (objective-guided sampling + condition-aware latent optimisation).
+
+The public names below are imported on first use, not with the package: ``cao2-fast --help`` and other light
+commands start without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .config import DATASETS, RECIPES, DistillConfig, Recipe, build_config  # noqa: E402
-from .diffusion import Diffusion  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .models.classifier import load_classifier  # noqa: E402
-from .models.dit import DiT, DiTConfig, load_dit  # noqa: E402
-from .models.vae import load_vae  # noqa: E402
-from .pipeline import Distiller  # noqa: E402
+_LAZY = {
+    "DATASETS": ".config", "RECIPES": ".config", "DistillConfig": ".config", "Recipe": ".config",
+    "build_config": ".config", "Diffusion": ".diffusion", "UserError": ".errors",
+    "load_classifier": ".models.classifier", "DiT": ".models.dit", "DiTConfig": ".models.dit",
+    "load_dit": ".models.dit", "load_vae": ".models.vae", "Distiller": ".pipeline",
+}
 
 __all__ = ["Distiller", "DistillConfig", "Recipe", "RECIPES", "DATASETS", "build_config", "Diffusion", "DiT",
            "DiTConfig", "load_dit", "load_vae", "load_classifier", "UserError", "__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cao2_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

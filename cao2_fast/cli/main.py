@@ -1,24 +1,65 @@
 """The ``cao2-fast`` command: one Typer app, one module per command group, one error handler.
 
 Expected errors (``UserError``) print one line and exit 2; ``CAO2_FAST_DEBUG=1`` shows the traceback instead.
+Nothing here or in the command modules imports torch at module level: each command imports what it needs when it
+runs, so ``--help`` and ``--version`` answer without loading it (``tests/test_cli_ux.py`` checks this).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
+from typer.core import TyperGroup
+
+from .. import __version__
 from ..errors import UserError
 
+
+def _plain_flags(command, ctx) -> None:
+    """Show on/off flags without a ``<bool>`` type label: they take no value. (Only this command's own option
+    objects change; typer's classes are left as they are.)"""
+    for p in command.get_params(ctx):
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+
+
+class _Group(TyperGroup):
+    def get_command(self, ctx, cmd_name):
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _plain_flags(cmd, ctx)
+        return cmd
+
+    def format_help(self, ctx, formatter) -> None:
+        _plain_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="cao2-fast",
     help="Fast CaO2 dataset distillation: sample with a DiT, select with a classifier, optimise latents.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"cao2-fast {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Fast CaO2 dataset distillation: sample with a DiT, select with a classifier, optimise latents."""
 
 
 def _register() -> None:
