@@ -56,15 +56,21 @@ def weights_id(path: Path) -> dict:
     return {"path": str(path), "bytes": total, "id": h.hexdigest()[:16]}
 
 
+PRESETS = ("digits",)  # the embedded presets (SPEC §6)
+
+
 def preset_dir(name: str = "digits") -> Path:
     return Path(str(resources.files("cao2_fast").joinpath("presets", name)))
 
 
 def read_preset(name: str = "digits") -> dict:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
     d = preset_dir(name)
     f = d / "preset.json"
     if not f.is_file():
-        raise UserError(f"{f}: the {name} preset is not installed (train it with `cao2-fast train-preset {name}`)")
+        raise UserError(f"{f}: the {name} preset is not installed (rebuild it with "
+                        f"`cao2-fast train-preset {name} --replace-shipped`)")
     return json.loads(f.read_text())
 
 

@@ -54,3 +54,83 @@ def test_the_package_imports_its_api_on_first_use():
     proc = subprocess.run([sys.executable, "-c", "import cao2_fast; cao2_fast.nope"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "has no attribute 'nope'" in proc.stderr
+
+
+# -- train-preset never overwrites the shipped weights by accident ---------------------------------------------------
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    """Record where train-preset would write instead of training (minutes)."""
+    from cao2_fast.presets import train_digits
+
+    calls = []
+    monkeypatch.setattr(train_digits, "train_digits", lambda out, **kw: calls.append((out, kw)) or {"out": str(out)})
+    return calls
+
+
+def _shipped_state():
+    from cao2_fast.pipeline import preset_dir
+
+    return {p.name: p.stat().st_mtime_ns for p in preset_dir("digits").rglob("*") if p.is_file()}
+
+
+def test_train_preset_needs_out_or_an_explicit_replace(fake_trainer, capsys, tmp_path):
+    before = _shipped_state()
+    code, _, err = run_cli(["train-preset"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--out DIR" in lines[0] and "--replace-shipped" in lines[0], err
+    code, _, err = run_cli(["train-preset", "--out", str(tmp_path), "--replace-shipped"], capsys)
+    assert code == 2 and "exclude each other" in err
+    from cao2_fast.pipeline import preset_dir
+
+    code, _, err = run_cli(["train-preset", "--out", str(preset_dir("digits"))], capsys)
+    assert code == 2 and "--replace-shipped" in err
+    assert fake_trainer == [] and _shipped_state() == before
+
+    code, out, _ = run_cli(["train-preset", "digits", "--out", str(tmp_path / "p"), "--quick"], capsys)
+    assert code == 0 and fake_trainer[-1][0] == tmp_path / "p" and fake_trainer[-1][1]["quick"] is True
+    code, _, _ = run_cli(["train-preset", "--replace-shipped"], capsys)
+    assert code == 0 and fake_trainer[-1][0] == preset_dir("digits")
+
+
+def test_unknown_presets_are_refused_without_suggesting_a_refused_command(capsys):
+    from cao2_fast import UserError
+    from cao2_fast.pipeline import read_preset
+
+    with pytest.raises(UserError, match="unknown preset 'foo' \\(available: digits\\)"):
+        read_preset("foo")
+    for args in (["export", "--preset", "foo"], ["train-preset", "foo"], ["bench", "--preset", "foo"]):
+        code, _, err = run_cli(args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "foo" in lines[0] and "train-preset foo" not in lines[0], (args, err)
+
+
+# -- info -------------------------------------------------------------------------------------------------------------
+
+
+def test_info_lists_python_once_and_full_engine_paths(capsys, tmp_path, monkeypatch):
+    import json as _json
+
+    root = tmp_path / ("a-long-folder-name-" * 4) / "engines"
+    entry = root / "dit-onnx-0123456789abcdef0123"
+    entry.mkdir(parents=True)
+    (entry / "model.onnx").write_bytes(b"x" * 10)
+    meta = {"format": 1, "kind": "onnx", "model": "dit", "key": "k", "created": "2025-01-01T00:00:00",
+            "files": {"model.onnx": {"bytes": 10}}, "precision": "float32",
+            "fields": {"weights": "abcdef0123456789ff", "signature": {"class": "DiT", "config": {
+                "depth": 4, "hidden_size": 96, "num_classes": 10, "input_size": 8}}}}
+    (entry / "meta.json").write_text(_json.dumps(meta))
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli(["info", "--engine-dir", str(root)], capsys)
+    assert code == 0
+    import platform
+
+    assert out.count(f"python {platform.python_version()}") == 1
+    assert str(entry) in out.splitlines()[-1]  # the whole path, on a line of its own
+    desc = [line for line in out.splitlines() if "onnx dit" in line]
+    assert len(desc) == 1 and "DiT" in desc[0] and "classes 10" in desc[0] and "weights sha256 abcdef012345" in desc[0]
+    code, out, _ = run_cli(["info", "--json", "--engine-dir", str(root)], capsys)
+    data = _json.loads(out)
+    assert "python" not in data and "python" in data["versions"]
+    assert "weights sha256 abcdef012345" in data["engines"][entry.name]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UserError
-from .common import EngineDirOpt
+from .common import EngineDirOpt, progress_enabled
 from .main import app
 
 
@@ -19,9 +21,9 @@ def gather_info(engine_dir: Path | None = None) -> dict:
     import torch
 
     from ..engines import EngineCache
-    from ..pipeline import preset_dir, versions
+    from ..pipeline import preset_dir
 
-    info = {"versions": versions(), "python": platform.python_version()}
+    info = {"versions": _versions()}  # python's version is among them
     info["devices"] = {
         "cpu_threads": torch.get_num_threads(),
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
@@ -31,45 +33,116 @@ def gather_info(engine_dir: Path | None = None) -> dict:
     d = preset_dir("digits")
     info["presets"] = {"digits": str(d) if (d / "preset.json").is_file() else "missing"}
     cache = EngineCache(engine_dir)
-    info["engines"] = {"dir": str(cache.root), **{
-        e["name"]: f"{e.get('kind', '?')} {e.get('model', '?')} {e['bytes'] / 1e6:.1f} MB, {e['state']}"
-                   f"{', ' + e['created'] if e.get('created') else ''}" for e in cache.entries()}}
+    info["engines"] = {"dir": str(cache.root), **{e["name"]: _describe_entry(e) for e in cache.entries()}}
     return info
 
 
+def _versions() -> dict:
+    """The versions a manifest records (``pipeline.versions``), read from the installed metadata: importing
+    diffusers and timm only to ask would double this command's start-up."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    import torch
+
+    out = {"cao2_fast": __version__, "torch": torch.__version__}
+    for dist in ("diffusers", "timm"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    out["python"] = platform.python_version()
+    try:
+        out["numpy"] = version("numpy")
+    except PackageNotFoundError:
+        out["numpy"] = None
+    out["platform"] = sys.platform
+    return out
+
+
+def _describe_entry(e: dict) -> str:
+    """One line per cached engine: backend, which model (role, architecture, weights digest), size, state."""
+    model = f"{e.get('model', '?')} ({_model_of(Path(e['path']))})"
+    created = f", built {e['created']}" if e.get("created") else ""
+    return f"{e.get('kind', '?')} {model}, {e.get('precision', '?')}, {e['bytes'] / 1e6:.1f} MB, {e['state']}{created}"
+
+
+def _model_of(folder: Path) -> str:
+    """The model an engine was built from, as its metadata records it: class, a few sizes, the weights' digest."""
+    try:
+        fields = json.loads((folder / "meta.json").read_text())["fields"]
+        fields = fields.get("onnx", fields)  # a TensorRT entry keeps the ONNX file's fields inside its own
+        sig, cfg = fields["signature"], fields["signature"].get("config") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "unknown model"
+    keys = {"depth": "depth", "hidden_size": "width", "num_classes": "classes", "input_size": "latent side",
+            "latent_channels": "latent channels", "sample_size": "image side"}
+    sizes = [f"{label} {cfg[k]}" for k, label in keys.items() if isinstance(cfg, dict) and k in cfg]
+    if "input_size" in sig and not sizes:
+        sizes.append(f"input {sig['input_size']}")
+    return ", ".join([str(sig.get("class", "?")), *sizes, f"weights sha256 {str(fields.get('weights', '?'))[:12]}"])
+
+
 @app.command(epilog="Examples:\n\n  cao2-fast info\n\n  cao2-fast info --json")
-def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
          engine_dir: EngineDirOpt = None) -> None:
-    """Library versions, devices, optional backends, presets and cached engines."""
+    """Library versions, devices, optional backends, presets and cached engines (which model each belongs to)."""
     data = gather_info(engine_dir)
     if as_json:
         print(json.dumps(data, indent=1))
         return
-    from rich.console import Console
-    from rich.table import Table
+    v = data["versions"]
+    print(f"cao2-fast {v.get('cao2_fast', '?')}")
+    print("versions  " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "cao2_fast"))
+    dev = data["devices"]
+    print(f"devices   cpu ({dev['cpu_threads']} torch threads); cuda: {', '.join(dev['cuda']) or 'none'}")
+    print("optional  " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in data["optional"].items()))
+    for name, where in data["presets"].items():
+        print(f"preset    {name}: {where}")
+    engines = dict(data["engines"])
+    root = engines.pop("dir")
+    print(f"engines   {root} ({len(engines)} cached)")
+    for name, desc in engines.items():  # full paths on lines of their own: nothing is cut at the terminal's width
+        print(f"  {desc}")
+        print(f"    {Path(root) / name}")
 
-    table = Table(title="cao2-fast", show_header=False)
-    for section, values in data.items():
-        if isinstance(values, dict):
-            for k, v in values.items():
-                table.add_row(section, k, str(v))
-        else:
-            table.add_row(section, "", str(values))
-    Console().print(table)
+
+class PresetName(str, Enum):
+    digits = "digits"
 
 
-@app.command("train-preset", epilog="Examples:\n\n  cao2-fast train-preset digits --out /tmp/digits-preset")
+TRAIN_EXAMPLES = """
+Examples:
+
+  cao2-fast train-preset digits --out /tmp/digits-preset     # a fresh copy; the shipped one is untouched
+
+  cao2-fast train-preset digits --replace-shipped            # overwrite the installed preset's weights
+"""
+
+
+@app.command("train-preset", epilog=TRAIN_EXAMPLES)
 def train_preset(
-    name: Annotated[str, typer.Argument(help="Preset to train (digits).")] = "digits",
-    out: Annotated[Path | None, typer.Option(help="Where to write the weights (default: the installed preset folder).")] = None,
+    name: Annotated[PresetName, typer.Argument(help="Preset to train.")] = PresetName.digits,
+    out: Annotated[Path | None, typer.Option(help="Folder for the new weights (required unless --replace-shipped).", show_default=False)] = None,
+    replace_shipped: Annotated[bool, typer.Option("--replace-shipped", help="Write into the installed preset folder, replacing the weights every later `distill` uses (they are bitwise reproducible only at the same thread count).")] = False,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     quick: Annotated[bool, typer.Option(help="A few steps per model (smoke test), not the shipped quality.")] = False,
 ) -> None:
-    """Train the embedded preset's VAE, classifier and DiT from scratch with fixed seeds."""
-    if name != "digits":
-        raise UserError(f"unknown preset {name!r}: only 'digits' can be trained")
+    """Train the embedded preset's VAE, classifier and DiT from scratch with fixed seeds (into --out)."""
     from ..pipeline import preset_dir
+
+    shipped = preset_dir(name.value)
+    if replace_shipped and out is not None:
+        raise UserError("--out and --replace-shipped exclude each other: pick where the weights go")
+    if out is None and not replace_shipped:
+        raise UserError(f"train-preset needs --out DIR; to overwrite the shipped {name.value} preset in {shipped} "
+                        "(what every later `distill` uses) pass --replace-shipped instead")
+    if out is not None and out.expanduser().resolve() == shipped.resolve():
+        raise UserError(f"--out {out} is the shipped preset folder: pass --replace-shipped to overwrite it")
     from ..presets.train_digits import train_digits
 
-    report = train_digits(out or preset_dir("digits"), seed=seed, quick=quick)
+    target = shipped if replace_shipped else out.expanduser()
+    report = train_digits(target, seed=seed, quick=quick, progress=progress_enabled(False))
     print(json.dumps(report, indent=1, default=str))
+    print(f"wrote the {name.value} preset to {target}", file=sys.stderr)
