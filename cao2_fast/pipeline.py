@@ -24,6 +24,7 @@ from . import output, stage1, stage2
 from .config import DistillConfig, build_config
 from .diffusion import Diffusion
 from .errors import UserError
+from .identity import weights_id
 from .models.classifier import Classifier, load_classifier, parse_spec
 from .models.dit import DiT, fast_kernels, load_dit
 from .models.vae import VAE, load_vae
@@ -38,22 +39,6 @@ def class_generator(seed: int, class_id: int, stream: str) -> torch.Generator:
     changes a class's randomness."""
     digest = hashlib.sha256(f"cao2-fast/{seed}/{class_id}/{stream}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def weights_id(path: Path) -> dict:
-    """A cheap identity of a weights file or folder: sizes plus hashes of each file's first and last MiB."""
-    files = sorted(f for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
-    h = hashlib.sha256()
-    total = 0
-    for f in files:
-        size = f.stat().st_size
-        total += size
-        with open(f, "rb") as fh:
-            h.update(f.name.encode() + str(size).encode() + fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
-    return {"path": str(path), "bytes": total, "id": h.hexdigest()[:16]}
 
 
 PRESETS = ("digits",)  # the embedded presets (SPEC §6)

@@ -27,3 +27,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Engine cache and weights index go to a folder of the test session, never the user's home (subprocesses
+    inherit it through the environment)."""
+    import os
+
+    before = os.environ.get("CAO2_FAST_CACHE")
+    os.environ["CAO2_FAST_CACHE"] = str(tmp_path_factory.mktemp("cao2-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CAO2_FAST_CACHE", None)
+    else:
+        os.environ["CAO2_FAST_CACHE"] = before
