@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class UserError(Exception):
-    """An error the user can fix; its message is the one line they see."""
+class UserError(ValueError):
+    """An error the user can fix; its message is the one line they see. A ``ValueError``, so code that already
+    handles bad values catches it too."""
 
 
 def require_file(path: str | Path, what: str) -> Path:

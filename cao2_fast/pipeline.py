@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from .models.dit import DiT, fast_kernels, load_dit
 from .models.vae import VAE, load_vae
 
 LOCK_POLL_S = 0.5  # how often a run waiting for another run's classes looks again
+
+_log = logging.getLogger("cao2_fast")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,6 +75,27 @@ class ClassResult:
     failure: str | None = None  # why the class cannot be written (e.g. too few finite candidates); None if fine
 
 
+@dataclass
+class ClassOutput:
+    """One class as :meth:`Distiller.stream` yields it.
+
+    images_uint8: (IPC, H, W, 3) uint8, the pixels the CLI writes as PNG (torchvision ``save_image`` arithmetic).
+    images: (IPC, 3, H, W) float32 in [−1, 1], after stage 2, clamped to [−1, 1] (the VAE can overshoot).
+    stage1_images: the stage-1 picks before stage 2, likewise clamped.
+    records: per image, the fields of ``manifest.json`` (candidate index, p(class) before/after, losses, status…)
+        except the file name and checksum, which only exist on disk.
+    failure: None, or why the class could not be distilled (then the image fields are None).
+    """
+
+    class_id: int
+    class_name: str
+    images_uint8: torch.Tensor | None
+    images: torch.Tensor | None
+    stage1_images: torch.Tensor | None
+    records: list[dict]
+    failure: str | None = None
+
+
 class Distiller:
     """Runs CaO2 on given models.
 
@@ -87,7 +111,7 @@ class Distiller:
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
         self.progress = progress
-        self.log: Callable[[str], None] | None = None  # where notes such as a halved stage-2 batch go (run sets it)
+        self.log: Callable[[str], None] = _log.info  # notes (a halved stage-2 batch, a waiting run); run(log=) sets it
         self.engines = {"stage1": "eager", "stage2": "eager"}  # recorded in each class marker (use_engines sets it)
         self.stage1_out: Path | None = None  # where ``run`` also writes the stage-1 picks, if asked
         self.last_run: dict = {}  # what the last ``run`` did in this process (see ``run``)
@@ -309,6 +333,39 @@ class Distiller:
                                        if bad else None))
         results.sort(key=lambda r: class_order.index(r.class_id))
         return results
+
+    def stream(self, class_ids: list[int] | None = None) -> Iterator[ClassOutput]:
+        """Distill ``class_ids`` (default: the config's) and yield each class's :class:`ClassOutput` as soon as its
+        group is done, in the config's class order — a consumer sees the first classes after one group, not after
+        the job. Classes are computed in the config's groups (``DistillConfig.classes_per_group``), exactly as
+        ``run`` and the CLI compute them, so the images are the bytes the CLI writes; asking for one class of a group
+        computes its whole group. A class that fails (see ``run``) is yielded with ``failure`` set and no images,
+        and logged; the others go on. Nothing is written to disk."""
+        wanted = self._check_classes(class_ids)
+        for group in self.groups():
+            if not wanted.intersection(group):
+                continue
+            for r in self.distill(group):
+                if r.class_id not in wanted:
+                    continue
+                if r.failure is not None:
+                    _log.warning("class %s (%s) failed: %s", r.class_id, r.class_name, r.failure)
+                    yield ClassOutput(r.class_id, r.class_name, None, None, None, r.records, r.failure)
+                    continue
+                for rec in r.records:
+                    rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
+                yield ClassOutput(r.class_id, r.class_name, torch.from_numpy(output.to_uint8(r.images)),
+                                  r.images.clamp(-1, 1), r.stage1_images.clamp(-1, 1), r.records)
+
+    def _check_classes(self, class_ids) -> set[int]:
+        cfg = self.config
+        if class_ids is None:
+            return set(cfg.class_ids)
+        unknown = [c for c in class_ids if c not in set(cfg.class_ids)]
+        if unknown:
+            shown = ", ".join(map(str, cfg.class_ids[:10])) + (", …" if len(cfg.class_ids) > 10 else "")
+            raise UserError(f"class {unknown[0]} is not in the config (its classes: {shown})")
+        return set(class_ids)
 
     # -- the job on disk ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,66 @@
+"""The pipeline API without a folder: Distiller.stream and the DistilledClasses dataset (tiny random models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline import make_distiller
+
+from cao2_fast.data import DistilledClasses
+from cao2_fast.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "out"
+    make_distiller(class_ids=(0, 1, 2, 3, 4)).run(out)
+    return out
+
+
+def pixels(out, name):
+    return np.stack([np.asarray(Image.open(out / name / f"{i}.png").convert("RGB")) for i in range(2)])
+
+
+def test_stream_yields_each_group_as_soon_as_it_is_done_with_the_cli_bytes(on_disk):
+    d = make_distiller(class_ids=(0, 1, 2, 3, 4))  # 2 classes per group: [0, 1], [2, 3], [4]
+    done = []
+    real = d.distill
+    d.distill = lambda group, bars=None: done.append(list(group)) or real(group, bars)
+    it = d.stream()
+    first = next(it)
+    assert first.class_id == 0 and done == [[0, 1]]  # only the first group was computed so far
+    outs = [first, *it]
+    assert [o.class_id for o in outs] == [0, 1, 2, 3, 4] and done == [[0, 1], [2, 3], [4]]
+    for o in outs:
+        assert o.failure is None and o.images_uint8.dtype == torch.uint8 and o.images_uint8.shape == (2, 16, 16, 3)
+        assert (o.images_uint8.numpy() == pixels(on_disk, o.class_name)).all()
+        assert o.images.min() >= -1 and o.images.max() <= 1 and o.stage1_images.shape == (2, 3, 16, 16)
+        assert [r["class_id"] for r in o.records] == [o.class_id] * 2 and "sha256" not in o.records[0]
+
+
+def test_stream_of_some_classes_gives_their_cli_bytes_and_refuses_unknown_ones(on_disk):
+    d = make_distiller(class_ids=(0, 1, 2, 3, 4))
+    (o,) = list(d.stream([3]))
+    assert o.class_id == 3 and (o.images_uint8.numpy() == pixels(on_disk, "0003")).all()
+    with pytest.raises(UserError, match="class 7 is not in the config"):
+        list(d.stream([1, 7]))
+
+
+def test_the_dataset_under_two_workers_covers_every_class_once_with_the_cli_bytes(on_disk):
+    ds = DistilledClasses(lambda: make_distiller(class_ids=(0, 1, 2, 3, 4)))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    seen = sorted(((o.class_id, o.images_uint8.numpy()) for o in loader), key=lambda x: x[0])
+    assert [c for c, _ in seen] == [0, 1, 2, 3, 4]
+    for c, px in seen:
+        assert (px == pixels(on_disk, f"{c:04d}")).all()
+
+
+def test_ranks_split_the_groups_deterministically_and_disjointly():
+    made = lambda: make_distiller(class_ids=(0, 1, 2, 3, 4))  # noqa: E731
+    shards = [DistilledClasses(made, rank=r, world_size=2).groups() for r in (0, 1)]
+    assert shards == [[[0, 1], [4]], [[2, 3]]]
+    assert DistilledClasses(made, class_ids=[4, 1], rank=1, world_size=2).groups() == [[4]]
+    with pytest.raises(UserError, match="rank 2 is outside world_size 2"):
+        DistilledClasses(made, rank=2, world_size=2)
