@@ -63,7 +63,7 @@ def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, call
 
 
 def _register() -> None:
-    from . import bench, distill, export, info  # noqa: F401
+    from . import bench, convert, distill, export, info  # noqa: F401
     from . import eval as eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
 
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except Exception as e:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # a usage error (bad option or value)
-            print(f"error: {e.format_message()}", file=sys.stderr)
+            # typer words a refused choice "Value error, 'x' is not one of ..."; the first two words add nothing
+            print(f"error: {e.format_message().replace('Value error, ', '')}", file=sys.stderr)
             sys.exit(2)
         raise
