@@ -136,7 +136,8 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
               steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
               ops: str | None = None, cuda_graph: bool | None = None, compile_stage2: bool = False,
               repeats: int = 3, log=print) -> list[dict]:
-    """Measure both paths for stage 1 and stage 2 and derive end to end. Returns JSON-ready rows."""
+    """Measure both paths for stage 1 and stage 2 and derive end to end. Returns JSON-ready rows. ``log`` gets a
+    line as each phase begins and ends (and the notes of a halved batch)."""
     dev = torch.device(device)
     on_cuda = dev.type == "cuda"
     if not on_cuda:  # both paths run under it: freed activations are reused instead of faulted in again
@@ -148,6 +149,7 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
         torch.backends.cudnn.allow_tf32 = True
     fast_dtype = fast_dtype or ("bfloat16" if on_cuda else "float32")
     fdt = getattr(torch, fast_dtype)
+    log(f"building the {model} models on {device}")
     s = build_setup(model, device)
     cfg = s.dit.cfg
     latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -188,6 +190,7 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
                                 s.guidance_scale, 3, dev, fdt, batch=len(labels))
             stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
 
+    log(f"stage 1: warm-up, then {repeats} timed runs of each path ({classes * n_cand} candidates, {steps1} steps)")
     ref_stage1()  # warm-ups
     fast_stage1()
     t_ref1, t_fast1 = _timed_pair(ref_stage1, fast_stage1, device, repeats)
@@ -198,11 +201,15 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     for path, t, mem, dt_name, batch in (("reference", t_ref1, mem_ref1, "float32", 2 * n_cand),
                                          ("fast", t_fast1, mem_fast1, fast_dtype, 2 * n1)):
         per_item = t * full / n1
-        rows.append(dict(base, stage="1", path=path, dtype=dt_name, batch=batch, unit="images/s",
+        rows.append(dict(base, stage="1", path=path, dtype=dt_name, batch=batch, unit="candidates/s",
                          throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop1,
                          tflops=flop1 / per_item / 1e12, peak_mem_gib=round(mem, 3)))
 
+    log(f"stage 1: reference {rows[0]['throughput']:.2f}, fast {rows[1]['throughput']:.2f} candidates/s "
+        f"({rows[0]['seconds_per_item'] / rows[1]['seconds_per_item']:.2f}x)")
+
     # -- stage 2 -------------------------------------------------------------------------------------------------
+    log(f"stage 2: warm-up{' and compilation' if compile_stage2 else ''}, then {repeats} timed runs of each path")
     diffusion = Diffusion.create(respacing=50)
     x0 = torch.randn(ref_images, *latent, generator=g)
     nz2 = stage2.Stage2Noise.draw(ref_images, latent, steps2, 11, g, 0.0)
@@ -230,6 +237,9 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
                          tflops=flop2 / per_item / 1e12, peak_mem_gib=round(mem, 3),
                          engine="compile" if path == "fast" and compile_stage2 else "eager",
                          compile_s=compile_s if path == "fast" else None))
+
+    log(f"stage 2: reference {rows[2]['throughput']:.1f}, fast {rows[3]['throughput']:.1f} latent-steps/s "
+        f"({rows[2]['seconds_per_item'] / rows[3]['seconds_per_item']:.2f}x, fast batch {batch2})")
 
     # -- end to end (projected from the two stages) ----------------------------------------------------------------
     job = IMAGENET_IPC10 if model.startswith("dit-") else {"candidates": 10 * 20, "latents": 10 * 10}

@@ -60,15 +60,16 @@ def test_bench_rows_are_consistent(tiny_rows):
 
 @pytest.mark.parametrize("args,message", [
     ([], "choose one of --preset digits or --model"),
-    (["--preset", "imagenet"], "unknown preset"),
+    (["--preset", "imagenet"], "'imagenet' is not one of 'digits'"),
     (["--model", "dit-xl-2-256"], "--random-weights"),
     (["--preset", "digits", "--threads", "0"], "--threads must be at least 1"),
     (["--preset", "digits", "--repeats", "0"], "--repeats must be at least 1"),
-    (["--preset", "digits", "--ops", "cuda"], "--ops"),
+    (["--preset", "digits", "--ops", "cuda"], "'cuda' is not one of 'torch', 'triton'"),
+    (["--preset", "digits", "--dtype", "fp8"], "'fp8' is not one of"),
 ])
 def test_bench_rejects_bad_input_in_one_line(args, message, capsys, tmp_path):
     code, out, err = run_cli(["bench", *args, "--out", str(tmp_path / "b")], capsys)
-    assert code != 0
+    assert code == 2
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "b").exists()

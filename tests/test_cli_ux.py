@@ -134,3 +134,34 @@ def test_info_lists_python_once_and_full_engine_paths(capsys, tmp_path, monkeypa
     data = _json.loads(out)
     assert "python" not in data and "python" in data["versions"]
     assert "weights sha256 abcdef012345" in data["engines"][entry.name]
+
+
+# -- help pages -------------------------------------------------------------------------------------------------------
+
+
+def _help(cmd, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run_cli([*cmd, "--help"], capsys)
+    assert code == 0
+    return out
+
+
+def test_distill_help_is_grouped_with_computed_defaults(capsys, monkeypatch):
+    out = _help(["distill"], capsys, monkeypatch)
+    for panel in ("Models", "Recipe", "Stage 1", "Stage 2", "Output", "Engines & runtime"):
+        assert f"─ {panel}" in out, panel
+    assert "cao2-out/DATASET-ipcIPC" in out and "compile on CUDA" in out
+    row = next(line for line in out.splitlines() if "--stage2-engine" in line)
+    assert "<eager|compile>" in row and "onnx" not in row and "trt" not in row
+    assert "--no-overwrite" not in out and "--no-dry-run" not in out
+
+
+@pytest.mark.parametrize("cmd", [["distill"], ["export"], ["bench"], ["eval"], ["info"], ["train-preset"]])
+def test_examples_fit_80_columns(cmd, capsys, monkeypatch):
+    out = _help(cmd, capsys, monkeypatch)
+    assert max(map(len, out.splitlines())) <= 80
+    examples = out.split("Examples:", 1)[1].splitlines()
+    body = [line for line in examples if line.strip()]
+    assert body, "no examples"
+    for line in body:  # a command, its continuation, or a remark; never the tail of a command cut at the edge
+        assert line.startswith(("   cao2-fast ", "   torchrun ", "       --", "   (")), line

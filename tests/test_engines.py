@@ -388,10 +388,16 @@ def test_engine_trt_without_tensorrt_or_cuda_is_one_line_exit_2(command, tmp_pat
 
 @pytest.mark.parametrize("name", ["onnx", "trt"])
 def test_stage2_engine_without_backward_is_one_line_exit_2(name, tmp_path, capsys):
+    # the CLI does not offer them (its choice lists eager and compile only); the library refuses them with the reason
     code, _, err = run_cli(["distill", "--stage2-engine", name, "--device", "cpu", "--out", str(tmp_path / "o")], capsys)
     msg = lines(err)
-    assert code == 2 and len(msg) == 1 and "no backward pass" in msg[0] and "eager or compile" in msg[0], err
+    assert code == 2 and len(msg) == 1 and f"'{name}' is not one of 'eager', 'compile'" in msg[0], err
     assert not (tmp_path / "o").exists()
+    from cao2_fast.engines import check_engines
+    from cao2_fast.errors import UserError
+
+    with pytest.raises(UserError, match="no backward pass.*eager or compile"):
+        check_engines("eager", name, "cpu", "float32")
 
 
 def test_export_info_and_distill_share_the_cache(ckpts, cache, onnx_engines, tmp_path, capsys, exports):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import Device, DeviceOpt, resolve_device, set_threads
+from .common import Device, DType, PresetName, resolve_device, set_threads, user_cache_dir
 from .main import app
 
 
@@ -22,57 +24,67 @@ class BenchModel(str, Enum):
     dit_xl = "dit-xl-2-256"
 
 
+class Ops(str, Enum):
+    torch = "torch"
+    triton = "triton"
+
+
+OUT_DEFAULT = "$CAO2_FAST_CACHE/bench, else ~/.cache/cao2-fast/bench"
+
 EXAMPLES = """
 Examples:
 
-  cao2-fast bench --preset digits                               # CPU, embedded preset
+  cao2-fast bench --preset digits                  # CPU, embedded preset
 
-  cao2-fast bench --preset digits --threads 1 --out /tmp/b      # one core
+  cao2-fast bench --preset digits --threads 1 --out /tmp/b     # one core
 
   cao2-fast bench --model dit-xl-2-256 --random-weights --device cuda
 """
 
+WHAT, HOW = "What to time", "How to time it"
+
 
 @app.command(epilog=EXAMPLES)
 def bench(
-    preset: Annotated[str | None, typer.Option(help="Benchmark an embedded preset (digits).")] = None,
-    model: Annotated[BenchModel | None, typer.Option(help="Real DiT architecture (needs --random-weights).")] = None,
-    random_weights: Annotated[bool, typer.Option(help="Build --model with random weights (timing does not depend on them).")] = False,
-    device: DeviceOpt = Device.auto,
-    dtype: Annotated[str | None, typer.Option(help="Fast path dtype (default bfloat16 on CUDA, float32 on CPU).")] = None,
-    steps1: Annotated[int, typer.Option(help="Sampling steps timed per candidate (normalised to 50).")] = 5,
-    steps2: Annotated[int, typer.Option(help="Stage-2 steps timed per latent.")] = 5,
-    ref_images: Annotated[int, typer.Option(help="Latents the reference path optimises one at a time.")] = 2,
-    batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch (default: largest that fits, halving on OOM).")] = None,
-    ops: Annotated[str | None, typer.Option(help="Stage-2 step ops: torch or triton (default: triton on CUDA).")] = None,
-    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).")] = False,
-    out: Annotated[Path, typer.Option(help="Folder for the JSON rows and the chart.")] = Path("bench/results"),
-    repeats: Annotated[int, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.")] = 3,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths (default: torch's).")] = None,
+    preset: Annotated[PresetName | None, typer.Option(help="Benchmark an embedded preset.", rich_help_panel=WHAT)] = None,
+    model: Annotated[BenchModel | None, typer.Option(metavar="NAME", help="Real DiT architecture with random weights (needs --random-weights): dit-s-2-256, dit-b-2-256, dit-l-2-256, dit-xl-2-256; tiny: a seconds-long smoke run.", rich_help_panel=WHAT)] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Build --model with random weights (timing does not depend on them).", rich_help_panel=WHAT)] = False,
+    device: Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.", rich_help_panel=WHAT)] = Device.auto,
+    dtype: Annotated[DType | None, typer.Option(metavar="DTYPE", help="Fast path dtype: float32, bfloat16 or float16.", show_default="bfloat16 on CUDA, float32 on CPU", rich_help_panel=WHAT)] = None,
+    ops: Annotated[Ops | None, typer.Option(help="Stage-2 step ops.", show_default="triton on CUDA, torch on CPU", rich_help_panel=WHAT)] = None,
+    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).", rich_help_panel=WHAT)] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths.", show_default="torch's", rich_help_panel=WHAT)] = None,
+    steps1: Annotated[int, typer.Option(help="Sampling steps timed per candidate (normalised to 50).", rich_help_panel=HOW)] = 5,
+    steps2: Annotated[int, typer.Option(help="Stage-2 steps timed per latent.", rich_help_panel=HOW)] = 5,
+    ref_images: Annotated[int, typer.Option(help="Latents the reference path optimises one at a time.", rich_help_panel=HOW)] = 2,
+    batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch.", show_default="largest that fits, halving on OOM", rich_help_panel=HOW)] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", rich_help_panel=HOW)] = 3,
+    out: Annotated[Path | None, typer.Option(help=f"Folder for the JSON rows and the chart (default: {OUT_DEFAULT}).", rich_help_panel=HOW)] = None,
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
+    if (preset is None) == (model is None):
+        raise UserError("choose one of --preset digits or --model dit-xl-2-256 --random-weights")
+    if model is not None and not random_weights:
+        raise UserError("--model builds the architecture only: add --random-weights (or bench a preset)")
+    for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
+        if v < 1:
+            raise UserError(f"{name} must be at least 1")
     import torch
 
     from ..benchmark import format_table, run_bench, write_results
 
-    if (preset is None) == (model is None):
-        raise UserError("choose one of --preset digits or --model dit-xl-2-256 --random-weights")
-    if preset is not None and preset != "digits":
-        raise UserError(f"unknown preset {preset!r}: digits")
-    if model is not None and not random_weights:
-        raise UserError("--model builds the architecture only: add --random-weights (or bench a preset)")
-    if ops not in (None, "torch", "triton"):
-        raise UserError(f"--ops {ops!r}: torch or triton")
-    for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
-        if v < 1:
-            raise UserError(f"{name} must be at least 1")
     set_threads(threads)
     dev = resolve_device(device)
-    name = preset or model.value
-    rows = run_bench(name, dev, dtype, steps1, steps2, ref_images, batch, ops=ops, compile_stage2=compile_stage2,
-                     repeats=repeats)
+    name = preset.value if preset else model.value
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - t0:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
+                     ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats, log=log)
     print(format_table(rows))
     where = "cuda" if dev == "cuda" else f"cpu-{torch.get_num_threads()}t"  # CPU results depend on the thread count
     tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}"
-    jpath, ppath = write_results(rows, out, tag)
+    jpath, ppath = write_results(rows, out if out is not None else user_cache_dir() / "bench", tag)
     print(f"wrote {jpath} and {ppath}")

@@ -71,6 +71,25 @@ class EngineName(str, Enum):
     trt = "trt"
 
 
+class Stage2EngineName(str, Enum):
+    """Stage 2 differentiates through the DiT: only engines with a backward pass are offered."""
+
+    eager = "eager"
+    compile = "compile"
+
+
+class PresetName(str, Enum):
+    digits = "digits"
+
+
+def user_cache_dir() -> Path:
+    """``$CAO2_FAST_CACHE``, else ``~/.cache/cao2-fast``: where cao2-fast keeps what is not part of a result."""
+    base = os.environ.get("CAO2_FAST_CACHE")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "cao2-fast"
+
+
+ENGINE_DIR_DEFAULT = "$CAO2_FAST_CACHE/engines, else ~/.cache/cao2-fast/engines"
+
 EngineOpt = Annotated[EngineName, typer.Option("--engine", help="Stage-1 engine (DiT sampling, VAE decode, classifier): eager PyTorch, torch.compile, ONNX Runtime or TensorRT.")]
-Stage2EngineOpt = Annotated[EngineName | None, typer.Option("--stage2-engine", help="Stage-2 DiT engine; it needs gradients, so eager or compile (default: compile on CUDA, eager on CPU).")]
-EngineDirOpt = Annotated[Path | None, typer.Option("--engine-dir", help="Engine cache folder (default: $CAO2_FAST_CACHE/engines, else ~/.cache/cao2-fast/engines).")]
+Stage2EngineOpt = Annotated[Stage2EngineName | None, typer.Option("--stage2-engine", help="Stage-2 DiT engine (it needs gradients).", show_default="compile on CUDA, eager on CPU")]
+EngineDirOpt = Annotated[Path | None, typer.Option("--engine-dir", help=f"Engine cache folder (default: {ENGINE_DIR_DEFAULT}).")]

@@ -13,8 +13,8 @@ import typer
 
 from .. import distributed
 from ..errors import UserError
-from .common import (Device, DeviceOpt, DType, EngineDirOpt, EngineName, EngineOpt, NoProgressOpt, OutOpt,
-                     RecipeName, SeedOpt, Stage2EngineOpt, progress_enabled, resolve_device, set_threads)
+from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, progress_enabled,
+                     resolve_device, set_threads)
 from .main import app
 
 
@@ -45,16 +45,18 @@ class Label(str, Enum):
 EXAMPLES = """
 Examples:
 
-  cao2-fast distill                                   # digits preset, IPC 10 -> ./cao2-out/digits-ipc10/
+  cao2-fast distill                  # digits preset -> cao2-out/digits-ipc10
 
-  cao2-fast distill --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\
-      --dataset imagenet-1k --ipc 10 --recipe official
+  cao2-fast distill --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ \\
+      --classifier resnet18:resnet18.pth --dataset imagenet-1k --ipc 10
 
-  cao2-fast distill --dit ... --vae ... --classifier ... --classes 1,9,130 --ipc 1 --dry-run
+  cao2-fast distill --dit D --vae V --classifier C --classes 1,9,130 \\
+      --ipc 1 --dry-run               # the plan only; writes nothing
 
-  cao2-fast distill --engine onnx --engine-dir /scratch/cao2-engines   # stage 1 on ONNX Runtime, exports cached
+  cao2-fast distill --engine onnx --engine-dir /scratch/cao2-engines
 
-  torchrun --nproc_per_node 8 -m cao2_fast distill --dit ... --dataset imagenet-1k --ipc 50
+  torchrun --nproc_per_node 8 -m cao2_fast distill --dit D --vae V \\
+      --classifier C --dataset imagenet-1k --ipc 50
 """
 
 
@@ -99,41 +101,45 @@ def parse_classes(text: str) -> list[int]:
 _RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?", re.ASCII)
 
 
+MODELS, RECIPE, STAGE1, STAGE2, OUTPUT, RUNTIME = ("Models", "Recipe", "Stage 1: sample and select",
+                                                   "Stage 2: optimise latents", "Output", "Engines & runtime")
+
+
 @app.command(epilog=EXAMPLES)
 def distill(
-    dataset: Annotated[Dataset | None, typer.Option(help="Class list and per-dataset recipe settings (default: digits, or the DiT's classes with --classes).")] = None,
-    classes: Annotated[str | None, typer.Option(help="Your own class ids: '1,7,100-109' or '@file'.")] = None,
-    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.")] = None,
-    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.")] = None,
-    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.")] = None,
-    ipc: Annotated[int, typer.Option(help="Images per class.")] = 10,
-    recipe: Annotated[RecipeName, typer.Option(help="official: the released code's behaviour; consistent: quirks fixed.")] = RecipeName.official,
-    k: Annotated[int | None, typer.Option("--k", help="Oversampling: K·IPC candidates per class (dataset default).")] = None,
-    selection: Annotated[SelectionRule, typer.Option(help="Stage-1 selection rule.")] = SelectionRule.confident,
-    order: Annotated[Order | None, typer.Option(help="Selection order (dataset default).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (2.7; digits: preset's).")] = None,
-    sample_steps: Annotated[int, typer.Option(help="Respaced DDPM sampling steps.")] = 50,
-    stage2_steps: Annotated[int | None, typer.Option(help="Adam steps per latent (dataset default, 100).")] = None,
-    lr: Annotated[float, typer.Option(help="Stage-2 Adam learning rate.")] = 6e-4,
-    lam: Annotated[float, typer.Option(help="Weight of the L-inf term.")] = 10.0,
-    t_max: Annotated[int | None, typer.Option(help="Stage-2 timesteps uniform over {1..t_max} (dataset default).")] = None,
-    stage2_label: Annotated[Label | None, typer.Option(help="Stage-2 condition: the true class or the null class (recipe default).")] = None,
-    seed: SeedOpt = 0,
-    out: OutOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an output folder made with a different config.")] = False,
-    save_stage1: Annotated[bool, typer.Option("--save-stage1", help="Also write the stage-1 picks (before stage 2) as their own ImageFolder tree beside --out (OUT-stage1, or --stage1-out).")] = False,
-    stage1_out: Annotated[Path | None, typer.Option(help="Folder for --save-stage1's tree (default: OUT-stage1 beside OUT; implies --save-stage1).")] = None,
-    device: DeviceOpt = Device.auto,
-    dtype: Annotated[DType, typer.Option(help="Model compute dtype.")] = DType.float32,
-    stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).")] = None,
-    stage2_batch: Annotated[int | None, typer.Option(help="Latents optimised together.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Resolve and print the config and the plan; write nothing.")] = False,
-    no_progress: NoProgressOpt = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's; 1 is fastest for tiny models on a busy machine).")] = None,
-    engine: EngineOpt = EngineName.eager,
-    stage2_engine: Stage2EngineOpt = None,
-    engine_dir: EngineDirOpt = None,
-    rank_timeout: Annotated[float, typer.Option(help="Seconds a rank waits at a barrier for the others before it stops with an error naming the missing ranks (torchrun).")] = 1800.0,
+    dataset: Annotated[Dataset | None, typer.Option(metavar="NAME", help="Class list and per-dataset settings: digits, imagenet-1k, imagenette, imagewoof or imagenet-100.", show_default="digits; imagenet-1k with --dit; custom with --classes", rich_help_panel=MODELS)] = None,
+    classes: Annotated[str | None, typer.Option(help="Your own class ids: '1,7,100-109' or '@file'.", rich_help_panel=MODELS)] = None,
+    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
+    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
+    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
+    ipc: Annotated[int, typer.Option(help="Images per class.", rich_help_panel=RECIPE)] = 10,
+    recipe: Annotated[RecipeName, typer.Option(help="official: the released code's behaviour; consistent: its quirks fixed.", rich_help_panel=RECIPE)] = RecipeName.official,
+    seed: Annotated[int, typer.Option("--seed", help="Master seed; a class's randomness depends on (seed, class id) only.", rich_help_panel=RECIPE)] = 0,
+    k: Annotated[int | None, typer.Option("--k", help="Oversampling: K·IPC candidates per class.", show_default="4; 2 for imagenette, imagenet-100, digits", rich_help_panel=STAGE1)] = None,
+    selection: Annotated[SelectionRule, typer.Option(help="Which candidates to keep.", rich_help_panel=STAGE1)] = SelectionRule.confident,
+    order: Annotated[Order | None, typer.Option(help="Selection order by classifier confidence.", show_default="asc for imagenet-100, else desc", rich_help_panel=STAGE1)] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", rich_help_panel=STAGE1)] = 2.7,
+    sample_steps: Annotated[int, typer.Option(help="Respaced DDPM sampling steps.", rich_help_panel=STAGE1)] = 50,
+    stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).", show_default="256; digits 4·IPC", rich_help_panel=STAGE1)] = None,
+    stage2_steps: Annotated[int | None, typer.Option(help="Adam steps per latent.", show_default="100; imagenette official 0", rich_help_panel=STAGE2)] = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.", rich_help_panel=STAGE2)] = 6e-4,
+    lam: Annotated[float, typer.Option(help="Weight of the L-inf term.", rich_help_panel=STAGE2)] = 10.0,
+    t_max: Annotated[int | None, typer.Option(help="Timesteps uniform over {1..t_max}.", show_default="11; imagenet-100 5", rich_help_panel=STAGE2)] = None,
+    stage2_label: Annotated[Label | None, typer.Option(help="Condition: the true class or the null class.", show_default="official null, consistent true", rich_help_panel=STAGE2)] = None,
+    stage2_batch: Annotated[int, typer.Option(help="Latents optimised together.", rich_help_panel=STAGE2)] = 64,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder.", show_default="cao2-out/DATASET-ipcIPC, plus -consistent for that recipe", rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output folder made with a different config.", rich_help_panel=OUTPUT)] = False,
+    save_stage1: Annotated[bool, typer.Option("--save-stage1", help="Also write the stage-1 picks (before stage 2) as their own ImageFolder tree beside --out (OUT-stage1, or --stage1-out).", rich_help_panel=OUTPUT)] = False,
+    stage1_out: Annotated[Path | None, typer.Option(help="Folder for --save-stage1's tree (implies --save-stage1).", show_default="OUT-stage1 beside OUT", rich_help_panel=OUTPUT)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the config and the plan; write nothing.", rich_help_panel=OUTPUT)] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress report (also CAO2_FAST_NO_PROGRESS=1). Bars are drawn on a terminal only, otherwise a few log lines.", rich_help_panel=OUTPUT)] = False,
+    device: Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.", rich_help_panel=RUNTIME)] = Device.auto,
+    dtype: Annotated[DType, typer.Option(metavar="DTYPE", help="Model compute dtype: float32, bfloat16 or float16.", rich_help_panel=RUNTIME)] = DType.float32,
+    engine: Annotated[EngineName, typer.Option("--engine", metavar="NAME", help="Stage-1 engine (DiT sampling, VAE decode, classifier): eager, compile, onnx (ONNX Runtime) or trt (TensorRT).", rich_help_panel=RUNTIME)] = EngineName.eager,
+    stage2_engine: Annotated[Stage2EngineName | None, typer.Option("--stage2-engine", help="Stage-2 DiT engine (it needs gradients).", show_default="compile on CUDA, eager on CPU", rich_help_panel=RUNTIME)] = None,
+    engine_dir: Annotated[Path | None, typer.Option("--engine-dir", help=f"Engine cache folder (default: {ENGINE_DIR_DEFAULT}).", rich_help_panel=RUNTIME)] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is fastest for tiny models on a busy machine).", show_default="torch's", rich_help_panel=RUNTIME)] = None,
+    rank_timeout: Annotated[float, typer.Option(help="Seconds a rank waits at a barrier for the others before it stops naming the missing ranks (torchrun).", rich_help_panel=RUNTIME)] = 1800.0,
 ) -> None:
     """Distill a dataset into IPC synthetic images per class (stage 1: sample + select, stage 2: optimise latents)."""
     from ..engines import check_engines

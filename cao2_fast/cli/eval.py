@@ -20,19 +20,22 @@ from .main import app
 EXAMPLES = """
 Examples:
 
-  cao2-fast eval --dataset digits --distilled cao2-out/digits-ipc10             # soft-label, preset teacher
+  cao2-fast eval --dataset digits --distilled cao2-out/digits-ipc10
 
-  cao2-fast eval --dataset digits --distilled cao2-out/digits-ipc10 --protocol hard --repeats 1
+  cao2-fast eval --dataset digits --distilled cao2-out/digits-ipc10 \\
+      --protocol hard --repeats 1
 
-  cao2-fast eval --distilled out/imagenette-ipc10 --val imagenette/val --protocol soft \\
-      --teacher resnet18:imagenette_rn18.pth --student resnet18 --repeats 3
+  cao2-fast eval --distilled out/imagenette-ipc10 --val imagenette/val \\
+      --teacher resnet18:imagenette_rn18.pth --student resnet18
 
-  cao2-fast eval --distilled out/woof-ipc50 --val woof/val --train woof/train --teacher resnet18:woof_rn18.pth \
-      --student resnet50
+  cao2-fast eval --distilled out/woof-ipc50 --val woof/val \\
+      --train woof/train --teacher resnet18:woof_rn18.pth --student resnet50
 
-  cao2-fast eval --distilled out/woof-ipc50 --val woof/val --protocol hard --epochs 300 --no-progress
+  cao2-fast eval --distilled out/woof-ipc50 --val woof/val --protocol hard \\
+      --epochs 300 --no-progress
 
-  cao2-fast eval --distilled out/nette-ipc10 --val nette/val --teacher resnet18:t.pth --dry-run
+  cao2-fast eval --distilled out/nette-ipc10 --val nette/val \\
+      --teacher resnet18:t.pth --dry-run
 """
 
 OPT = "Training (default: the protocol's SPEC §3 value)"

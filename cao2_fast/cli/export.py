@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import Device, DeviceOpt, DType, EngineDirOpt, RecipeName, resolve_device
+from .common import ENGINE_DIR_DEFAULT, Device, DType, PresetName, RecipeName, resolve_device
 from .main import app
 
 
@@ -27,29 +27,34 @@ class ExportEngine(str, Enum):
 EXAMPLES = """
 Examples:
 
-  cao2-fast export --engine onnx                                  # the digits preset's three models
+  cao2-fast export --engine onnx           # the digits preset's three models
 
-  cao2-fast export --engine trt --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\
-      --batch 64 --dtype bfloat16                                 # then: cao2-fast distill ... --engine trt --stage1-batch 64
+  cao2-fast export --engine trt --dit DiT-XL-2-256x256.pt \\
+      --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\
+      --batch 64 --dtype bfloat16
+  (then: cao2-fast distill ... --engine trt --stage1-batch 64)
 
   cao2-fast export --engine onnx --engine-dir /scratch/cao2-engines --json
 """
 
 
+MODELS, BUILD = "Models (as distill would set them up)", "What to build"
+
+
 @app.command(epilog=EXAMPLES)
 def export(
-    engine: Annotated[ExportEngine, typer.Option(help="What to build: ONNX files (run by ONNX Runtime) or TensorRT engines (built from those ONNX files).")] = ExportEngine.onnx,
-    preset: Annotated[str | None, typer.Option(help="Embedded preset whose models to export (default: digits unless --dit/--vae/--classifier are given).")] = None,
-    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.")] = None,
-    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.")] = None,
-    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.")] = None,
-    recipe: Annotated[RecipeName, typer.Option(help="The recipe decides the classifier's input normalisation, which is part of its graph.")] = RecipeName.official,
-    ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.")] = 10,
-    batch: Annotated[int | None, typer.Option("--batch", "--stage1-batch", help="Candidates per stage-1 DiT call, as distill's --stage1-batch (TensorRT profiles are built for it; ONNX files serve any batch).")] = None,
-    dtype: Annotated[DType, typer.Option(help="Engine precision (ONNX Runtime: float32; TensorRT: all three).")] = DType.float32,
-    device: DeviceOpt = Device.auto,
-    engine_dir: EngineDirOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model instead of text.")] = False,
+    engine: Annotated[ExportEngine, typer.Option(help="ONNX files (run by ONNX Runtime) or TensorRT engines (built from those ONNX files).", rich_help_panel=BUILD)] = ExportEngine.onnx,
+    dtype: Annotated[DType, typer.Option(metavar="DTYPE", help="Precision: float32 (both), bfloat16 or float16 (TensorRT).", rich_help_panel=BUILD)] = DType.float32,
+    batch: Annotated[int | None, typer.Option("--batch", "--stage1-batch", help="Candidates per stage-1 DiT call, as distill's --stage1-batch (TensorRT profiles are built for it; ONNX files serve any batch).", show_default="distill's", rich_help_panel=BUILD)] = None,
+    engine_dir: Annotated[Path | None, typer.Option("--engine-dir", help=f"Engine cache folder (default: {ENGINE_DIR_DEFAULT}).", rich_help_panel=BUILD)] = None,
+    device: Annotated[Device, typer.Option("--device", help="Where to build: auto picks CUDA when present.", rich_help_panel=BUILD)] = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model instead of text.", rich_help_panel=BUILD)] = False,
+    preset: Annotated[PresetName | None, typer.Option(help="Embedded preset whose models to export.", show_default="digits without --dit/--vae/--classifier", rich_help_panel=MODELS)] = None,
+    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.", rich_help_panel=MODELS)] = None,
+    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.", rich_help_panel=MODELS)] = None,
+    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.", rich_help_panel=MODELS)] = None,
+    recipe: Annotated[RecipeName, typer.Option(help="It decides the classifier's input normalisation, part of its graph.", rich_help_panel=MODELS)] = RecipeName.official,
+    ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.", rich_help_panel=MODELS)] = 10,
 ) -> None:
     """Export the stage-1 models (DiT, VAE decoder, classifier) and build their engines into the engine cache."""
     from ..engines import EngineCache, check_engines
@@ -70,7 +75,8 @@ def export(
         distiller = Distiller.from_paths(dit, vae, classifier, dataset="custom", class_ids=[0], ipc=ipc,
                                          recipe=recipe.value, **overrides)
     else:
-        distiller = Distiller.from_preset(preset or "digits", ipc=ipc, recipe=recipe.value, **overrides)
+        distiller = Distiller.from_preset(preset.value if preset else "digits", ipc=ipc, recipe=recipe.value,
+                                          **overrides)
     distiller.to(dev)
     built = distiller.use_engines(engine.value, "eager", engine_dir)
     root = EngineCache(engine_dir).root

@@ -84,7 +84,7 @@ def _model_of(folder: Path) -> str:
     return ", ".join([str(sig.get("class", "?")), *sizes, f"weights sha256 {str(fields.get('weights', '?'))[:12]}"])
 
 
-@app.command(epilog="Examples:\n\n  cao2-fast info\n\n  cao2-fast info --json")
+@app.command(epilog="\nExamples:\n\n  cao2-fast info\n\n  cao2-fast info --json --engine-dir /scratch/cao2-engines\n")
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
          engine_dir: EngineDirOpt = None) -> None:
     """Library versions, devices, optional backends, presets and cached engines (which model each belongs to)."""
@@ -115,9 +115,9 @@ class PresetName(str, Enum):
 TRAIN_EXAMPLES = """
 Examples:
 
-  cao2-fast train-preset digits --out /tmp/digits-preset     # a fresh copy; the shipped one is untouched
+  cao2-fast train-preset digits --out /tmp/digits-preset    # a fresh copy
 
-  cao2-fast train-preset digits --replace-shipped            # overwrite the installed preset's weights
+  cao2-fast train-preset digits --replace-shipped    # over the shipped one
 """
 
 
