@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from typing import Literal
 
@@ -155,6 +155,9 @@ class DistillConfig:
         return d
 
 
+_NOT_OVERRIDES = ("dataset", "class_ids", "class_names", "ipc", "recipe")  # given as build_config's own arguments
+
+
 def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | None = None,
                  class_names: list[str] | None = None, num_model_classes: int | None = None, **overrides) -> DistillConfig:
     """Resolve dataset preset + recipe + user overrides into a validated config (errors name the fix)."""
@@ -183,6 +186,10 @@ def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | Non
     label = preset.stage2_label if (preset.stage2_label and rec.name == "official") else rec.stage2_label
     stage2_steps = preset.stage2_steps if rec.name == "official" else 100
     base = dict(k=preset.k, order=preset.order, t_max=preset.t_max, stage2_label=label, stage2_steps=stage2_steps)
+    valid = sorted(f.name for f in fields(DistillConfig) if f.name not in _NOT_OVERRIDES)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]!r}: valid overrides are {', '.join(valid)}")
     base.update({k: v for k, v in overrides.items() if v is not None})
     cfg = DistillConfig(dataset=dataset, class_ids=tuple(class_ids), class_names=tuple(class_names), ipc=ipc,
                         recipe=rec, **base)

@@ -64,3 +64,12 @@ def test_ranks_split_the_groups_deterministically_and_disjointly():
     assert DistilledClasses(made, class_ids=[4, 1], rank=1, world_size=2).groups() == [[4]]
     with pytest.raises(UserError, match="rank 2 is outside world_size 2"):
         DistilledClasses(made, rank=2, world_size=2)
+
+
+def test_api_errors_are_one_line_value_errors():
+    from cao2_fast.pipeline import Distiller
+
+    with pytest.raises(ValueError, match="unknown setting 'guidance': valid overrides are .*guidance_scale"):
+        Distiller.from_preset("digits", guidance=2.0)
+    with pytest.raises(UserError, match="class id 12 is not in the digits preset"):
+        Distiller.from_preset("digits", class_ids=[12])
