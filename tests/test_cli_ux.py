@@ -165,3 +165,30 @@ def test_examples_fit_80_columns(cmd, capsys, monkeypatch):
     assert body, "no examples"
     for line in body:  # a command, its continuation, or a remark; never the tail of a command cut at the edge
         assert line.startswith(("   cao2-fast ", "   torchrun ", "       --", "   (")), line
+
+
+# -- bench ------------------------------------------------------------------------------------------------------------
+
+
+def test_bench_reports_progress_and_writes_outside_the_working_folder(tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    import torch
+
+    work, cache = tmp_path / "repo", tmp_path / "cache"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("CAO2_FAST_CACHE", str(cache))
+    before = torch.get_num_threads()
+    try:
+        code, out, err = run_cli(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1",
+                                  "--steps1", "1", "--steps2", "1", "--ref-images", "1", "--repeats", "1"], capsys)
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0, err
+    assert list(work.iterdir()) == []  # nothing in the folder it ran from (a checkout's bench/results stays as is)
+    rows = _json.loads((cache / "bench" / "bench_tiny_cpu-1t.json").read_text())
+    assert {r["unit"] for r in rows if r["stage"] == "1"} == {"candidates/s"}
+    assert f"wrote {cache / 'bench'}" in out
+    steps = [line for line in err.splitlines() if line.startswith("[")]
+    assert any("stage 1: warm-up" in s for s in steps) and any("stage 2: reference" in s for s in steps), err
