@@ -29,6 +29,7 @@ from .identity import weights_id
 from .models.classifier import Classifier, load_classifier, parse_spec
 from .models.dit import DiT, fast_kernels, load_dit
 from .models.vae import VAE, load_vae
+from .progress import Plan, Progress, as_progress
 
 LOCK_POLL_S = 0.5  # how often a run waiting for another run's classes looks again
 
@@ -106,7 +107,7 @@ class Distiller:
     """
 
     def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "cpu",
-                 progress: bool = False):
+                 progress: bool | Progress = False):
         self.dit, self.vae, self.classifier, self.config = dit, vae, classifier, config
         self.device = torch.device(device)
         self.dtype = DTYPES[config.dtype]
@@ -553,36 +554,41 @@ class Distiller:
         return manifest
 
     def _bars(self, out: Path, fp: str, names: dict, todo: list[list[int]]) -> dict:
-        if not self.progress:
+        """The run's progress callbacks, reporting to ``self.progress`` (see :mod:`cao2_fast.progress`), which is
+        told the plan first; empty when progress is off."""
+        reporter = as_progress(self.progress)
+        if reporter is None:
             return {}
-        from tqdm.auto import tqdm
-
         cfg = self.config
         done = sum(output.read_complete(out, n, fp, cfg.ipc) is not None for n in cfg.class_names)
-        return {
-            "classes": _ClassBar(tqdm(total=len(cfg.class_ids), initial=done, desc="classes", unit="class",
-                                      position=0), out),
-            "stage1": _Bar(tqdm(total=cfg.sample_steps * _chunks(todo, cfg), desc="stage 1 (sampling steps)",
-                                unit="step", position=1, leave=False)),
-            "stage2": _Bar(tqdm(total=cfg.stage2_steps * cfg.ipc * sum(map(len, todo)), desc="stage 2",
-                                unit="latent-step", unit_scale=True, position=2, leave=False)),
-        }
+        n_todo = sum(map(len, todo))
+        guided = 1 if cfg.guidance_scale == 1.0 else 2
+        flop = self.dit.cfg.flops_per_forward() * (n_todo * cfg.num_candidates * cfg.sample_steps * guided
+                                                   + n_todo * cfg.ipc * cfg.stage2_steps * 2)
+        reporter.start(Plan(classes=len(cfg.class_ids), already_complete=done, todo=n_todo,
+                            candidates=n_todo * cfg.num_candidates, sample_steps=cfg.sample_steps,
+                            batch_steps=cfg.sample_steps * _chunks(todo, cfg), latents=n_todo * cfg.ipc,
+                            latent_steps=cfg.stage2_steps * cfg.ipc * n_todo, engines=dict(self.engines),
+                            dit_tflop=flop / 1e12))
+        return {"classes": _ClassBar(reporter, "classes", out, done), "stage1": _Bar(reporter, "stage1"),
+                "stage2": _Bar(reporter, "stage2")}
 
 
 class _Bar:
-    """A tqdm bar usable as a zero-argument progress callback."""
+    """One stage's progress as the stages call it: a zero-argument tick (stage 1, one sampling step of a batch) or
+    ``update(n)`` (stage 2, latent-steps), passed on to the run's :class:`~cao2_fast.progress.Progress`."""
 
-    def __init__(self, bar):
-        self.bar = bar
+    def __init__(self, reporter: Progress, stage: str):
+        self.reporter, self.stage = reporter, stage
 
     def __call__(self):
-        self.bar.update(1)
+        self.reporter.advance(self.stage, 1)
 
     def update(self, n):
-        self.bar.update(n)
+        self.reporter.advance(self.stage, n)
 
     def close(self):
-        self.bar.close()
+        pass
 
 
 class _Ticks:
@@ -604,15 +610,18 @@ class _Ticks:
 
 
 class _ClassBar(_Bar):
-    """Counts complete classes on disk, so rank 0 shows the progress of all ranks."""
+    """Counts complete classes on disk, so rank 0 reports the progress of all ranks; closing it ends the report."""
 
-    def __init__(self, bar, out: Path):
-        super().__init__(bar)
-        self.out = out
+    def __init__(self, reporter: Progress, stage: str, out: Path, done: int):
+        super().__init__(reporter, stage)
+        self.out, self.n = out, done
 
     def update(self, n):
-        self.bar.n = max(self.bar.n + n, len(list(self.out.glob(f"*/{output.MARKER}"))))
-        self.bar.refresh()
+        self.n = max(self.n + n, len(list(self.out.glob(f"*/{output.MARKER}"))))
+        self.reporter.classes_done(self.n)
+
+    def close(self):
+        self.reporter.close()
 
 
 def _ceil(a: int, b: int) -> int:

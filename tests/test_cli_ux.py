@@ -192,3 +192,134 @@ def test_bench_reports_progress_and_writes_outside_the_working_folder(tmp_path, 
     assert f"wrote {cache / 'bench'}" in out
     steps = [line for line in err.splitlines() if line.startswith("[")]
     assert any("stage 1: warm-up" in s for s in steps) and any("stage 2: reference" in s for s in steps), err
+
+
+# -- progress ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    """A tiny DiT checkpoint, a diffusers VAE folder and a timm classifier state dict on disk."""
+    import torch
+
+    from cao2_fast.models.dit import DiTConfig
+    from cao2_fast.models.random import random_models
+
+    root = tmp_path_factory.mktemp("ckpt")
+    dit, vae, clf = random_models(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5))
+    sd = dict(dit.state_dict())
+    sd["pos_embed"] = dit.pos_embed.clone()
+    torch.save(sd, root / "dit.pt")
+    vae.autoencoder.save_pretrained(root / "vae")
+    torch.save(clf.model.state_dict(), root / "clf.pth")
+    return root
+
+
+def _tiny_distill(ckpts, out, *extra):
+    return ["distill", "--dit", str(ckpts / "dit.pt"), "--vae", str(ckpts / "vae"), "--classifier",
+            f"test_resnet:{ckpts / 'clf.pth'}", "--out", str(out), "--classes", "0-4", "--ipc", "2", "--k", "2",
+            "--sample-steps", "4", "--stage2-steps", "3", "--t-max", "2", "--stage1-batch", "4", "--device", "cpu",
+            *extra]
+
+
+def test_distill_logs_a_few_plain_lines_when_stderr_is_not_a_terminal(tiny_ckpts, tmp_path, capsys):
+    code, out, err = run_cli(_tiny_distill(tiny_ckpts, tmp_path / "o"), capsys)
+    assert code == 0, err
+    assert "\r" not in err and "\x1b" not in err  # no redraws, no escape codes
+    lines = err.strip().splitlines()
+    assert len(lines) <= 8, lines
+    plan = lines[0]
+    assert plan.startswith("plan: 5 of 5 classes to distill")
+    assert "20 candidates × 4 sampling steps" in plan and "10 latents, 30 latent-steps" in plan
+    assert "stage1 eager" in plan and "stage2 eager" in plan and "TFLOP" in plan
+    assert any(line.startswith("estimate: ") for line in lines)
+    assert any("finished: classes 5/5" in line for line in lines)
+    assert "wrote 10 images of 5 classes" in out
+
+    code, _, err = run_cli(_tiny_distill(tiny_ckpts, tmp_path / "q", "--no-progress"), capsys)
+    assert code == 0 and "plan:" not in err and "estimate" not in err
+
+
+class Recorder:
+    """A Progress that keeps every call."""
+
+    def __init__(self):
+        from cao2_fast.progress import Progress
+
+        self.calls = []
+        rec = self
+
+        class _P(Progress):
+            def start(self, plan):
+                rec.calls.append(("start", plan))
+
+            def advance(self, stage, n=1):
+                rec.calls.append((stage, n))
+
+            def classes_done(self, total):
+                rec.calls.append(("classes", total))
+
+            def close(self):
+                rec.calls.append(("close",))
+
+        self.progress = _P()
+
+
+def test_the_library_reports_through_its_progress_object_and_draws_nothing_by_default(tiny_ckpts, tmp_path, capsys):
+    from cao2_fast import Distiller
+
+    kw = dict(dataset="custom", class_ids=[0, 1, 2], ipc=2, k=2, sample_steps=4, stage2_steps=3, t_max=2,
+              stage1_batch=4)
+    args = (tiny_ckpts / "dit.pt", tiny_ckpts / "vae", f"test_resnet:{tiny_ckpts / 'clf.pth'}")
+    Distiller.from_paths(*args, **kw).run(tmp_path / "quiet")
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+    rec = Recorder()
+    Distiller.from_paths(*args, progress=rec.progress, **kw).run(tmp_path / "o")
+    calls = rec.calls
+    assert calls[0][0] == "start" and calls[-1] == ("close",)
+    plan = calls[0][1]
+    assert (plan.classes, plan.todo, plan.candidates, plan.latents, plan.latent_steps) == (3, 3, 12, 6, 18)
+    # per group, stage 1 before stage 2; every unit of planned work is reported once
+    assert sum(n for c, n, *_ in [c for c in calls if c[0] == "stage1"]) == plan.batch_steps
+    assert sum(n for c, n, *_ in [c for c in calls if c[0] == "stage2"]) == plan.latent_steps
+    first2 = next(i for i, c in enumerate(calls) if c[0] == "stage2")
+    assert all(c[0] != "stage2" for c in calls[:first2]) and any(c[0] == "stage1" for c in calls[:first2])
+    assert [c for c in calls if c[0] == "classes"][-1] == ("classes", 3)
+
+
+def test_log_lines_are_throttled_and_bars_appear_per_stage():
+    import io
+
+    from cao2_fast.progress import Bars, LogLines, Plan
+
+    plan = Plan(classes=10, already_complete=2, todo=8, candidates=160, sample_steps=50, batch_steps=200, latents=80,
+                latent_steps=8000, engines={"stage1": "eager", "stage2": "eager"}, dit_tflop=1.5)
+    now = [0.0]
+    lines = []
+    log = LogLines(lines.append, every=30, clock=lambda: now[0])
+    log.start(plan)
+    for _ in range(200):  # stage 1: 200 ticks over 100 s
+        now[0] += 0.5
+        log.advance("stage1")
+    for _ in range(80):  # stage 2: 8000 latent-steps over 100 s
+        now[0] += 1.25
+        log.advance("stage2", 100)
+    log.classes_done(10)
+    assert log.fraction() == pytest.approx(1.0) and log.eta() == pytest.approx(0.0)
+    log.close()
+    assert lines[0] == plan.describe() and "8 of 10 classes to distill (2 already complete)" in lines[0]
+    assert lines[1].startswith("estimate: ")
+    assert lines[-1].startswith("[3:20] finished: classes 10/10")
+    assert 5 <= len(lines) <= 2 + 200 // 30 + 2
+
+    buf = io.StringIO()
+    bars = Bars(file=buf)
+    bars.start(plan)
+    bars.advance("stage1", 3)
+    assert set(bars.bars) == {"classes", "stage1"}  # the stage-2 bar is not shown while stage 1 runs
+    bars.advance("stage2", 10)
+    assert set(bars.bars) == {"classes", "stage1", "stage2"} and bars.bars["stage2"].n == 10
+    bars.close()
+    assert bars.bars == {} and plan.describe() in buf.getvalue()

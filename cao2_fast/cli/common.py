@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -41,15 +42,30 @@ def resolve_device(device: Device | str) -> str:
 
 
 def progress_enabled(no_progress: bool) -> bool:
-    """Bars on unless --no-progress or CAO2_FAST_NO_PROGRESS is set; only rank 0 draws them."""
+    """Progress is reported unless --no-progress or CAO2_FAST_NO_PROGRESS is set, and by rank 0 only."""
     if no_progress or os.environ.get("CAO2_FAST_NO_PROGRESS"):
         return False
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def bars_enabled(no_progress: bool) -> bool:
+    """Redrawn bars only where someone watches them: progress on and stderr a terminal (not CI, ``2> log``,
+    Slurm, where each redraw would be one more line of the log)."""
+    return progress_enabled(no_progress) and sys.stderr.isatty()
+
+
+def make_progress(no_progress: bool):
+    """The distill progress report: False when off; bars on a terminal; otherwise a few plain log lines."""
+    if not progress_enabled(no_progress):
+        return False
+    from ..progress import Bars, LogLines
+
+    return Bars() if sys.stderr.isatty() else LogLines()
+
+
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Master seed; each class's randomness depends on (seed, class id) only.")]
-NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="Turn progress bars off (also CAO2_FAST_NO_PROGRESS=1).")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress report (also CAO2_FAST_NO_PROGRESS=1); bars are drawn on a terminal only.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
 
 

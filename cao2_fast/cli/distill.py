@@ -13,7 +13,7 @@ import typer
 
 from .. import distributed
 from ..errors import UserError
-from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, progress_enabled,
+from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, make_progress,
                      resolve_device, set_threads)
 from .main import app
 
@@ -174,13 +174,13 @@ def distill(
                             "an ImageNet dataset")
         ds = ds or ("custom" if class_ids else "imagenet-1k")
         distiller = Distiller.from_paths(dit, vae, classifier, dataset=ds, ipc=ipc, recipe=recipe.value,
-                                         class_ids=class_ids, device=dev, progress=progress_enabled(no_progress),
+                                         class_ids=class_ids, device=dev, progress=make_progress(no_progress),
                                          **overrides)
     else:
         if ds not in (None, "digits"):
             raise UserError(f"--dataset {ds} needs real checkpoints: --dit, --vae and --classifier")
         distiller = Distiller.from_preset("digits", ipc=ipc, recipe=recipe.value, device=dev,
-                                          progress=progress_enabled(no_progress), class_ids=class_ids, **overrides)
+                                          progress=make_progress(no_progress), class_ids=class_ids, **overrides)
     cfg = distiller.config
     suffix = "" if cfg.recipe.name == "official" else f"-{cfg.recipe.name}"
     out_dir = out or Path("cao2-out") / f"{cfg.dataset}-ipc{cfg.ipc}{suffix}"

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import EngineDirOpt, progress_enabled
+from .common import EngineDirOpt, bars_enabled
 from .main import app
 
 
@@ -143,6 +143,6 @@ def train_preset(
     from ..presets.train_digits import train_digits
 
     target = shipped if replace_shipped else out.expanduser()
-    report = train_digits(target, seed=seed, quick=quick, progress=progress_enabled(False))
+    report = train_digits(target, seed=seed, quick=quick, progress=bars_enabled(False))
     print(json.dumps(report, indent=1, default=str))
     print(f"wrote the {name.value} preset to {target}", file=sys.stderr)
