@@ -415,10 +415,12 @@ def test_cli_digits_dataset_takes_split_teacher_and_settings_from_the_preset(tmp
     x, y = digits_split("train")
     keep = torch.cat([(y == c).nonzero().flatten()[:1] for c in range(10)])
     distilled = write_folder(tmp_path / "digits-ipc1", x[keep], y[keep], list(CLASS_NAMES))
-    code, _, err = run_cli(["eval", "--dataset", "digits", "--distilled", str(distilled), "--epochs", "1",
-                            "--repeats", "1", "--no-class-check", "--device", "cpu", "--no-progress"], capsys)
+    code, out, err = run_cli(["eval", "--dataset", "digits", "--distilled", str(distilled), "--epochs", "1",
+                              "--repeats", "1", "--no-class-check", "--device", "cpu", "--no-progress"], capsys)
     assert code == 0, err
     rec = json.loads((tmp_path / f"digits-ipc1-eval-soft-{DIGITS_STUDENT}.json").read_text())
+    assert rec["hyperparameters"]["flip"] is False  # digits are not mirror-symmetric
+    assert rec["std"] is None and "± n/a" in out and "± 0.00" not in out  # one repeat has no spread
     assert rec["dataset"] == "digits" and rec["val_images"] == len(digits_split("val")[1])
     assert rec["teacher"]["model"] == "test_resnet" and rec["teacher"]["input_size"] == 24
     assert rec["student"] == DIGITS_STUDENT and rec["epochs"] == 1 and rec["cpu_threads"] == 1

@@ -8,13 +8,14 @@ own Enum check would print the usage block.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UserError, require_dir
-from .common import Device, DeviceOpt, NoProgressOpt, progress_enabled, resolve_device
+from .common import Device, DeviceOpt, NoProgressOpt, bars_enabled, progress_enabled, resolve_device
 from .main import app
 
 EXAMPLES = """
@@ -122,7 +123,8 @@ def eval_command(
         typer.echo(f"{path}: already holds this evaluation (use --force to run it again)", err=True)
         record = old
     else:
-        record = run(job, progress=progress_enabled(no_progress))
+        record = run(job, progress=bars_enabled(no_progress),
+                     log=(lambda m: print(m, file=sys.stderr, flush=True)) if progress_enabled(no_progress) else None)
         write_record(record, path)
     if as_json:
         print(json.dumps(record, indent=1))
@@ -164,7 +166,8 @@ def _print_result(record: dict, path: Path) -> None:
         table.add_row(str(i + 1), str(seed), f"{record['top1'][i]:.2f}", str(record["best_epoch"][i]),
                       f"{record['final_top1'][i]:.2f}", f"{record['seconds_per_repeat'][i]:.1f}")
     table.add_section()
-    table.add_row("mean ± std", "", f"{record['mean']:.2f} ± {record['std']:.2f}", "", "", f"{record['seconds']:.1f}")
+    spread = "n/a (one repeat)" if record.get("std") is None else f"{record['std']:.2f}"
+    table.add_row("mean ± std", "", f"{record['mean']:.2f} ± {spread}", "", "", f"{record['seconds']:.1f}")
     console = Console()
     console.print(table)
     console.print(f"record: {path}")
