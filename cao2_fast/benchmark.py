@@ -293,29 +293,71 @@ def _version(mod: str) -> str | None:
 
 
 def write_results(rows: list[dict], out_dir: Path, tag: str) -> tuple[Path, Path]:
-    """JSON rows + a bar chart of fast/reference per stage. Files are replaced atomically."""
-    from .fileio import atomic_write, json_bytes, save_figure
+    """JSON rows + their chart (:func:`plot_results`). Files are replaced atomically."""
+    from .fileio import atomic_write
 
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath = out_dir / f"{tag}.json"
-    atomic_write(jpath, json_bytes(rows))
+    atomic_write(jpath, json.dumps(rows, indent=1).encode())
+    ppath = out_dir / f"{tag}.png"
+    plot_results(rows, ppath)
+    return jpath, ppath
+
+
+STAGE_AXES = {  # what each stage's panel shows: the row field, its label, and a reader's name for the stage
+    "1": ("throughput", "candidates/s", "stage 1: sample + select"),
+    "2": ("throughput", "latent-steps/s", "stage 2: optimise latents"),
+    "e2e": ("projected_minutes", "minutes (lower is better)", "whole job, projected"),
+}
+
+
+def plot_results(rows: list[dict], path: Path) -> None:
+    """The chart of one bench run: per stage, the absolute throughput of the reference and fast paths (the
+    end-to-end panel: the projected job time), and beside them the fast/reference speed ratio. The title names
+    the model, device, dtype and the fast stage-2 engine (eager or torch.compile). Reads rows as written to JSON,
+    so a chart can be redrawn from a results file: ``plot_results(json.load(open(f)), Path("x.png"))``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3))
-    fast = [r for r in rows if r["path"] == "fast"]
-    ax.bar([f"stage {r['stage']}" for r in fast], [r["ratio"] for r in fast], color="#3a7")
+    from .fileio import save_figure
+
+    by = {(r["stage"], r["path"]): r for r in rows}
+    stages = [s for s in STAGE_AXES if (s, "reference") in by and (s, "fast") in by]
+    colors = {"reference": "#999999", "fast": "#2a7f62"}
+    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(3.0 * (len(stages) + 1), 3.4), layout="constrained")
+    for ax, stage in zip(axes, stages):
+        field, unit, name = STAGE_AXES[stage]
+        job = by[stage, "fast"].get("job")
+        if stage == "e2e" and job:
+            name += f"\n({job['candidates']:,} candidates, {job['latents']:,} latents)"
+        vals = [by[stage, p][field] for p in ("reference", "fast")]
+        bars = ax.bar(["reference", "fast"], vals, color=[colors["reference"], colors["fast"]])
+        ax.bar_label(bars, labels=[_short(v) for v in vals], padding=2, fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.margins(y=0.18)  # room for the value labels above the bars
+        ax.tick_params(labelsize=8)
+    ax = axes[-1]
+    ratios = [by[s, "fast"]["ratio"] for s in stages]
+    bars = ax.bar([f"stage {s}" if s != "e2e" else "job" for s in stages], ratios, color=colors["fast"])
+    ax.bar_label(bars, labels=[f"{r:.1f}×" for r in ratios], padding=2, fontsize=8)
     ax.axhline(1, color="k", lw=0.8)
-    for i, r in enumerate(fast):
-        ax.text(i, r["ratio"], f"{r['ratio']:.1f}×", ha="center", va="bottom")
-    ax.set_ylabel("fast / reference speed")
-    ax.set_title(f"{rows[0]['model']} on {rows[0]['device'][:40]}", fontsize=9)
-    fig.tight_layout()
-    ppath = out_dir / f"{tag}.png"
-    save_figure(fig, ppath, dpi=120)
-    return jpath, ppath
+    ax.set_title("speed-up of fast over reference", fontsize=9)
+    ax.set_ylabel("fast / reference speed", fontsize=8)
+    ax.margins(y=0.18)
+    ax.tick_params(labelsize=8)
+    fast2 = by.get(("2", "fast"), {})
+    engine = "torch.compile" if fast2.get("engine") == "compile" else "eager"
+    r0 = rows[0]
+    fig.suptitle(f"cao2-fast bench: {r0['model']} on {r0['device']}; fast path {fast2.get('dtype', '?')}, "
+                 f"stage 2 {engine}; medians of {r0.get('repeats', '?')} runs", fontsize=9)
+    save_figure(fig, path, dpi=120)
+
+
+def _short(v: float) -> str:
+    return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
 
 
 def format_table(rows: list[dict]) -> str:

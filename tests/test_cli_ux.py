@@ -323,3 +323,77 @@ def test_log_lines_are_throttled_and_bars_appear_per_stage():
     assert set(bars.bars) == {"classes", "stage1", "stage2"} and bars.bars["stage2"].n == 10
     bars.close()
     assert bars.bars == {} and plan.describe() in buf.getvalue()
+
+
+# -- pictures ---------------------------------------------------------------------------------------------------------
+
+
+def _sheet_parts(out, n_classes, ipc, shift):
+    """Class folders with ``ipc`` random 16-px images each; stage 2 changed each image by ``shift`` grey levels."""
+    import numpy as np
+    from PIL import Image
+
+    from cao2_fast import output
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for c in range(n_classes):
+        (out / f"c{c}").mkdir(parents=True)
+        recs, thumbs = [], []
+        for i in range(ipc):
+            before = rng.integers(0, 200, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(before + shift).save(out / f"c{c}" / f"{i}.png")
+            recs.append({"file": f"c{c}/{i}.png", "prob_before": 0.5, "prob_after": None if i == 0 else 0.75})
+            thumbs.append(output.thumbnail_b64(before))
+        parts.append({"class_name": f"c{c}", "images": recs, "stage1_thumbnails": thumbs})
+    return parts
+
+
+def test_contact_sheet_shows_every_image_as_a_labelled_triple(tmp_path, monkeypatch):
+    import torch
+    import torchvision.utils
+    from PIL import Image
+
+    from cao2_fast import output
+
+    parts = _sheet_parts(tmp_path, n_classes=3, ipc=12, shift=2)
+    grids = []
+    real = torchvision.utils.make_grid
+    monkeypatch.setattr(torchvision.utils, "make_grid", lambda t, **kw: grids.append(t) or real(t, **kw))
+    output.contact_sheet(parts, tmp_path)
+    assert len(grids) == 3 * 12 and all(g.shape[0] == 3 for g in grids)  # all IPC images, each as a triple
+    before, after, diff = grids[0]
+    assert torch.allclose(diff, (0.5 + output._difference_gain([after - before]) * (after - before)).clamp(0, 1))
+    assert output._difference_gain([after - before]) == 50  # 2 grey levels -> x50 puts them at about ±0.4
+    full_height = Image.open(tmp_path / output.CONTACT_SHEET).height
+    assert full_height > 3 * 2 * 48  # 12 images per class wrap onto a second line of 10
+
+    grids.clear()
+    output.contact_sheet(parts, tmp_path, max_classes=2)
+    assert len(grids) == 2 * 12
+    assert Image.open(tmp_path / output.CONTACT_SHEET).height < full_height
+
+
+def test_bench_chart_is_drawn_from_the_json_rows_with_an_engine_specific_title(tmp_path, monkeypatch):
+    import json as _json
+    from pathlib import Path
+
+    import matplotlib.figure
+
+    from cao2_fast.benchmark import plot_results
+
+    titles, axes_titles = [], []
+    real_save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        titles.append(fig._suptitle.get_text())
+        axes_titles.append([ax.get_title() for ax in fig.axes])
+        return real_save(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    root = Path(__file__).resolve().parent.parent / "bench" / "results"
+    for name in ("bench_digits_cpu-2t", "bench_digits_cpu-2t_compile"):
+        plot_results(_json.loads((root / f"{name}.json").read_text()), tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert "stage 2 eager" in titles[0] and "stage 2 torch.compile" in titles[1]
+    assert axes_titles[0][0].startswith("stage 1") and axes_titles[0][-1].startswith("speed-up")
