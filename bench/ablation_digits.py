@@ -15,6 +15,7 @@ Per set it also records the classifier's view of it (stage-1 candidates' accurac
 stage 2), which is what explains a stage that does or does not help.
 
     python bench/ablation_digits.py --seeds 5              # writes bench/results/ablation_digits.{json,md,png}
+    python bench/ablation_digits.py --plot-only            # redraws the chart from the JSON
 
 Finished evaluations are kept in the JSON and skipped on a re-run.
 """
@@ -104,22 +105,43 @@ def markdown(summary: dict, stats: dict, ipcs: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABELS = {  # what each bar is, in words a reader of the chart needs no glossary for
+    "real-random": "random real images",
+    "diffusion": "plain DiT samples (no selection, no stage 2)",
+    "stage1": "stage 1 only (selected samples)",
+    "stage1+2": "stage 1 + stage 2, official recipe",
+    "consistent": "stage 1 + stage 2, consistent recipe",
+    "full-train": "whole real train split (ceiling)",
+}
+COLORS = ["#999999", "#7aabbf", "#4a90c0", "#23629a", "#c7702a", "#cccccc"]
+
+
 def plot(summary: dict, ipcs: list[int], path: Path) -> None:
+    """One panel per (IPC, protocol); bars are the sets of ``LABELS`` (legend below), error bars ±1 std over
+    seeds, with the seed counts read from the summary and stated in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ipcs) * len(PROTOCOLS), figsize=(3.2 * len(ipcs) * len(PROTOCOLS), 3.2),
-                             sharey=True)
-    for ax, (i, p) in zip(axes, [(i, p) for i in ipcs for p in PROTOCOLS]):
+    cells = [(i, p) for i in ipcs for p in PROTOCOLS]
+    fig, axes = plt.subplots(1, len(cells), figsize=(2.6 * len(cells), 3.6), sharey=True, layout="constrained")
+    for ax, (i, p) in zip(axes, cells):
         vals = [summary.get(f"{i}|{p}|{v}") for v in VARIANTS]
-        ax.bar(range(len(VARIANTS)), [s["mean"] if s else 0 for s in vals],
-               yerr=[s["std"] if s else 0 for s in vals], color=["#999", "#7ab", "#49c", "#27a", "#c72", "#ccc"])
-        ax.set_xticks(range(len(VARIANTS)), VARIANTS, rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"IPC {i}, {p}-label", fontsize=9)
-    axes[0].set_ylabel("top-1 on held-out digits (%)")
-    fig.tight_layout()
+        bars = ax.bar(range(len(VARIANTS)), [s["mean"] if s else 0 for s in vals],
+                      yerr=[s["std"] if s else 0 for s in vals], capsize=2, color=COLORS)
+        texts = ax.bar_label(bars, labels=[f"{s['mean']:.0f}" if s else "" for s in vals], label_type="center",
+                             fontsize=7, color="white")  # inside the bars: the error bars above stay clear
+        texts[-1].set_color("black")  # on the light ceiling bar
+        ax.set_xticks([])
+        ax.set_title(f"IPC {i}, {p}-label protocol", fontsize=9)
+        ax.set_ylim(0, 108)
+    axes[0].set_ylabel("top-1 on the 450 held-out digits (%)", fontsize=8)
+    seeds = sorted({s["n"] for k, s in summary.items() if not k.startswith("all|") and "full-train" not in k})
+    ceiling = sorted({s["n"] for k, s in summary.items() if "full-train" in k})
+    seed_text = "/".join(map(str, seeds)) + (f" (ceiling: {'/'.join(map(str, ceiling))})" if ceiling != seeds else "")
+    fig.suptitle(f"digits ablation: bar = mean top-1, error bar = ±1 std over {seed_text} seeds", fontsize=9)
+    fig.legend(bars, [LABELS[v] for v in VARIANTS], loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     save_figure(fig, path, dpi=110)
 
 
@@ -130,7 +152,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--full-train-seeds", type=int, default=None, help="seeds for the ceiling (default --seeds)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the chart from the JSON's summary; run nothing")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        summary = json.loads((args.out / "ablation_digits.json").read_text())["summary"]
+        plot(summary, args.ipc, args.out / "ablation_digits.png")
+        return 0
     torch.set_num_threads(args.threads)
     jpath = args.out / "ablation_digits.json"
     results = json.loads(jpath.read_text()) if jpath.is_file() else {"evals": {}, "stats": {}}
