@@ -297,7 +297,11 @@ class Distiller:
         class_ids = list(cfg.class_ids if class_ids is None else class_ids)
         class_order = list(class_ids)
         bars = bars or {}
-        s1 = self.stage1(class_ids, bars.get("stage1"))
+        s1 = {}
+        for g in self.groups():  # stage-1 batches never straddle a group, however many groups are asked for
+            part = [c for c in g if c in set(class_ids)]
+            if part:
+                s1.update(self.stage1(part, bars.get("stage1")))
         names = dict(zip(cfg.class_ids, cfg.class_names))
         results = [ClassResult(c, names.get(c, str(c)), s1[c]["images"], s1[c]["images"], [],
                                s1[c]["candidate_accuracy"], failure=s1[c]["failure"])
@@ -337,16 +341,16 @@ class Distiller:
 
     def stream(self, class_ids: list[int] | None = None) -> Iterator[ClassOutput]:
         """Distill ``class_ids`` (default: the config's) and yield each class's :class:`ClassOutput` as soon as its
-        group is done, in the config's class order — a consumer sees the first classes after one group, not after
-        the job. Classes are computed in the config's groups (``DistillConfig.classes_per_group``), exactly as
-        ``run`` and the CLI compute them, so the images are the bytes the CLI writes; asking for one class of a group
-        computes its whole group. A class that fails (see ``run``) is yielded with ``failure`` set and no images,
+        block is done, in the config's class order — a consumer sees the first classes after one block, not after
+        the job. Classes are computed in the config's blocks (:meth:`blocks`), exactly as ``run`` and the CLI
+        compute them, so the images are the bytes the CLI writes; asking for one class of a block computes its whole
+        block. A class that fails (see ``run``) is yielded with ``failure`` set and no images,
         and logged; the others go on. Nothing is written to disk."""
         wanted = self._check_classes(class_ids)
-        for group in self.groups():
-            if not wanted.intersection(group):
+        for block in self.blocks():
+            if not wanted.intersection(block):
                 continue
-            for r in self.distill(group):
+            for r in self.distill(block):
                 if r.class_id not in wanted:
                     continue
                 if r.failure is not None:
@@ -371,17 +375,32 @@ class Distiller:
     # -- the job on disk ---------------------------------------------------------------------------------------------
 
     def groups(self) -> list[list[int]]:
+        """Classes whose candidates share stage-1 batches (``DistillConfig.classes_per_group`` each)."""
         ids = list(self.config.class_ids)
         g = self.config.classes_per_group
         return [ids[i:i + g] for i in range(0, len(ids), g)]
+
+    def blocks(self) -> list[list[int]]:
+        """The unit of work: consecutive whole groups whose latents (up to ``stage2_batch`` of them) go through
+        stage 2 together. Stage 1 still runs group by group; pooling groups only fills stage 2's batches (a digits
+        group has 20 latents against a batch of 64). Blocks depend on the config alone, so ``run``, ``stream`` and
+        every rank of a sharded job compute each class in the same batches."""
+        per_class = self.config.ipc
+        blocks: list[list[int]] = []
+        for g in self.groups():
+            if blocks and (len(blocks[-1]) + len(g)) * per_class <= self.config.stage2_batch:
+                blocks[-1] += g
+            else:
+                blocks.append(list(g))
+        return blocks
 
     def run(self, out: str | Path, overwrite: bool = False, rank: int = 0, world_size: int = 1,
             barrier: Callable[[], None] | None = None, log: Callable[[str], None] | None = None,
             stage1_out: str | Path | None = None) -> dict | None:
         """Distill into ``out``: skip complete classes, redo incomplete ones, merge the manifest on rank 0.
 
-        Classes are scheduled in groups (see ``DistillConfig.classes_per_group``) and group g runs on rank
-        g mod world_size, so every class sees the same batches however many ranks share the job. A group is worked
+        Classes are scheduled in blocks (:meth:`blocks`: whole stage-1 groups pooled for stage 2) and block b runs on
+        rank b mod world_size, so every class sees the same batches however many ranks share the job. A block is worked
         on under advisory locks of its classes: a second run on the same folder does the groups nobody holds and
         waits for the rest. A class whose stage 1 cannot fill IPC with finite candidates fails alone: the other
         classes are written, then the run raises one ``UserError`` naming it. ``self.last_run`` counts what this
@@ -419,12 +438,12 @@ class Distiller:
         if barrier is not None:
             barrier()
         names = dict(zip(cfg.class_ids, cfg.class_names))
-        mine = [g for i, g in enumerate(self.groups()) if i % world_size == rank]
+        mine = [b for i, b in enumerate(self.blocks()) if i % world_size == rank]
         todo = [g for g in mine if not self._complete(out, g)]
         self.last_run = {"distilled": 0, "already_complete": sum(map(len, mine)) - sum(map(len, todo))}
         failed: dict[int, str] = {}
         t0 = time.perf_counter()
-        bars = self._bars(out, fp, names, todo)
+        bars = self._bars(out, fp, names, [g for g in self.groups() if any(set(g) <= set(b) for b in todo)])
         try:
             with output.FolderLock(out, cfg.class_names) as lock:
                 pending, said = list(todo), False

@@ -132,6 +132,21 @@ def test_groups_tile_the_class_list():
     assert d.groups() == [[0, 1], [2, 3], [4]]
 
 
+def test_blocks_pool_whole_groups_up_to_the_stage2_batch_with_the_same_results():
+    d = make_distiller(class_ids=(0, 1, 2, 3, 4), stage1_batch=8, stage2_batch=9)  # 4 latents per group
+    assert d.blocks() == [[0, 1, 2, 3], [4]]
+    assert make_distiller(class_ids=(0, 1, 2, 3, 4), stage2_batch=3).blocks() == [[0, 1], [2, 3], [4]]
+    calls = []
+    real = d.stage1
+    d.stage1 = lambda ids, bar=None: calls.append(list(ids)) or real(ids, bar)
+    pooled = d.distill([0, 1, 2, 3])
+    assert calls == [[0, 1], [2, 3]]  # stage 1 stays per group
+    alone = make_distiller(class_ids=(0, 1, 2, 3, 4), stage1_batch=8, stage2_batch=4).distill([2, 3])
+    for a, b in zip(pooled[2:], alone):
+        assert a.class_id == b.class_id and a.records[0]["candidate_index"] == b.records[0]["candidate_index"]
+        torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=1e-5)
+
+
 def test_subset_classifier_targets_follow_the_class_list():
     d = make_distiller(class_ids=(1, 3))
     assert d._target_index == {1: 1, 3: 3}  # classifier with the DiT's 5 classes: index = class id

@@ -35,7 +35,8 @@ def env():
 def args(ckpts, out, steps="3"):
     return ["distill", "--dit", str(ckpts / "dit.pt"), "--vae", str(ckpts / "vae"), "--classifier",
             f"test_resnet:{ckpts / 'clf.pth'}", "--classes", "0-5", "--ipc", "2", "--k", "2", "--stage1-batch", "8",
-            "--sample-steps", "5", "--stage2-steps", steps, "--t-max", "2", "--device", "cpu", "--out", str(out)]
+            "--sample-steps", "5", "--stage2-steps", steps, "--t-max", "2", "--device", "cpu", "--out", str(out),
+            "--stage2-batch", "4"]  # one group (2 classes, 4 latents) per block: 3 blocks to shard
 
 
 def snapshot(folder):

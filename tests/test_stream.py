@@ -57,11 +57,11 @@ def test_the_dataset_under_two_workers_covers_every_class_once_with_the_cli_byte
         assert (px == pixels(on_disk, f"{c:04d}")).all()
 
 
-def test_ranks_split_the_groups_deterministically_and_disjointly():
+def test_ranks_split_the_blocks_deterministically_and_disjointly():
     made = lambda: make_distiller(class_ids=(0, 1, 2, 3, 4))  # noqa: E731
-    shards = [DistilledClasses(made, rank=r, world_size=2).groups() for r in (0, 1)]
+    shards = [DistilledClasses(made, rank=r, world_size=2).blocks() for r in (0, 1)]
     assert shards == [[[0, 1], [4]], [[2, 3]]]
-    assert DistilledClasses(made, class_ids=[4, 1], rank=1, world_size=2).groups() == [[4]]
+    assert DistilledClasses(made, class_ids=[4, 1], rank=1, world_size=2).blocks() == [[4]]
     with pytest.raises(UserError, match="rank 2 is outside world_size 2"):
         DistilledClasses(made, rank=2, world_size=2)
 

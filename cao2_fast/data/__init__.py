@@ -2,7 +2,7 @@
 
 :class:`DistilledClasses` is an ``IterableDataset`` over :meth:`cao2_fast.pipeline.Distiller.stream`: each item is
 one class's :class:`~cao2_fast.pipeline.ClassOutput`. Under a ``DataLoader`` with workers and under
-``torch.distributed``, the config's class groups are dealt round-robin over (rank, worker) shards, so every class is
+``torch.distributed``, the config's class blocks are dealt round-robin over (rank, worker) shards, so every class is
 computed exactly once across all of them, and each class's images are the same whatever the split (a class's
 output depends only on seed, class and config). Use ``batch_size=None`` in the ``DataLoader``: an item is already a
 class.
@@ -57,16 +57,16 @@ class DistilledClasses(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return rank * workers + worker, world * workers
 
-    def groups(self) -> list[list[int]]:
-        """The groups this shard computes (a group is the unit of work: its classes share stage-1 batches)."""
+    def blocks(self) -> list[list[int]]:
+        """The blocks this shard computes (a block is the unit of work, see ``Distiller.blocks``)."""
         d = self.distiller()
         wanted = d._check_classes(self.class_ids)
-        groups = [g for g in d.groups() if wanted.intersection(g)]
+        blocks = [b for b in d.blocks() if wanted.intersection(b)]
         shard, shards = self._shard()
-        return [g for i, g in enumerate(groups) if i % shards == shard]
+        return [b for i, b in enumerate(blocks) if i % shards == shard]
 
     def __iter__(self) -> Iterator:
         d = self.distiller()
         wanted = d._check_classes(self.class_ids)
-        for group in self.groups():
-            yield from d.stream([c for c in group if c in wanted])
+        for block in self.blocks():
+            yield from d.stream([c for c in block if c in wanted])
