@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import reference, stage1, stage2
+from .numerics import tf32
 from .diffusion import Diffusion
 from .models.dit import RELEASED_KERNELS, DiTConfig, fast_kernels, random_dit
 
@@ -144,9 +145,6 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
         from .cpu import keep_freed_memory
 
         keep_freed_memory()
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # the released code: fp32 weights, TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
     fast_dtype = fast_dtype or ("bfloat16" if on_cuda else "float32")
     fdt = getattr(torch, fast_dtype)
     log(f"building the {model} models on {device}")
@@ -172,11 +170,12 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     noises = [stage1.Stage1Noise.draw(n_cand, latent, steps1, g) for _ in range(classes)]
 
     def ref_stage1():
-        for c, nz in enumerate(noises):
-            z = reference.stage1_class(ref_dit, diffusion_short, nz.initial, nz.steps, c, cfg.num_classes,
-                                       s.guidance_scale, 3, dev)
-            with torch.no_grad():
-                s.classifier(s.vae.decode(z))
+        with tf32(True, dev):  # the released scripts: fp32 weights, TF32 matmuls and convolutions
+            for c, nz in enumerate(noises):
+                z = reference.stage1_class(ref_dit, diffusion_short, nz.initial, nz.steps, c, cfg.num_classes,
+                                           s.guidance_scale, 3, dev)
+                with torch.no_grad():
+                    s.classifier(s.vae.decode(z))
 
     fast_dit = _copy_model(s.dit, dev, fdt).set_kernels(fast_kernels(dev))
     vae_f = _copy_model(s.vae, dev, fdt)
@@ -214,8 +213,12 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     x0 = torch.randn(ref_images, *latent, generator=g)
     nz2 = stage2.Stage2Noise.draw(ref_images, latent, steps2, 11, g, 0.0)
     y_null = torch.full((ref_images,), cfg.num_classes)
-    run_ref2 = lambda: reference.stage2(ref_dit, diffusion, x0, y_null, nz2, steps2, 6e-4, 10.0, "official", False,  # noqa: E731
-                                        dev, weight_grads=True)
+
+    def run_ref2():
+        with tf32(True, dev):
+            return reference.stage2(ref_dit, diffusion, x0, y_null, nz2, steps2, 6e-4, 10.0, "official", False, dev,
+                                    weight_grads=True)
+
     run_ref2()  # warm-up
     dit2, compile_s = fast_dit, None
     if compile_stage2:  # the compiled stage-2 engine; its compile time is measured on the warm-up and kept apart

@@ -45,8 +45,10 @@ THUMB_MAX = 64
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [−1, 1] -> (N, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(N, 3, H, W) in [−1, 1] -> (N, H, W, 3) uint8 with the released scripts' arithmetic (torchvision
+    ``save_image(x, normalize=True, value_range=(-1, 1))``): clamp to [−1, 1], map to [0, 1], ×255, +0.5, clamp to
+    [0, 255], truncate — so a value on an exact half rounds up, not to even."""
+    x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import output, stage1, stage2
-from .config import DistillConfig, build_config
+from . import numerics, output, stage1, stage2
+from .config import NOISE_BANK_SIZE, DistillConfig, build_config
 from .diffusion import Diffusion
 from .errors import UserError
 from .identity import weights_id
@@ -221,9 +221,17 @@ class Distiller:
 
     # -- the stages on tensors -------------------------------------------------------------------------------------
 
+    def _numerics(self):
+        """The recipe's process-wide numerics (TF32 on CUDA under ``official``), set for one call and restored."""
+        return numerics.tf32(self.config.recipe.tf32, self.device)
+
     def stage1(self, class_ids: list[int], bar=None) -> dict[int, dict]:
         """Sample K·IPC candidates per class, score and select. Returns per class: kept latents, kept candidate
         indices, their stage-1 images and probabilities, and the candidates' accuracy."""
+        with self._numerics():
+            return self._stage1(class_ids, bar)
+
+    def _stage1(self, class_ids: list[int], bar=None) -> dict[int, dict]:
         cfg = self.config
         n = cfg.num_candidates
         noises = [stage1.Stage1Noise.draw(n, self.latent_shape, cfg.sample_steps, class_generator(cfg.seed, c, "stage1"))
@@ -260,9 +268,19 @@ class Distiller:
             }
         return out
 
+    def bank_index(self, class_id: int, n: int) -> torch.Tensor | None:
+        """Each of the class's ``n`` kept images' entry of the stage-2 noise bank: uniform over the bank, with
+        replacement, from the class's own stream (so it depends on (seed, class) only, never on sharding); None
+        without the bank."""
+        if not self.config.recipe.noise_bank:
+            return None
+        gen = class_generator(self.config.seed, class_id, "noise-bank")
+        return torch.randint(0, NOISE_BANK_SIZE, (n,), generator=gen)
+
     def stage2_noise(self, class_id: int, candidate_index: torch.Tensor) -> stage2.Stage2Noise:
         cfg = self.config
-        bank_eps = stage2.noise_bank(self.latent_shape)[candidate_index] if cfg.recipe.noise_bank else None
+        index = self.bank_index(class_id, len(candidate_index))
+        bank_eps = None if index is None else stage2.noise_bank(self.latent_shape)[index]
         return stage2.Stage2Noise.draw(len(candidate_index), self.latent_shape, cfg.stage2_steps, cfg.t_max,
                                        class_generator(cfg.seed, class_id, "stage2"),
                                        self.dit.cfg.class_dropout_prob, eps=bank_eps)
@@ -272,6 +290,11 @@ class Distiller:
         """Optimise ``latents`` (B, C, H, W) of classes ``class_ids`` (B,) in chunks of ``stage2_batch``. On CUDA each
         chunk's step loop runs as one CUDA graph; a chunk that runs out of device memory is retried at half the size,
         and the chunks after it keep that size (batching is exact, so the latents do not depend on it)."""
+        with self._numerics():
+            return self._stage2(latents, class_ids, noise, bar)
+
+    def _stage2(self, latents: torch.Tensor, class_ids: torch.Tensor, noise: stage2.Stage2Noise,
+                bar=None) -> stage2.Stage2Result:
         cfg = self.config
         y = class_ids.clone() if cfg.stage2_label == "true" else torch.full_like(class_ids, self.dit.null_class)
         parts, s, batch = [], 0, cfg.stage2_batch
@@ -313,8 +336,10 @@ class Distiller:
         ids = torch.tensor([c for c in class_ids for _ in range(cfg.ipc)])
         noise = stage2.Stage2Noise.cat([self.stage2_noise(c, s1[c]["candidate_index"]) for c in class_ids])
         r2 = self.stage2(lat, ids, noise, bars.get("stage2"))
-        images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, r2.latents, self.device,
-                                                self.dtype, cfg.decode_batch)
+        bank = {c: self.bank_index(c, cfg.ipc) for c in class_ids}
+        with self._numerics():
+            images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, r2.latents, self.device,
+                                                    self.dtype, cfg.decode_batch)
         for j, c in enumerate(class_ids):
             sl = slice(j * cfg.ipc, (j + 1) * cfg.ipc)
             target = self._target_index[c]
@@ -330,6 +355,7 @@ class Distiller:
                     "stage2_steps": int(r2.steps_done[b]),
                     "stage2_status": "ok" if bool(r2.finite[b]) else "stopped: non-finite loss or latent",
                     "stage1_nonfinite_candidates": s1[c]["nonfinite_candidates"],
+                    "noise_bank_index": None if bank[c] is None else int(bank[c][i]),
                 })
             bad = not bool(images[sl].isfinite().all())
             results.append(ClassResult(c, names.get(c, str(c)), s1[c]["images"], images[sl], records,

@@ -68,8 +68,8 @@ def select(probs: torch.Tensor, target: int, ipc: int, rule: str = "confident", 
     """Indices of the ``ipc`` kept candidates of one class, in keeping order.
 
     confident: candidates whose argmax is ``target``, by max softmax probability (``desc`` most confident first,
-        ``asc`` least confident among the correct); if fewer than ``ipc`` are correct, the rest are the most
-        confident wrong ones (by max probability, descending).
+        ``asc`` least confident among the correct); if fewer than ``ipc`` are correct, the rest are wrong ones
+        taken in the *same* order (``desc``: most confident wrong first; ``asc``: least confident wrong first).
     el2n: all candidates by EL2N = ‖softmax − onehot(target)‖₂; ``desc`` keeps the hardest, ``asc`` the easiest.
     random: a uniform random subset drawn from ``generator``.
     Ties are broken by candidate index, so the choice is deterministic. ``valid`` (bool, per candidate) excludes the
@@ -95,7 +95,8 @@ def select(probs: torch.Tensor, target: int, ipc: int, rule: str = "confident", 
     correct = pred == target
     chosen = _ordered(idx[correct], conf[correct], descending=order == "desc")
     if len(chosen) < ipc:
-        fill = _ordered(idx[~correct], conf[~correct], descending=True)
+        # the released scripts fill with wrong ones in the order they rank the correct ones (ImageNet-100: asc)
+        fill = _ordered(idx[~correct], conf[~correct], descending=order == "desc")
         chosen = torch.cat([chosen, fill[: ipc - len(chosen)]])
     return chosen[:ipc]
 

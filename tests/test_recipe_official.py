@@ -1,0 +1,182 @@
+"""`official` is the released scripts' behaviour: fill order, noise-bank draws, TF32 and PNG quantisation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline import make_distiller
+
+from cao2_fast import numerics
+from cao2_fast.config import RECIPES, build_config
+from cao2_fast.output import png_bytes, to_uint8
+from cao2_fast.stage1 import select
+
+
+def table(rows):
+    """Probabilities over 3 classes from (predicted class, confidence) rows; the rest spread evenly."""
+    p = torch.zeros(len(rows), 3)
+    for i, (cls, conf) in enumerate(rows):
+        p[i] = (1 - conf) / 2
+        p[i, cls] = conf
+    return p
+
+
+# target class 0; candidates: (argmax, max prob)
+ROWS = [(1, 0.9), (0, 0.6), (2, 0.5), (0, 0.95), (1, 0.7), (2, 0.99)]
+
+
+@pytest.mark.parametrize("order,ipc,expect", [
+    ("desc", 2, [3, 1]),               # enough correct: most confident first
+    ("asc", 2, [1, 3]),                # ImageNet-100: least confident correct first
+    ("desc", 4, [3, 1, 5, 0]),         # fill: most confident wrong first (1K, Woof, Nette)
+    ("asc", 4, [1, 3, 2, 4]),          # fill: least confident wrong first (ImageNet-100 reuses its ascending sort)
+    ("asc", 6, [1, 3, 2, 4, 0, 5]),
+])
+def test_fill_follows_the_selection_order(order, ipc, expect):
+    assert select(table(ROWS), 0, ipc, "confident", order).tolist() == expect
+
+
+@pytest.mark.parametrize("order,expect", [("desc", [5, 0, 4]), ("asc", [2, 3, 1])])
+def test_fill_with_no_correct_candidate(order, expect):
+    rows = [(1, 0.9), (1, 0.6), (2, 0.5), (2, 0.55), (1, 0.7), (2, 0.99)]
+    assert select(table(rows), 0, 3, "confident", order).tolist() == expect
+
+
+@pytest.mark.parametrize("order,expect", [("desc", [1, 5, 0]), ("asc", [1, 2, 3])])
+def test_fill_with_one_correct_candidate(order, expect):
+    rows = [(1, 0.9), (0, 0.6), (2, 0.5), (2, 0.55), (1, 0.7), (2, 0.99)]
+    assert select(table(rows), 0, 3, "confident", order).tolist() == expect
+
+
+def test_imagenet100_official_uses_the_ascending_order():
+    cfg = build_config("imagenet-100", 10, "official", num_model_classes=1000)
+    assert cfg.order == "asc" and cfg.t_max == 5
+
+
+def test_bank_indices_are_uniform_reproducible_and_depend_on_seed_and_class_only():
+    d = make_distiller(class_ids=(0, 1, 2, 3, 4), ipc=2)
+    a = d.bank_index(3, 4000)
+    assert torch.equal(a, d.bank_index(3, 4000))  # reproducible
+    assert not torch.equal(a, d.bank_index(2, 4000))  # per class
+    other = make_distiller(class_ids=(3,), ipc=2)  # another shard holding only class 3
+    assert torch.equal(other.bank_index(3, 4000), a)
+    assert not torch.equal(make_distiller(seed=1).bank_index(3, 4000), a)
+    assert a.min() >= 0 and a.max() <= 1023
+    counts = torch.bincount(a, minlength=1024).double()  # 4000 draws over 1024 entries: with replacement
+    assert (counts > 1).any() and len(a.unique()) > 900
+    hist = torch.bincount(a // 128, minlength=8).double()  # chi-square over 8 bins, 7 dof: p=1e-4 bound 27.9
+    assert ((hist - 500) ** 2 / 500).sum() < 27.9
+
+
+def test_the_bank_entry_is_the_images_noise_and_is_recorded(tmp_path):
+    d = make_distiller(k=2, ipc=2)
+    manifest = d.run(tmp_path / "o")
+    from cao2_fast.stage2 import noise_bank
+
+    for c in manifest["classes"]:
+        recs = c["images"]
+        idx = [r["noise_bank_index"] for r in recs]
+        assert idx == d.bank_index(recs[0]["class_id"], 2).tolist()
+        noise = d.stage2_noise(recs[0]["class_id"], torch.tensor([r["candidate_index"] for r in recs]))
+        assert torch.equal(noise.eps, noise_bank(d.latent_shape)[idx])
+    consistent = make_distiller(recipe="consistent").run(tmp_path / "c")
+    assert all(r["noise_bank_index"] is None for c in consistent["classes"] for r in c["images"])
+
+
+def test_more_candidates_than_bank_entries_are_allowed():
+    cfg = build_config("custom", 300, "official", class_ids=[1], num_model_classes=5, k=4)
+    assert cfg.num_candidates == 1200
+
+
+def test_tf32_is_a_recipe_field_in_the_fingerprint():
+    assert RECIPES["official"].tf32 is True and RECIPES["consistent"].tf32 is False
+    a = make_distiller().config
+    assert a.to_json()["recipe"]["tf32"] is True
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, raises):
+    monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)  # no GPU here: pretend the device is CUDA
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    d = make_distiller()
+    seen = []
+    real_dit, real_decode = d.stage1_dit, d.stage1_decode
+
+    def dit(*a, **k):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real_dit(*a, **k)
+
+    def decode(z):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        if raises:
+            raise RuntimeError("boom")
+        return real_decode(z)
+
+    d.stage1_dit, d.stage1_decode = dit, decode
+    if raises:
+        with pytest.raises(RuntimeError, match="boom"):
+            d.stage1([0])
+    else:
+        d.distill([0])
+    assert seen and set(seen) == {(True, True)}
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
+def test_tf32_stays_off_under_consistent(monkeypatch):
+    monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    d = make_distiller(recipe="consistent")
+    seen = []
+    real = d.stage1_dit
+    d.stage1_dit = lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k)
+    d.stage1([0])
+    assert set(seen) == {False} and torch.backends.cuda.matmul.allow_tf32 is True
+
+
+def test_png_bytes_equal_torchvisions_save_image_on_exact_halves(tmp_path):
+    from torchvision.utils import save_image
+
+    # values whose (x + 1) / 2 * 255 lands exactly on n + 0.5 in float32: round-half-even would go one level down
+    n = torch.arange(0, 255, dtype=torch.float32)
+    x = ((n + 0.5) / 255) * 2 - 1
+    x = x[(((x.clamp(-1, 1) + 1) / 2) * 255 == n + 0.5)]
+    assert len(x) > 50  # plenty of exact halves among them
+    extra = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.5, 0.999, -0.999])
+    vals = torch.cat([x, extra])
+    side = int(np.ceil(np.sqrt(len(vals))))
+    img = torch.zeros(side * side)
+    img[: len(vals)] = vals
+    img = img.view(1, side, side).expand(3, side, side).clone()
+    img[1] = img[1].flip(0)
+    save_image(img, tmp_path / "tv.png", normalize=True, value_range=(-1, 1))
+    ours = to_uint8(img[None])[0]
+    theirs = np.asarray(Image.open(tmp_path / "tv.png").convert("RGB"))
+    assert (ours == theirs).all()
+    assert np.asarray(Image.open(io.BytesIO(png_bytes(ours)))).tolist() == theirs.tolist()
+    old = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (old != theirs).any()  # the halves this test is about
+
+
+def test_a_folder_made_before_these_fixes_is_refused(tmp_path):
+    """The same settings hashed b01ebcdcd2bde16d before the recipe gained tf32 and the bank draw changed; a folder
+    holding that set must not be resumed into."""
+    import json
+
+    from cao2_fast.errors import UserError
+
+    d = make_distiller()
+    assert d.config.fingerprint() != "b01ebcdcd2bde16d"
+    out = tmp_path / "old"
+    d.run(out)
+    marker = out / "0000" / ".complete.json"
+    part = json.loads(marker.read_text())
+    part["fingerprint"] = "b01ebcdcd2bde16d"
+    marker.write_text(json.dumps(part))
+    (out / "manifest.json").unlink()
+    with pytest.raises(UserError, match="different config \\(fingerprint b01ebcdcd2bde16d"):
+        make_distiller().run(out)
