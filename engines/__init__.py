@@ -34,7 +34,9 @@ def build_engine(name: str, spec: ModelSpec, device: str | torch.device = "cpu",
     device = torch.device(device)
     backend = require(name, device, precision, role)
     module = importlib.import_module(f".{backend.module}", __name__)
-    return module.build(backend, spec, device, precision, cache or EngineCache(), settings or EngineSettings(), batch)
+    engine = module.build(backend, spec, device, precision, cache or EngineCache(), settings or EngineSettings(), batch)
+    engine.prepare = spec.prepare
+    return engine
 
 
 def stage1_engines(name: str, dit, vae, classifier, device, precision: str = "float32", dit_batch: int = 64,

@@ -14,6 +14,7 @@ classifier's input size and normalisation switch).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 
 import torch
@@ -50,6 +51,7 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     output_name: str
     signature: dict = field(default_factory=dict)
+    prepare: Callable[..., torch.Tensor] | None = None  # torch work before the graph (same on every backend)
     _digest: str | None = field(default=None, repr=False)
 
     def weights_digest(self) -> str:
@@ -103,6 +105,19 @@ class DiTForward(nn.Module):
         return self.dit(x, t, y)
 
 
+class ClassifierAtSize(nn.Module):
+    """The classifier on images already at its input size (input mapping + network): what engines export. The
+    resize runs in torch before it (``ModelSpec.prepare``)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+        self.train(classifier.training)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.model(self.classifier.normalize_input(images))
+
+
 class VAEDecode(nn.Module):
     """``vae.decode(latents)`` as a module's forward."""
 
@@ -141,11 +156,14 @@ def decoded_image_shape(vae: nn.Module, latent_shape: tuple[int, ...]) -> tuple[
 
 
 def classifier_spec(classifier: nn.Module, image_shape: tuple[int, ...]) -> ModelSpec:
+    """The classifier at its own input size; decoded images of ``image_shape`` are resized in torch first."""
+    size = classifier.input_size
     return ModelSpec(
-        "classifier", classifier, (TensorSpec("images", tuple(image_shape)),), "logits",
-        signature={"class": type(classifier.model).__name__, "input_size": classifier.input_size,
-                   "normalize": bool(classifier.normalize), "structure": hashlib.sha256(
-                       repr(classifier.model).encode()).hexdigest()[:16]},
+        "classifier", ClassifierAtSize(classifier), (TensorSpec("images", (image_shape[0], size, size)),), "logits",
+        signature={"class": type(classifier.model).__name__, "input_size": size,
+                   "normalize": bool(classifier.normalize), "resize": "torch, before the engine",
+                   "structure": hashlib.sha256(repr(classifier.model).encode()).hexdigest()[:16]},
+        prepare=classifier.resize,
     )
 
 

@@ -215,7 +215,8 @@ def test_torchscript_exporter_only_when_dynamo_fails(specs, tmp_path, monkeypatc
     assert [r.getMessage() for r in caplog.records if "TorchScript" in r.getMessage()]
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(engine(images).argmax(1), specs["classifier"].module(images).argmax(1))
+        spec = specs["classifier"]
+        assert torch.equal(engine(images).argmax(1), spec.module(spec.prepare(images)).argmax(1))
 
 
 def test_a_failed_export_leaves_no_entry(specs, tmp_path, monkeypatch):
@@ -253,7 +254,10 @@ def test_changed_weights_shapes_or_settings_miss_the_cache(models, specs, cache,
     with torch.no_grad():
         other.blocks[1].mlp.fc2.bias[0] += 1e-3
     assert state(dit_spec(other)) == "absent"
-    assert state(classifier_spec(clf, (3, 24, 24))) == "absent"
+    assert state(classifier_spec(clf, (3, 24, 24))) is None  # resized in torch first: the graph is the same
+    clf_larger = copy.deepcopy(clf)
+    clf_larger.input_size += 8
+    assert state(classifier_spec(clf_larger, (3, 16, 16))) == "absent"
     assert state(specs["dit"], EngineSettings(opset=18)) == "absent"
     clf_normalised = copy.deepcopy(clf)
     clf_normalised.normalize = True

@@ -46,13 +46,22 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    def transform(self, images: torch.Tensor) -> torch.Tensor:
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Bring images to ``input_size`` (bilinear, antialiased when shrinking, as torchvision's ``Resize``). Engines
+        run it in torch before the exported graph: TensorRT's ONNX parser has no antialiased ``Resize``."""
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=images.shape[-1] > self.input_size)
+        return images
+
+    def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The recipe's input mapping of images already at ``input_size``."""
         if self.normalize:
             images = ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         return images
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        return self.normalize_input(self.resize(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.transform(images))
