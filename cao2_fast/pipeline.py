@@ -109,7 +109,7 @@ class Distiller:
     def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "cpu",
                  progress: bool | Progress = False):
         self.dit, self.vae, self.classifier, self.config = dit, vae, classifier, config
-        self.device = torch.device(device)
+        self.device = _check_device(device)
         self.dtype = DTYPES[config.dtype]
         self.progress = progress
         self.log: Callable[[str], None] = _log.info  # notes (a halved stage-2 batch, a waiting run); run(log=) sets it
@@ -125,6 +125,7 @@ class Distiller:
         self.stage1_decode: Callable = vae.decode
         self.stage1_classify: Callable = classifier
         self._target_index = self._classifier_targets()
+        self.to(device)  # ready on the device it names, in the config's dtype
 
     # -- construction --------------------------------------------------------------------------------------------
 
@@ -181,7 +182,8 @@ class Distiller:
         return cls(dit_m, vae_m, clf, cfg, device=device, progress=progress)
 
     def to(self, device) -> "Distiller":
-        self.device = torch.device(device)
+        """Move the models to ``device`` in the config's dtype (a device that is not there is one ``UserError``)."""
+        self.device = _check_device(device)
         self.dit.set_kernels(fast_kernels(self.device))
         self.dit.to(self.device, self.dtype)
         self.vae.to(self.device, self.dtype)
@@ -667,6 +669,21 @@ class _ClassBar(_Bar):
 
     def close(self):
         self.reporter.close()
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device}: no CUDA device is available (use device='cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise UserError(f"device {device}: cao2-fast runs on cpu or cuda")
+    return dev
 
 
 def _ceil(a: int, b: int) -> int:

@@ -203,10 +203,21 @@ def _capture_step(step: Callable[[bool], None]) -> torch.cuda.CUDAGraph | None:
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as e:
+        if is_out_of_memory(e):  # capture_end reports it as a plain RuntimeError: halve the batch, don't give up
+            raise torch.OutOfMemoryError(str(e).splitlines()[0]) from e
         warnings.warn(f"stage 2: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); running the remaining "
                       "steps uncaptured", RuntimeWarning, stacklevel=3)
         return None
     return graph
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is the device running out of memory, whatever type it arrived as (inside CUDA-graph capture,
+    the allocator's failure can surface from ``capture_end`` as a RuntimeError)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "cudaerrormemoryallocation" in text)
 
 
 def halve_on_oom(fn: Callable[[int], T], batch: int, log: Callable[[str], None] | None = None) -> tuple[int, T]:

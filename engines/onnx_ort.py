@@ -125,7 +125,8 @@ class OrtRunner:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("--engine onnx on CUDA needs onnxruntime with the CUDAExecutionProvider "
                                 "(pip install onnxruntime-gpu), or run with --device cpu")
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})]
+            # TF32 off: an fp32 engine must equal the fp32 eager model to float rounding (ORT's default is on)
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": "0"})]
         else:
             providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
@@ -133,6 +134,12 @@ class OrtRunner:
         if device.type == "cpu":  # the same CPU threads as torch, so engines compare (and share a machine) fairly
             options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if device.type == "cuda" and self.session.get_providers()[:1] != ["CUDAExecutionProvider"]:
+            # ORT falls back to CPU when the CUDA provider cannot load (CUDA/cuDNN libraries); binding CUDA
+            # pointers to a CPU session would then read device memory as host memory
+            raise UserError("--engine onnx on CUDA: onnxruntime could not load its CUDA provider (it fell back to "
+                            f"{', '.join(self.session.get_providers())}); check that onnxruntime-gpu matches the "
+                            "installed CUDA and cuDNN, or use --engine eager/compile")
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(t.name for t in spec.inputs):
             raise ValueError(f"{path}: inputs {names}, expected {[t.name for t in spec.inputs]}")

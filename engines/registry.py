@@ -42,7 +42,8 @@ ONNX = Backend("onnx", "an ONNX export run by ONNX Runtime", ("cpu", "cuda"), ("
                requires=("onnx", "onnxscript", "onnxruntime"),
                install="pip install onnx onnxscript onnxruntime (onnxruntime-gpu for CUDA)", module="onnx_ort")
 TRT = Backend("trt", "a TensorRT engine built from the ONNX export", ("cuda",), ("float32", "float16", "bfloat16"),
-              False, requires=("tensorrt",), install='pip install "cao2-fast[trt]"', module="trt")
+              False, requires=("tensorrt", "onnx", "onnxscript", "onnxruntime"),  # built from the ONNX export
+              install='pip install "cao2-fast[trt]"', module="trt")
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (EAGER, COMPILE, ONNX, TRT)}
 

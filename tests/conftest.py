@@ -29,6 +29,19 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def strict_fp32_on_gpu(request):
+    """GPU parity tests compare with fp32 references: TF32 off for matmuls *and* cuDNN convolutions (the DiT's
+    patch embedding is a convolution, and cuDNN's TF32 default is on), restored after the test."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
     """Engine cache and weights index go to a folder of the test session, never the user's home (subprocesses

@@ -530,3 +530,39 @@ def test_onnx_on_cuda_runs_the_same_file_and_matches_eager(specs, cache, onnx_en
             got = engines["dit"](x.cuda(), t.cuda(), y.cuda())
             assert got.device.type == "cuda" and float((got.cpu() - dit(x, t, y)).abs().max()) <= 1e-4
             assert float((engines["vae_decode"](x.cuda()).cpu() - vae.decode(x)).abs().max()) <= 1e-3
+
+
+def test_ort_falling_back_to_cpu_on_a_cuda_device_is_one_line_not_a_crash(specs, cache, onnx_engines, monkeypatch):
+    """ORT silently runs on CPU when its CUDA provider cannot load; binding CUDA pointers then would be wrong."""
+    import onnxruntime
+
+    from cao2_fast.engines.onnx_ort import OrtRunner
+
+    seen = {}
+
+    class FallbackSession:
+        def __init__(self, path, options, providers):
+            seen["providers"] = providers
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                         "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FallbackSession)
+    with pytest.raises(UserError, match="could not load its CUDA provider .*fell back to CPUExecutionProvider"):
+        OrtRunner(onnx_engines["dit"].artefact, specs["dit"], torch.device("cuda"))
+    name, opts = seen["providers"][0]
+    assert name == "CUDAExecutionProvider" and opts["use_tf32"] == "0"  # strict fp32, stated explicitly
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript", "onnxruntime", "tensorrt"])
+def test_trt_names_each_missing_package_in_one_line(missing, monkeypatch):
+    import importlib.util
+
+    from cao2_fast.engines import require
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(UserError, match=f"--engine trt needs the .*{missing}.*cao2-fast\\[trt\\]"):
+        require("trt", "cuda")

@@ -240,3 +240,41 @@ def test_cuda_graph_stage2_with_native_kernels_matches_the_reference(dit, monkey
     assert (captured.latents - ref).abs().max() <= 1e-4
     assert (captured.steps_done == steps).all() and captured.finite.all()
     torch.testing.assert_close(captured.loss_first, plain.loss_first, rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_memory_inside_graph_capture_halves_the_batch_instead_of_running_uncaptured(monkeypatch):
+    """No GPU here: the CUDA stream and graph calls are stand-ins whose capture ends the way a real one does when
+    the allocator fails mid-capture (a RuntimeError from capture_end)."""
+    import contextlib
+
+    from cao2_fast import stage2 as s2
+
+    class Fake:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def failing_graph(graph):
+        yield
+        raise RuntimeError("CUDA error: out of memory (capture_end)")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Fake)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Fake())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Fake)
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    with pytest.raises(torch.OutOfMemoryError):
+        s2._capture_step(lambda first: None)
+    tried = []
+
+    def chunk(b):
+        tried.append(b)
+        if b > 2:
+            s2._capture_step(lambda first: None)
+        return b
+
+    assert s2.halve_on_oom(chunk, 8) == (2, 2) and tried == [8, 4, 2]
+    assert not s2.is_out_of_memory(RuntimeError("operation not permitted when stream is capturing"))

@@ -73,3 +73,31 @@ def test_api_errors_are_one_line_value_errors():
         Distiller.from_preset("digits", guidance=2.0)
     with pytest.raises(UserError, match="class id 12 is not in the digits preset"):
         Distiller.from_preset("digits", class_ids=[12])
+
+
+def test_a_distiller_is_ready_on_the_device_it_names_and_refuses_a_missing_one(monkeypatch):
+    from cao2_fast.pipeline import Distiller
+
+    d = Distiller.from_preset("digits", ipc=1, class_ids=[0], dtype="bfloat16")
+    for m in (d.dit, d.vae, d.classifier):
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # moved and cast at construction
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device cuda: no CUDA device is available"):
+        Distiller.from_preset("digits", ipc=1, class_ids=[0], device="cuda")
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        Distiller.from_preset("digits", ipc=1, class_ids=[0], device="tpu")
+
+
+def test_to_moves_every_model(monkeypatch):
+    """With CUDA mocked present, construction calls .to on each model with the device it names."""
+    from cao2_fast.pipeline import Distiller
+
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    real = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append((type(self).__name__, a)) or self)
+    Distiller.from_preset("digits", ipc=1, class_ids=[0], device="cuda")
+    monkeypatch.setattr(torch.nn.Module, "to", real)
+    names = {n for n, a in moved if a and a[0] == torch.device("cuda")}
+    assert {"DiT", "VAE", "Classifier"} <= names
