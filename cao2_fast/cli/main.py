@@ -63,14 +63,16 @@ def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, call
 
 
 def _register() -> None:
-    from . import bench, convert, distill, export, info  # noqa: F401
+    from . import bench, convert, distill, export, info, selftest  # noqa: F401
     from . import eval as eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
 
 
 def main(argv: list[str] | None = None) -> None:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # click returns an Exit's code instead of raising it here
+            sys.exit(code)
     except UserError as e:
         if os.environ.get("CAO2_FAST_DEBUG"):
             raise

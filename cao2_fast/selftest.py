@@ -1,0 +1,273 @@
+"""``cao2-fast selftest``: what a user runs first on a new machine. Random weights at real shapes, no files needed.
+
+Each check compares a fast path with its reference on the same inputs and says pass, fail or skip — with a figure
+(the largest difference, or a throughput) and, for every skip or failure, the reason and what to do. Checks:
+
+* every engine available here (compile, onnx on each usable ONNX Runtime provider, trt when importable) against
+  eager on the DiT, the VAE decoder and the classifier;
+* the Triton kernels of stage 2 (noising, loss gradient, Adam) natively against their PyTorch references;
+* one stage-2 step captured in a CUDA graph and replayed, against the same steps uncaptured;
+* bf16 stage 2 against fp32;
+* a short throughput figure for each stage.
+
+Tolerances: fp32 engines 1e-4 (max abs, outputs of order 1; TF32 is off during the checks), VAE images 1e-3 (a
+deeper graph), classifier logits 1e-3 and equal argmax; fused kernels and CUDA-graph replay 1e-4 after 5 steps; bf16
+stage 2 within 10 % of fp32's movement (bf16 keeps 8 bits of mantissa in the DiT; x0, loss and Adam stay fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+MODELS = ("tiny", "dit-s-2-256", "dit-b-2-256", "dit-l-2-256", "dit-xl-2-256")
+
+
+@dataclass
+class Check:
+    name: str
+    result: str  # "pass", "fail" or "skip"
+    figure: str = ""
+    reason: str = ""  # why it was skipped or failed, and what to do
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).abs().max())
+
+
+class _Runner:
+    def __init__(self, log: Callable[[str], None]):
+        self.checks: list[Check] = []
+        self.log = log
+
+    def run(self, name: str, fn: Callable[[], Check | tuple[bool, str, str]]) -> None:
+        self.log(f"selftest: {name}")
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            check = out if isinstance(out, Check) else Check(name, "pass" if out[0] else "fail", out[1], out[2])
+            check.name = name
+        except Exception as e:  # noqa: BLE001  a check that crashes is a failure with its reason, not a crash
+            line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            check = Check(name, "fail", "", f"{type(e).__name__}: {line}")
+            if os.environ.get("CAO2_FAST_DEBUG"):
+                traceback.print_exc()
+        check.figure = check.figure or ""
+        self.checks.append(check)
+        self.log(f"selftest: {name}: {check.result} ({time.perf_counter() - t0:.1f} s)")
+
+
+def skip(reason: str) -> Check:
+    return Check("", "skip", "", reason)
+
+
+def run_checks(device: str = "cpu", model: str = "tiny", with_compile: bool | None = None,
+               log: Callable[[str], None] = lambda m: None) -> list[Check]:
+    """All checks on ``device`` with random weights of ``model`` (see :data:`MODELS`). ``with_compile`` None checks
+    torch.compile on CUDA only (on CPU it compiles for about a minute)."""
+    from .benchmark import build_setup
+    from .numerics import tf32
+
+    dev = torch.device(device)
+    with_compile = dev.type == "cuda" if with_compile is None else with_compile
+    s = build_setup(model, device)
+    dit = s.dit.to(dev, torch.float32)
+    vae = s.vae.to(dev, torch.float32)
+    clf = s.classifier.to(dev, torch.float32)
+    r = _Runner(log)
+    with tf32(False, dev), torch.no_grad():
+        _engine_checks(r, dit, vae, clf, dev, with_compile)
+    with tf32(False, dev):
+        _stage2_checks(r, dit, dev)
+        _throughput(r, s, dit, vae, clf, dev)
+    return r.checks
+
+
+# -- engines -------------------------------------------------------------------------------------------------------
+
+TOL = {"dit": 1e-4, "vae_decode": 1e-3, "classifier": 1e-3}
+
+
+def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: bool) -> None:
+    import importlib.util
+    import tempfile
+
+    from .engines import EngineCache, build_engine, stage1_specs
+    from .engines.registry import require
+    from .errors import UserError
+
+    def problem(on: torch.device):
+        """(specs, inputs, eager outputs) with the models on ``on``."""
+        models = [m if on == dev else copy.deepcopy(m).to(on) for m in (dit, vae, clf)]
+        specs = stage1_specs(*models)
+        g = torch.Generator().manual_seed(0)
+        latent = specs["dit"].inputs[0].shape
+        x = torch.randn(2, *latent, generator=g).to(on)
+        z = torch.randn(2, *latent, generator=g).to(on)
+        inputs = {"dit": (x, torch.tensor([10.0, 500.0], device=on), torch.tensor([1, dit.null_class], device=on)),
+                  "vae_decode": (z,)}
+        ref = {"dit": models[0](*inputs["dit"]), "vae_decode": models[1].decode(z)}
+        inputs["classifier"] = (ref["vae_decode"].clamp(-1, 1),)
+        ref["classifier"] = models[2](*inputs["classifier"])
+        return specs, inputs, ref
+
+    problems = {}
+
+    def check(engine_name: str, on: torch.device, label: str, fix: str) -> None:
+        try:
+            require(engine_name, on, "float32")
+        except UserError as e:
+            for m in TOL:
+                r.run(f"{label}: {m}", lambda e=e: skip(str(e)))
+            return
+        if on not in problems:
+            problems[on] = problem(on)
+        specs, inputs, ref = problems[on]
+        cache = EngineCache(tempfile.mkdtemp(prefix="cao2-selftest-"))
+        for m, spec in specs.items():
+            def one(m=m, spec=spec):
+                out = build_engine(engine_name, spec, on, cache=cache, batch=(1, 2, 2))(*inputs[m])
+                d = _max_diff(out, ref[m])
+                ok = d <= TOL[m] and (m != "classifier" or torch.equal(out.argmax(1).cpu(), ref[m].argmax(1).cpu()))
+                return ok, f"max |diff| {d:.1e} (tol {TOL[m]:.0e})", "" if ok else f"differs from eager; {fix}"
+            r.run(f"{label}: {m}", one)
+
+    if with_compile:
+        check("compile", dev, "engine compile", "run with --engine eager")
+    else:
+        for m in TOL:
+            r.run(f"engine compile: {m}", lambda: skip("torch.compile on CPU compiles for about a minute; pass "
+                                                       "--compile to include it"))
+    cpu = torch.device("cpu")
+    if dev.type == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            check("onnx", dev, "engine onnx (CUDA provider)", "run with --engine eager or compile")
+        else:
+            for m in TOL:
+                r.run(f"engine onnx (CUDA provider): {m}", lambda: skip(
+                    "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); --engine onnx runs on CPU "
+                    "only here"))
+    check("onnx", cpu, "engine onnx (CPU provider)", "run with --engine eager or compile")
+    if importlib.util.find_spec("tensorrt") is None:
+        for m in TOL:
+            r.run(f"engine trt: {m}", lambda: skip('tensorrt is not installed (pip install "cao2-fast[trt]"); use '
+                                                   "--engine onnx or compile"))
+    else:
+        check("trt", dev, "engine trt", "run with --engine onnx or compile")
+
+
+# -- stage 2 -------------------------------------------------------------------------------------------------------
+
+
+def _stage2_problem(dit, dev, b: int = 4, steps: int = 5):
+    from . import stage2
+    from .diffusion import Diffusion
+
+    cfg = dit.cfg
+    latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    g = torch.Generator().manual_seed(1)
+    diffusion = Diffusion.create(respacing=50)
+    x0 = torch.randn(b, *latent, generator=g)
+    noise = stage2.Stage2Noise.draw(b, latent, steps, 11, g, dropout_prob=0.0)
+    y = torch.full((b,), dit.null_class)
+
+    def run(model, dtype=torch.float32, **kw):
+        return stage2.optimize(lambda *a: model(*a), diffusion, x0, y, noise, steps, 6e-4, 10.0, "official", False,
+                               dev, dtype, **kw)
+
+    return x0, run
+
+
+def _stage2_checks(r: _Runner, dit, dev: torch.device) -> None:
+    import warnings
+
+    from .kernels import triton_available
+
+    x0, run = _stage2_problem(dit, dev)
+
+    def kernels():
+        if not triton_available(dev):
+            why = ("Triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU, as the test suite runs them)"
+                   if dev.type != "cuda" else "Triton cannot compile for this GPU; stage 2 uses the torch ops")
+            return skip(why)
+        a = run(dit, ops="triton")
+        b = run(dit, ops="torch")
+        d = _max_diff(a.latents, b.latents)
+        return d <= 1e-4, f"max |diff| {d:.1e} after 5 steps", "" if d <= 1e-4 else \
+            "fused kernels differ from their references; report it with this output"
+
+    def graph():
+        if dev.type != "cuda":
+            return skip("CUDA graphs need a CUDA device")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a capture that fails would warn and fall back
+            a = run(dit, cuda_graph=True)
+        b = run(dit, cuda_graph=False)
+        d = _max_diff(a.latents, b.latents)
+        return d <= 1e-4, f"max |diff| {d:.1e} after 5 steps", "" if d <= 1e-4 else \
+            "the captured step differs from the plain one; report it"
+
+    def bf16():
+        ref = run(dit)
+        low = run(copy.deepcopy(dit).to(torch.bfloat16), torch.bfloat16)
+        moved = float((ref.latents - x0).flatten(1).norm(dim=1).min())
+        err = float((low.latents - ref.latents).flatten(1).norm(dim=1).max())
+        ok = moved > 0 and err <= 0.1 * moved and bool(low.finite.all())
+        return ok, f"{100 * err / moved:.1f} % of the movement (tol 10 %)", "" if ok else \
+            "bf16 stage 2 strays from fp32; run with --dtype float32"
+
+    r.run("stage-2 Triton kernels vs references", kernels)
+    r.run("stage-2 step in a CUDA graph vs uncaptured", graph)
+    r.run("stage 2 bf16 vs fp32", bf16)
+
+
+def _throughput(r: _Runner, s, dit, vae, clf, dev: torch.device) -> None:
+    from . import stage1
+    from .benchmark import _sync
+    from .diffusion import Diffusion
+
+    cfg = dit.cfg
+    latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    n = 4
+
+    def stage1_rate():
+        g = torch.Generator().manual_seed(2)
+        noise = stage1.Stage1Noise.draw(n, latent, 3, g)
+        labels = torch.zeros(n, dtype=torch.long)
+        diffusion = Diffusion.create(respacing=3)
+
+        def go():
+            with torch.no_grad():
+                z = stage1.generate(dit, diffusion, noise, labels, dit.null_class, 2.7, 3, dev, torch.float32, n)
+                stage1.decode_and_score(vae.decode, clf, z, dev, torch.float32, n)
+
+        go()
+        _sync(dev)
+        t0 = time.perf_counter()
+        go()
+        _sync(dev)
+        per = (time.perf_counter() - t0) / n * 50 / 3  # one candidate, 50 steps
+        return True, f"{1 / per:.2f} candidates/s (fp32, eager, batch {n})", ""
+
+    def stage2_rate():
+        _, run = _stage2_problem(dit, dev, b=n, steps=3)
+        run(dit)
+        _sync(dev)
+        t0 = time.perf_counter()
+        run(dit)
+        _sync(dev)
+        return True, f"{n * 3 / (time.perf_counter() - t0):.1f} latent-steps/s (fp32, batch {n})", ""
+
+    r.run("throughput stage 1", stage1_rate)
+    r.run("throughput stage 2", stage2_rate)
