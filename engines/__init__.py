@@ -19,9 +19,10 @@ import torch
 from .base import Engine, EngineSettings
 from .cache import EngineCache, default_root
 from .registry import BACKENDS, Backend, get_backend, require
+from .load import Contract, load
 from .specs import ModelSpec, stage1_specs
 
-__all__ = ["BACKENDS", "Backend", "Engine", "EngineCache", "EngineSettings", "ModelSpec", "build_engine",
+__all__ = ["BACKENDS", "Backend", "Contract", "Engine", "EngineCache", "EngineSettings", "ModelSpec", "build_engine", "load",
            "check_engines", "default_root", "default_stage2", "get_backend", "require", "stage1_engines",
            "stage1_specs", "stage2_engine"]
 

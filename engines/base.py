@@ -67,6 +67,7 @@ class Engine:
     first_calls: dict = field(default_factory=dict)
     calls: int = 0
     prepare: Callable[..., torch.Tensor] | None = None  # the spec's torch pre-processing (e.g. the classifier resize)
+    contract: object | None = None  # what it takes and returns, for an engine loaded by path (see .load)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         self.calls += 1

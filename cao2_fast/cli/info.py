@@ -68,6 +68,15 @@ def _describe_entry(e: dict) -> str:
     return f"{e.get('kind', '?')} {model}, {e.get('precision', '?')}, {e['bytes'] / 1e6:.1f} MB, {e['state']}{created}"
 
 
+def _entries_json(engine_dir: Path | None) -> list[dict]:
+    """Each cached engine with its contract (what it takes and returns), the model identity it was built from,
+    backend, precision and path; the contract comes from the entry's metadata and artefact, no model is loaded."""
+    from ..engines import EngineCache
+    from ..engines.load import describe
+
+    return [describe(Path(e["path"]), e) for e in EngineCache(engine_dir).entries()]
+
+
 def _model_of(folder: Path) -> str:
     """The model an engine was built from, as its metadata records it: class, a few sizes, the weights' digest."""
     try:
@@ -90,6 +99,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instea
     """Library versions, devices, optional backends, presets and cached engines (which model each belongs to)."""
     data = gather_info(engine_dir)
     if as_json:
+        data["engines"] = {"dir": data["engines"]["dir"], "entries": _entries_json(engine_dir)}
         print(json.dumps(data, indent=1))
         return
     v = data["versions"]
