@@ -6,6 +6,7 @@ compiles). The models are the digits preset's when it is installed, else the tin
 rows say which). Engines are built into a fresh cache folder unless --engine-dir is given, so build times are real.
 
     python bench/engines_digits.py                       # CPU: writes bench/results/engines_digits_cpu.{json,png}
+                                                         # (under the CLI's allocator setting; --plain-malloc: not)
     python bench/engines_digits.py --threads 1 --append  # one thread, rows added to the same JSON
     python bench/engines_digits.py --device cuda --engines eager,compile,onnx,trt
 """
@@ -212,12 +213,21 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--append", action="store_true", help="keep the rows already in the JSON (e.g. another thread count)")
+    p.add_argument("--plain-malloc", action="store_true", help="leave glibc's allocator as it is (the CLI keeps freed "
+                   "memory in the process: cao2_fast.cpu.keep_freed_memory); default: the CLI's conditions")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    kept_freed = False
+    if not a.plain_malloc and torch.device(a.device).type == "cpu":
+        from cao2_fast.cpu import keep_freed_memory
+
+        kept_freed = keep_freed_memory()
     torch.manual_seed(0)
     rows = run([e.strip() for e in a.engines.split(",") if e.strip()], a.device, a.seconds, a.engine_dir,
                EngineSettings(compile_mode=a.compile_mode))
+    for r in rows:
+        r["keep_freed_memory"] = kept_freed
     tag = f"engines_digits_{torch.device(a.device).type}"
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"{tag}.json"
