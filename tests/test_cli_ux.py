@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from helpers import run_cli
+from test_cli import ckpts  # noqa: F401  (the tiny real-checkpoint fixture)
 
 HELP_PROBE = """
 import sys
@@ -133,7 +134,9 @@ def test_info_lists_python_once_and_full_engine_paths(capsys, tmp_path, monkeypa
     code, out, _ = run_cli(["info", "--json", "--engine-dir", str(root)], capsys)
     data = _json.loads(out)
     assert "python" not in data and "python" in data["versions"]
-    assert "weights sha256 abcdef012345" in data["engines"][entry.name]
+    (listed,) = [e for e in data["engines"]["entries"] if e["name"] == entry.name]
+    assert "weights sha256 abcdef012345" in listed["description"]
+    assert listed["contract"] is None and "lacks its inputs/output" in listed["problem"]  # a made-up entry
 
 
 # -- help pages -------------------------------------------------------------------------------------------------------
@@ -197,24 +200,6 @@ def test_bench_reports_progress_and_writes_outside_the_working_folder(tmp_path, 
 # -- progress ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpts(tmp_path_factory):
-    """A tiny DiT checkpoint, a diffusers VAE folder and a timm classifier state dict on disk."""
-    import torch
-
-    from cao2_fast.models.dit import DiTConfig
-    from cao2_fast.models.random import random_models
-
-    root = tmp_path_factory.mktemp("ckpt")
-    dit, vae, clf = random_models(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5))
-    sd = dict(dit.state_dict())
-    sd["pos_embed"] = dit.pos_embed.clone()
-    torch.save(sd, root / "dit.pt")
-    vae.autoencoder.save_pretrained(root / "vae")
-    torch.save(clf.model.state_dict(), root / "clf.pth")
-    return root
-
-
 def _tiny_distill(ckpts, out, *extra):
     return ["distill", "--dit", str(ckpts / "dit.pt"), "--vae", str(ckpts / "vae"), "--classifier",
             f"test_resnet:{ckpts / 'clf.pth'}", "--out", str(out), "--classes", "0-4", "--ipc", "2", "--k", "2",
@@ -222,8 +207,8 @@ def _tiny_distill(ckpts, out, *extra):
             *extra]
 
 
-def test_distill_logs_a_few_plain_lines_when_stderr_is_not_a_terminal(tiny_ckpts, tmp_path, capsys):
-    code, out, err = run_cli(_tiny_distill(tiny_ckpts, tmp_path / "o"), capsys)
+def test_distill_logs_a_few_plain_lines_when_stderr_is_not_a_terminal(ckpts, tmp_path, capsys):  # noqa: F811
+    code, out, err = run_cli(_tiny_distill(ckpts, tmp_path / "o"), capsys)
     assert code == 0, err
     assert "\r" not in err and "\x1b" not in err  # no redraws, no escape codes
     lines = err.strip().splitlines()
@@ -236,7 +221,7 @@ def test_distill_logs_a_few_plain_lines_when_stderr_is_not_a_terminal(tiny_ckpts
     assert any("finished: classes 5/5" in line for line in lines)
     assert "wrote 10 images of 5 classes" in out
 
-    code, _, err = run_cli(_tiny_distill(tiny_ckpts, tmp_path / "q", "--no-progress"), capsys)
+    code, _, err = run_cli(_tiny_distill(ckpts, tmp_path / "q", "--no-progress"), capsys)
     assert code == 0 and "plan:" not in err and "estimate" not in err
 
 
@@ -265,12 +250,12 @@ class Recorder:
         self.progress = _P()
 
 
-def test_the_library_reports_through_its_progress_object_and_draws_nothing_by_default(tiny_ckpts, tmp_path, capsys):
+def test_the_library_reports_through_its_progress_object_and_draws_nothing_by_default(ckpts, tmp_path, capsys):  # noqa: F811
     from cao2_fast import Distiller
 
     kw = dict(dataset="custom", class_ids=[0, 1, 2], ipc=2, k=2, sample_steps=4, stage2_steps=3, t_max=2,
               stage1_batch=4)
-    args = (tiny_ckpts / "dit.pt", tiny_ckpts / "vae", f"test_resnet:{tiny_ckpts / 'clf.pth'}")
+    args = (ckpts / "dit.pt", ckpts / "vae", f"test_resnet:{ckpts / 'clf.pth'}")
     Distiller.from_paths(*args, **kw).run(tmp_path / "quiet")
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""

@@ -74,7 +74,8 @@ def _entries_json(engine_dir: Path | None) -> list[dict]:
     from ..engines import EngineCache
     from ..engines.load import describe
 
-    return [describe(Path(e["path"]), e) for e in EngineCache(engine_dir).entries()]
+    return [{**describe(Path(e["path"]), e), "description": _describe_entry(e)}
+            for e in EngineCache(engine_dir).entries()]
 
 
 def _model_of(folder: Path) -> str:
