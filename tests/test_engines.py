@@ -418,8 +418,10 @@ def test_export_info_and_distill_share_the_cache(ckpts, cache, onnx_engines, tmp
     code, out, _ = run_cli(["info", "--json", "--engine-dir", str(cache.root)], capsys)
     listed = json.loads(out)["engines"]
     assert listed["dir"] == str(cache.root)
+    by_name = {row["name"]: row for row in listed["entries"]}
     for e in onnx_engines.values():
-        assert e.artefact.parent.name in listed and "ok" in listed[e.artefact.parent.name]
+        row = by_name[e.artefact.parent.name]
+        assert row["state"] == "ok" and row["path"] == str(e.artefact) and row["contract"]["inputs"]
 
     out_dir = tmp_path / "run"
     code, out, err = run_cli(["distill", *real_models(ckpts), "--classes", "1,4", "--ipc", "1", "--k", "2",
