@@ -107,6 +107,21 @@ class DistillConfig:
 
     Fields that trade speed for nothing else (batch sizes, engines on the same numerics) are recorded but only the
     numerics-relevant ones enter the fingerprint.
+
+    Stage-1 savings beyond the released method (all off by default and in both recipes; a setting that is off stays
+    out of the fingerprint, so runs made before these fields existed keep theirs):
+
+    early_reject_step / early_reject_keep: early candidate rejection. After ``early_reject_step`` of the
+        ``sample_steps`` sampling steps (1 ≤ STEP < sample_steps) every candidate's x̂0 prediction is decoded and
+        scored, the candidates are ranked by :func:`cao2_fast.stage1.early_rank` (the selection rule and order applied
+        to the early scores), and only the best ``early_reject_keep`` = M (IPC ≤ M ≤ K·IPC) of each class finish
+        sampling. Survivors keep their own pre-drawn noise, so each survivor's latent is the full run's up to float
+        rounding; where the early ranking keeps all of the full run's picks, the picks are the same. Trades stage-1
+        DiT work (about (1 − STEP/steps)·(1 − M/(K·IPC)) of it is saved) against the chance of dropping a
+        candidate the full run would have kept; M closer to K·IPC and a later STEP make that chance smaller.
+    guidance_interval: (lo, hi): classifier-free guidance only at the sampling steps whose noise level
+        σ = sqrt((1 − ᾱ)/ᾱ) lies in (lo, hi]; the other steps run the conditional model alone, at half the DiT work.
+        None guides every step (the released behaviour).
     """
 
     dataset: str
@@ -122,6 +137,9 @@ class DistillConfig:
     sample_steps: int = 50
     guidance_scale: float = 2.7
     classifier_input_size: int = 224
+    early_reject_step: int | None = None
+    early_reject_keep: int | None = None
+    guidance_interval: tuple[float, float] | None = None
     # stage 2
     stage2_steps: int = 100
     lr: float = 6e-4
@@ -142,6 +160,9 @@ class DistillConfig:
         d = asdict(self)
         for speed_only in ("stage1_batch", "stage2_batch"):
             d.pop(speed_only)
+        for off_by_default in ("early_reject_step", "early_reject_keep", "guidance_interval"):
+            if d[off_by_default] is None:  # off: the fingerprint of a config from before the field existed
+                d.pop(off_by_default)
         d["stage1_group"] = self.classes_per_group  # the grouping of classes into batches does change rounding
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -217,6 +238,22 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError(f"unknown order {cfg.order!r}: desc or asc")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {cfg.dtype!r}: float32, bfloat16 or float16")
+    step, keep = cfg.early_reject_step, cfg.early_reject_keep
+    if (step is None) != (keep is None):
+        raise UserError("early rejection needs both --early-reject STEP and --early-keep M (or neither)")
+    if step is not None:
+        if not 1 <= step < cfg.sample_steps:
+            raise UserError(f"--early-reject {step}: the check must come after 1 to {cfg.sample_steps - 1} of the "
+                            f"{cfg.sample_steps} sampling steps")
+        if not cfg.ipc <= keep <= cfg.num_candidates:
+            raise UserError(f"--early-keep {keep}: keep between IPC ({cfg.ipc}) and K·IPC ({cfg.num_candidates}) "
+                            "candidates per class")
+    if cfg.guidance_interval is not None:
+        if len(cfg.guidance_interval) != 2:
+            raise UserError(f"guidance interval {cfg.guidance_interval!r}: give two noise levels (lo, hi)")
+        lo, hi = cfg.guidance_interval
+        if not 0 <= lo < hi:
+            raise UserError(f"guidance interval ({lo:g}, {hi:g}]: need 0 <= lo < hi (noise levels σ)")
 
 
 def with_overrides(cfg: DistillConfig, **kw) -> DistillConfig:

@@ -165,24 +165,47 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guide
     return torch.cat([guided, cond[:, g:]], dim=1)
 
 
+def guided_steps(diffusion: Diffusion, interval: tuple[float, float] | None) -> torch.Tensor:
+    """Which respaced steps apply classifier-free guidance (bool, one per step): all of them without ``interval``,
+    else those whose noise level σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) lies in (lo, hi] — guidance limited to an interval of
+    noise levels (Kynkäänniemi et al., NeurIPS 2024); the other steps run the conditional model alone."""
+    if interval is None:
+        return torch.ones(diffusion.num_steps, dtype=torch.bool)
+    lo, hi = interval
+    sigma = diffusion.sqrt_recipm1_alphas_cumprod
+    return (sigma > lo) & (sigma <= hi)
+
+
 @torch.no_grad()
 def sample(model: ModelFn, diffusion: Diffusion, noise: torch.Tensor, y: torch.Tensor, null_class: int,
            guidance_scale: float, guided_channels: int = 3, generator: torch.Generator | None = None,
-           step_noise: torch.Tensor | None = None, progress: Callable[[], None] | None = None) -> torch.Tensor:
+           step_noise: torch.Tensor | None = None, progress: Callable[[], None] | None = None, *,
+           start: int | None = None, stop: int = 0, return_x0: bool = False,
+           guidance_interval: tuple[float, float] | None = None):
     """Ancestral sampling from ``noise`` (B, C, H, W) at class labels ``y`` over every step of ``diffusion``.
 
     Per-step noise comes from ``step_noise`` (steps, B, C, H, W; index = respaced step) when given, else from the
     CPU ``generator``.
+
+    A run can be split: ``start``/``stop`` run only the respaced steps start−1 down to ``stop`` (default: all of
+    them), from ``noise`` taken as the current x; a second call with ``start`` = the first's ``stop`` continues it
+    with the same arithmetic. ``return_x0`` also returns the x̂0 prediction of the last step run (no extra model
+    call). ``guidance_interval`` guides only the steps :func:`guided_steps` names.
     """
-    x = noise
-    for i in reversed(range(diffusion.num_steps)):
+    start = diffusion.num_steps if start is None else start
+    guided = guided_steps(diffusion, guidance_interval) if guidance_interval is not None else None
+    x, x0 = noise, None
+    for i in reversed(range(stop, start)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        out = guided_model_output(model, x, diffusion.model_timesteps(t), y, null_class, guidance_scale, guided_channels)
+        scale = guidance_scale if guided is None or guided[i] else 1.0
+        out = guided_model_output(model, x, diffusion.model_timesteps(t), y, null_class, scale, guided_channels)
         if step_noise is not None:
             z = step_noise[i]
         else:  # drawn on the host so the stream depends on the generator alone, not on the device
             z = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        if return_x0 and i == stop:
+            x0 = diffusion.p_mean_variance(out.to(x.dtype), x, t)[2]
         x = diffusion.p_sample_step(out.to(x.dtype), x, t, z)
         if progress is not None:
             progress()
-    return x
+    return (x, x0) if return_x0 else x

@@ -23,7 +23,7 @@ import torch
 
 from . import numerics, output, stage1, stage2
 from .config import NOISE_BANK_SIZE, DistillConfig, build_config
-from .diffusion import Diffusion
+from .diffusion import Diffusion, guided_steps
 from .errors import UserError
 from .identity import weights_id
 from .models.classifier import Classifier, load_classifier, parse_spec
@@ -223,13 +223,23 @@ class Distiller:
 
     # -- the stages on tensors -------------------------------------------------------------------------------------
 
+    def stage1_forwards(self) -> int:
+        """DiT image-forwards of one class's stage 1 under the config (a guided step counts 2; early rejection and
+        the guidance interval counted), the SPEC §5 cost model's unit."""
+        cfg = self.config
+        gi = cfg.guidance_interval
+        return stage1.dit_forwards(cfg.num_candidates, cfg.sample_steps, _checks(cfg), cfg.guidance_scale,
+                                   None if gi is None else guided_steps(self.diffusion, gi))
+
     def _numerics(self):
         """The recipe's process-wide numerics (TF32 on CUDA under ``official``), set for one call and restored."""
         return numerics.tf32(self.config.recipe.tf32, self.device)
 
     def stage1(self, class_ids: list[int], bar=None) -> dict[int, dict]:
         """Sample K·IPC candidates per class, score and select. Returns per class: kept latents, kept candidate
-        indices, their stage-1 images and probabilities, and the candidates' accuracy."""
+        indices, their stage-1 images and probabilities, and the candidates' accuracy. With early rejection
+        (``early_reject_step``) only the candidates that survive the check finish sampling, and the accuracy and
+        the selection are over those survivors."""
         with self._numerics():
             return self._stage1(class_ids, bar)
 
@@ -239,6 +249,8 @@ class Distiller:
         noises = [stage1.Stage1Noise.draw(n, self.latent_shape, cfg.sample_steps, class_generator(cfg.seed, c, "stage1"))
                   for c in class_ids]
         labels = torch.tensor([c for c in class_ids for _ in range(n)])
+        if cfg.early_reject_step is not None or cfg.guidance_interval is not None:
+            return self._stage1_early(class_ids, stage1.Stage1Noise.cat(noises), labels, bar)
         with torch.no_grad():
             latents = stage1.generate(self.stage1_dit, self.diffusion, stage1.Stage1Noise.cat(noises), labels,
                                       self.dit.null_class, cfg.guidance_scale, cfg.recipe.guided_channels, self.device,
@@ -267,6 +279,66 @@ class Distiller:
                 "failure": None if n_ok >= cfg.ipc else
                 f"only {n_ok} of {n} stage-1 candidates are finite (NaN/Inf in the DiT, VAE or classifier output), "
                 f"{cfg.ipc} are needed",
+            }
+        return out
+
+    def _stage1_early(self, class_ids: list[int], noise: stage1.Stage1Noise, labels: torch.Tensor,
+                      bar=None) -> dict[int, dict]:
+        """Stage 1 with early rejection and/or a guidance interval (:func:`stage1.generate_early`); a class's
+        randomness and ranking depend on (seed, class) only, as in the full run."""
+        cfg = self.config
+        n = cfg.num_candidates
+
+        def score(x0):
+            images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, x0, self.device,
+                                                    self.dtype, cfg.decode_batch)
+            return probs, (x0.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
+                           & probs.isfinite().all(1))
+
+        def rank(j, idx, probs, finite):
+            c = class_ids[j]
+            if cfg.selection == "random":  # the class's one permutation, restricted to idx (see early_rank)
+                perm = stage1.early_rank(torch.zeros(n, 1), 0, "random", generator=class_generator(cfg.seed, c, "select"))
+                place = torch.empty(n, dtype=torch.long)
+                place[perm] = torch.arange(n)
+                order = torch.sort(place[idx], stable=True).indices
+                return torch.cat([order[finite[order]], order[~finite[order]]])
+            return stage1.early_rank(probs, self._target_index[c], cfg.selection, cfg.order, valid=finite)
+
+        with torch.no_grad():
+            latents, alive, early_nonfinite = stage1.generate_early(
+                self.stage1_dit, self.diffusion, noise, labels, n, self.dit.null_class, cfg.guidance_scale,
+                cfg.recipe.guided_channels, self.device, self.dtype, cfg.stage1_batch,
+                stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep), score, rank, progress=bar,
+                guidance_interval=cfg.guidance_interval)
+        images, probs = stage1.decode_and_score(self.stage1_decode, self.stage1_classify, latents, self.device,
+                                                self.dtype, cfg.decode_batch)
+        finite = (latents.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
+                  & probs.isfinite().all(1))
+        bad = early_nonfinite.clone()
+        bad[alive[~finite]] = True  # non-finite at the check or at the end
+        out = {}
+        for j, c in enumerate(class_ids):
+            pos = torch.nonzero(alive // n == j).flatten()
+            idx, target = alive[pos] - j * n, self._target_index[c]
+            p, ok = probs[pos], finite[pos]
+            n_ok = int(ok.sum())
+            if n_ok < cfg.ipc:
+                keep = torch.zeros(0, dtype=torch.long)
+            elif cfg.selection == "random":
+                keep = rank(j, idx, p, ok)[:cfg.ipc]
+            else:
+                keep = stage1.select(p, target, cfg.ipc, cfg.selection, cfg.order, valid=ok)
+            out[c] = {
+                "latents": latents[pos][keep],
+                "candidate_index": idx[keep],
+                "images": images[pos][keep],
+                "prob": p[keep, target],
+                "candidate_accuracy": float(((p.argmax(1) == target) & ok).float().mean()),
+                "nonfinite_candidates": int(bad[j * n:(j + 1) * n].sum()),
+                "failure": None if n_ok >= cfg.ipc else
+                f"only {n_ok} of {len(pos)} surviving stage-1 candidates are finite (NaN/Inf in the DiT, VAE or "
+                f"classifier output), {cfg.ipc} are needed",
             }
         return out
 
@@ -609,12 +681,11 @@ class Distiller:
         cfg = self.config
         done = sum(output.read_complete(out, n, fp, cfg.ipc) is not None for n in cfg.class_names)
         n_todo = sum(map(len, todo))
-        guided = 1 if cfg.guidance_scale == 1.0 else 2
-        flop = self.dit.cfg.flops_per_forward() * (n_todo * cfg.num_candidates * cfg.sample_steps * guided
+        flop = self.dit.cfg.flops_per_forward() * (n_todo * self.stage1_forwards()
                                                    + n_todo * cfg.ipc * cfg.stage2_steps * 2)
         reporter.start(Plan(classes=len(cfg.class_ids), already_complete=done, todo=n_todo,
                             candidates=n_todo * cfg.num_candidates, sample_steps=cfg.sample_steps,
-                            batch_steps=cfg.sample_steps * _chunks(todo, cfg), latents=n_todo * cfg.ipc,
+                            batch_steps=_batch_steps(todo, cfg), latents=n_todo * cfg.ipc,
                             latent_steps=cfg.stage2_steps * cfg.ipc * n_todo, engines=dict(self.engines),
                             dit_tflop=flop / 1e12))
         return {"classes": _ClassBar(reporter, "classes", out, done), "stage1": _Bar(reporter, "stage1"),
@@ -690,8 +761,17 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _chunks(groups: list[list[int]], cfg: DistillConfig) -> int:
-    return sum(_ceil(len(g) * cfg.num_candidates, cfg.stage1_batch) for g in groups)
+def _checks(cfg: DistillConfig) -> list[tuple[int, int]]:
+    return stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep)
+
+
+def _batch_steps(groups: list[list[int]], cfg: DistillConfig) -> int:
+    """Stage-1 progress ticks: sampling steps × DiT batches, with fewer batches after an early-rejection check."""
+    total, done, alive = 0, 0, cfg.num_candidates
+    for step, keep in [*_checks(cfg), (cfg.sample_steps, None)]:
+        total += (step - done) * sum(_ceil(len(g) * alive, cfg.stage1_batch) for g in groups)
+        done, alive = step, keep
+    return total
 
 
 def _num(x: torch.Tensor) -> float | None:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .diffusion import Diffusion, sample
+from .diffusion import Diffusion, guided_steps, sample
 
 Fn = Callable[..., torch.Tensor]
 
@@ -40,15 +40,123 @@ class Stage1Noise:
 
 def generate(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: torch.Tensor, null_class: int,
              guidance_scale: float, guided_channels: int, device, dtype, batch: int,
-             progress: Callable[[], None] | None = None) -> torch.Tensor:
-    """Sample latents for ``labels`` in chunks of ``batch`` candidates (the model sees 2·batch with guidance)."""
-    out = []
-    for start in range(0, len(labels), batch):
-        part = noise.slice(start, start + batch)
-        x = sample(dit, diffusion, part.initial.to(device, dtype), labels[start:start + batch].to(device), null_class,
-                   guidance_scale, guided_channels, step_noise=part.steps.to(device, dtype), progress=progress)
-        out.append(x.float().cpu())
-    return torch.cat(out)
+             progress: Callable[[], None] | None = None, *, x: torch.Tensor | None = None, start: int | None = None,
+             stop: int = 0, return_x0: bool = False, guidance_interval: tuple[float, float] | None = None):
+    """Sample latents for ``labels`` in chunks of ``batch`` candidates (the model sees 2·batch with guidance).
+
+    ``x``/``start``/``stop``/``return_x0``/``guidance_interval`` as in :func:`cao2_fast.diffusion.sample`: resume
+    from the latents ``x`` (default: the initial noise) over respaced steps start−1..stop, and also return the last
+    step's x̂0 (both float32 on the CPU)."""
+    out, x0s = [], []
+    for first in range(0, len(labels), batch):
+        part = noise.slice(first, first + batch)
+        x_in = part.initial if x is None else x[first:first + batch]
+        res = sample(dit, diffusion, x_in.to(device, dtype), labels[first:first + batch].to(device), null_class,
+                     guidance_scale, guided_channels, step_noise=part.steps.to(device, dtype), progress=progress,
+                     start=start, stop=stop, return_x0=return_x0, guidance_interval=guidance_interval)
+        if return_x0:
+            res, x0 = res
+            x0s.append(x0.float().cpu())
+        out.append(res.float().cpu())
+    return (torch.cat(out), torch.cat(x0s)) if return_x0 else torch.cat(out)
+
+
+# -- early candidate rejection ---------------------------------------------------------------------------------------
+
+Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Ranker = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def early_rank(probs: torch.Tensor, target: int, rule: str = "confident", order: str = "desc",
+               generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Every candidate of one class (indices into ``probs``), the likeliest final pick first, from scores taken
+    part-way through sampling: the early rejection keeps a prefix of this order.
+
+    confident: the candidates whose early argmax is ``target`` first, in :func:`select`'s order (``desc`` most
+        confident first, ``asc`` least confident first); then the others by their probability of ``target``, highest
+        first — a candidate that is wrong early earns a pick mainly by turning correct, and the one nearest to it is
+        the likeliest to.
+    el2n: :func:`select`'s EL2N order. random: ``generator``'s permutation, the one :func:`select` draws (so the
+        final random picks are its first IPC and any prefix of at least IPC keeps them).
+    Candidates marked False in ``valid`` (non-finite early scores) come last, by index. Ties go by index.
+    """
+    n = probs.shape[0]
+    idx = torch.arange(n)
+    ok = torch.ones(n, dtype=torch.bool) if valid is None else valid.bool()
+    if rule == "random":
+        perm = torch.randperm(n, generator=generator)
+        ranked = perm[ok[perm]]
+    elif rule == "el2n":
+        onehot = torch.zeros_like(probs)
+        onehot[:, target] = 1
+        ranked = _ordered(idx[ok], (probs[ok] - onehot[ok]).norm(dim=1), descending=order == "desc")
+    elif rule == "confident":
+        conf, pred = probs.max(dim=1)
+        correct = (pred == target) & ok
+        wrong = ~(pred == target) & ok
+        ranked = torch.cat([_ordered(idx[correct], conf[correct], descending=order == "desc"),
+                            _ordered(idx[wrong], probs[wrong, target], descending=True)])
+    else:
+        raise ValueError(f"unknown selection rule {rule!r}")
+    return torch.cat([ranked, idx[~ok]])
+
+
+def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: torch.Tensor, per_class: int,
+                   null_class: int, guidance_scale: float, guided_channels: int, device, dtype, batch: int,
+                   checks: list[tuple[int, int]], score: Scorer, rank: Ranker,
+                   progress: Callable[[], None] | None = None,
+                   guidance_interval: tuple[float, float] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`generate` with early rejection. ``labels`` hold whole classes of ``per_class`` candidates each, class
+    by class. At each check ``(step, keep)`` — after ``step`` of the sampling steps, steps increasing, keeps
+    shrinking — the x̂0 of every live candidate is scored (``score(x0) -> (probs, finite)``), class ``j``'s live
+    candidates are ordered by ``rank(j, candidate_index_in_class, probs, finite)`` (positions, best first), and
+    the first ``keep`` of each class sample on; the others are dropped. Survivors keep their own noise rows, so a
+    survivor's arithmetic is the full run's (only batch composition differs, which may change float rounding).
+
+    Returns (latents of the survivors, their indices into ``labels`` in increasing order, a mask over ``labels`` of
+    the candidates whose early scores were not finite)."""
+    steps = diffusion.num_steps
+    alive = torch.arange(len(labels))
+    x, done, nonfinite = None, 0, torch.zeros(len(labels), dtype=torch.bool)
+    for step, keep in [*checks, (steps, None)]:
+        res = generate(dit, diffusion, Stage1Noise(noise.initial[alive], noise.steps[:, alive]), labels[alive],
+                       null_class, guidance_scale, guided_channels, device, dtype, batch, progress, x=x,
+                       start=steps - done, stop=steps - step, return_x0=keep is not None,
+                       guidance_interval=guidance_interval)
+        done = step
+        if keep is None:
+            return res, alive, nonfinite
+        x, x0 = res
+        probs, finite = score(x0)
+        nonfinite[alive[~finite]] = True
+        survivors = []
+        for j in range(len(labels) // per_class):
+            pos = torch.nonzero(alive // per_class == j).flatten()
+            order = rank(j, alive[pos] - j * per_class, probs[pos], finite[pos])
+            survivors.append(pos[order[:keep]].sort().values)
+        pos = torch.cat(survivors)
+        alive, x = alive[pos], x[pos]
+    raise AssertionError("unreachable")
+
+
+def early_checks(step: int | None, keep: int | None) -> list[tuple[int, int]]:
+    """A config's early-rejection checks: one ``(step, keep)``, or none when off."""
+    return [] if step is None else [(step, keep)]
+
+
+def dit_forwards(per_class: int, sample_steps: int, checks: list[tuple[int, int]] = (), guidance_scale: float = 2.7,
+                 guided: torch.Tensor | None = None) -> int:
+    """Image-forwards of the DiT to sample one class's ``per_class`` candidates (SPEC §5: a guided step costs 2):
+    every step runs on the candidates still alive (all before the first check, ``keep`` after it); ``guided``
+    (bool per respaced step, see :func:`cao2_fast.diffusion.guided_steps`) marks the guided steps (default: all)."""
+    total, done, alive = 0, 0, per_class
+    for step, keep in [*checks, (sample_steps, per_class)]:
+        for k in range(done, step):  # the k-th step taken is respaced step sample_steps − 1 − k
+            g = guidance_scale != 1.0 and (guided is None or bool(guided[sample_steps - 1 - k]))
+            total += alive * (2 if g else 1)
+        done, alive = step, keep
+    return total
 
 
 @torch.no_grad()

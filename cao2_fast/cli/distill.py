@@ -121,6 +121,9 @@ def distill(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", rich_help_panel=STAGE1)] = 2.7,
     sample_steps: Annotated[int, typer.Option(help="Respaced DDPM sampling steps.", rich_help_panel=STAGE1)] = 50,
     stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).", show_default="256; digits 4·IPC", rich_help_panel=STAGE1)] = None,
+    early_reject: Annotated[int | None, typer.Option("--early-reject", metavar="STEP", help="Early rejection: after STEP sampling steps score every candidate's x0 prediction and let only the best --early-keep per class finish (saves DiT work; may change a few picks).", show_default="off", rich_help_panel=STAGE1)] = None,
+    early_keep: Annotated[int | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive --early-reject (IPC..K·IPC).", rich_help_panel=STAGE1)] = None,
+    guidance_interval: Annotated[str | None, typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only the steps whose noise level sigma is in (LO, HI]; the rest run the conditional model alone.", show_default="every step", rich_help_panel=STAGE1)] = None,
     stage2_steps: Annotated[int | None, typer.Option(help="Adam steps per latent.", show_default="100; imagenette official 0", rich_help_panel=STAGE2)] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate.", rich_help_panel=STAGE2)] = 6e-4,
     lam: Annotated[float, typer.Option(help="Weight of the L-inf term.", rich_help_panel=STAGE2)] = 10.0,
@@ -160,7 +163,8 @@ def distill(
     overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
                      sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
                      stage2_label=stage2_label.value if stage2_label else None, seed=seed, dtype=dtype.value,
-                     stage1_batch=stage1_batch, stage2_batch=stage2_batch)
+                     stage1_batch=stage1_batch, stage2_batch=stage2_batch, early_reject_step=early_reject,
+                     early_reject_keep=early_keep, guidance_interval=_interval(guidance_interval))
     overrides = {k_: v for k_, v in overrides.items() if v is not None}
     class_ids = parse_classes(classes) if classes else None
     real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
@@ -212,6 +216,16 @@ def distill(
             print(f"stage-1 picks (before stage 2) in {s1_dir}")
 
 
+def _interval(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval {text!r}: expected LO,HI noise levels, e.g. 0.3,5") from None
+    return lo, hi
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -230,7 +244,7 @@ def _print_plan(distiller, out_dir: Path, world: int) -> None:
         "latents": n_lat,
         "groups": len(distiller.groups()),
         "ranks": world,
-        "dit_tflop_stage1": round(n_cand * cfg.sample_steps * 2 * f / 1e12, 3),
+        "dit_tflop_stage1": round(len(cfg.class_ids) * distiller.stage1_forwards() * f / 1e12, 3),
         "dit_tflop_stage2": round(n_lat * cfg.stage2_steps * 2 * f / 1e12, 3),
         "config": cfg.to_json(),
     }
