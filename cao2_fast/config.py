@@ -119,6 +119,8 @@ class DistillConfig:
         rounding; where the early ranking keeps all of the full run's picks, the picks are the same. Trades stage-1
         DiT work (about (1 − STEP/steps)·(1 − M/(K·IPC)) of it is saved) against the chance of dropping a
         candidate the full run would have kept; M closer to K·IPC and a later STEP make that chance smaller.
+        Tuples of equal length make the rejection progressive: one check per entry, steps increasing, keeps not
+        increasing.
     guidance_interval: (lo, hi): classifier-free guidance only at the sampling steps whose noise level
         σ = sqrt((1 − ᾱ)/ᾱ) lies in (lo, hi]; the other steps run the conditional model alone, at half the DiT work.
         None guides every step (the released behaviour).
@@ -137,8 +139,8 @@ class DistillConfig:
     sample_steps: int = 50
     guidance_scale: float = 2.7
     classifier_input_size: int = 224
-    early_reject_step: int | None = None
-    early_reject_keep: int | None = None
+    early_reject_step: int | tuple[int, ...] | None = None
+    early_reject_keep: int | tuple[int, ...] | None = None
     guidance_interval: tuple[float, float] | None = None
     # stage 2
     stage2_steps: int = 100
@@ -238,22 +240,37 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError(f"unknown order {cfg.order!r}: desc or asc")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {cfg.dtype!r}: float32, bfloat16 or float16")
-    step, keep = cfg.early_reject_step, cfg.early_reject_keep
-    if (step is None) != (keep is None):
+    steps, keeps = cfg.early_reject_step, cfg.early_reject_keep
+    if (steps is None) != (keeps is None):
         raise UserError("early rejection needs both --early-reject STEP and --early-keep M (or neither)")
-    if step is not None:
-        if not 1 <= step < cfg.sample_steps:
-            raise UserError(f"--early-reject {step}: the check must come after 1 to {cfg.sample_steps - 1} of the "
-                            f"{cfg.sample_steps} sampling steps")
-        if not cfg.ipc <= keep <= cfg.num_candidates:
-            raise UserError(f"--early-keep {keep}: keep between IPC ({cfg.ipc}) and K·IPC ({cfg.num_candidates}) "
-                            "candidates per class")
+    if steps is not None:
+        steps, keeps = _ints(steps), _ints(keeps)
+        if steps is None or keeps is None or len(steps) != len(keeps) or not steps:
+            raise UserError("--early-reject and --early-keep take one integer each, or equally many (one per check)")
+        for i, (step, keep) in enumerate(zip(steps, keeps)):
+            if not 1 <= step < cfg.sample_steps:
+                raise UserError(f"--early-reject {step}: a check must come after 1 to {cfg.sample_steps - 1} of the "
+                                f"{cfg.sample_steps} sampling steps")
+            if not cfg.ipc <= keep <= cfg.num_candidates:
+                raise UserError(f"--early-keep {keep}: keep between IPC ({cfg.ipc}) and K·IPC ({cfg.num_candidates}) "
+                                "candidates per class")
+            if i and (step <= steps[i - 1] or keep > keeps[i - 1]):
+                raise UserError("progressive early rejection: each check must come later and keep no more than the "
+                                "one before")
     if cfg.guidance_interval is not None:
         if len(cfg.guidance_interval) != 2:
             raise UserError(f"guidance interval {cfg.guidance_interval!r}: give two noise levels (lo, hi)")
         lo, hi = cfg.guidance_interval
         if not 0 <= lo < hi:
             raise UserError(f"guidance interval ({lo:g}, {hi:g}]: need 0 <= lo < hi (noise levels σ)")
+
+
+def _ints(v) -> tuple[int, ...] | None:
+    """An int or a sequence of ints as a tuple; None for anything else (bools are not counts)."""
+    items = (v,) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if items is None or any(isinstance(x, bool) or not isinstance(x, int) for x in items):
+        return None
+    return items
 
 
 def with_overrides(cfg: DistillConfig, **kw) -> DistillConfig:

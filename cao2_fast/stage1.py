@@ -140,9 +140,14 @@ def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: to
     raise AssertionError("unreachable")
 
 
-def early_checks(step: int | None, keep: int | None) -> list[tuple[int, int]]:
-    """A config's early-rejection checks: one ``(step, keep)``, or none when off."""
-    return [] if step is None else [(step, keep)]
+def early_checks(step, keep) -> list[tuple[int, int]]:
+    """A config's early-rejection checks as ``(step, keep)`` pairs: none when off, one for ints, and for tuples of
+    equal length (progressive rejection) one per entry."""
+    if step is None:
+        return []
+    if isinstance(step, int):
+        return [(step, keep)]
+    return list(zip(step, keep))
 
 
 def dit_forwards(per_class: int, sample_steps: int, checks: list[tuple[int, int]] = (), guidance_scale: float = 2.7,

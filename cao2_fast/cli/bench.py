@@ -60,6 +60,7 @@ def bench(
     batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch.", show_default="largest that fits, halving on OOM", rich_help_panel=HOW)] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", rich_help_panel=HOW)] = 3,
     out: Annotated[Path | None, typer.Option(help=f"Folder for the JSON rows and the chart (default: {OUT_DEFAULT}).", rich_help_panel=HOW)] = None,
+    early_reject_grid: Annotated[bool, typer.Option("--early-reject-grid", help="Instead: stage 1 with early rejection (a grid of check step and survivors) and with guidance intervals against the exact stage 1, at K 2 and 4, guidance 2.7 and 1.0: FLOPs saved, pick agreement, wall-time ratio (--repeats timed runs each), and the ImageNet-1K projection. Needs --preset.", rich_help_panel=WHAT)] = False,
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
     if (preset is None) == (model is None):
@@ -80,6 +81,17 @@ def bench(
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - t0:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    if early_reject_grid:
+        if preset is None:
+            raise UserError("--early-reject-grid runs on a preset's real models: add --preset digits")
+        from ..bench_early import format_rows, run_and_write
+
+        rows, jpath, ppath = run_and_write(name, out if out is not None else user_cache_dir() / "bench", repeats,
+                                           dev, log)
+        print(format_rows(rows))
+        print(f"wrote {jpath} and {ppath}")
+        return
 
     rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
                      ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats, log=log)

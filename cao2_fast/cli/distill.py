@@ -121,8 +121,8 @@ def distill(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", rich_help_panel=STAGE1)] = 2.7,
     sample_steps: Annotated[int, typer.Option(help="Respaced DDPM sampling steps.", rich_help_panel=STAGE1)] = 50,
     stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).", show_default="256; digits 4·IPC", rich_help_panel=STAGE1)] = None,
-    early_reject: Annotated[int | None, typer.Option("--early-reject", metavar="STEP", help="Early rejection: after STEP sampling steps score every candidate's x0 prediction and let only the best --early-keep per class finish (saves DiT work; may change a few picks).", show_default="off", rich_help_panel=STAGE1)] = None,
-    early_keep: Annotated[int | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive --early-reject (IPC..K·IPC).", rich_help_panel=STAGE1)] = None,
+    early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Early rejection: after STEP sampling steps score every candidate's x0 prediction and let only the best --early-keep per class finish (saves DiT work; may change a few picks). 'S1,S2' checks twice.", show_default="off", rich_help_panel=STAGE1)] = None,
+    early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive --early-reject (IPC..K·IPC); 'M1,M2' for two checks.", rich_help_panel=STAGE1)] = None,
     guidance_interval: Annotated[str | None, typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only the steps whose noise level sigma is in (LO, HI]; the rest run the conditional model alone.", show_default="every step", rich_help_panel=STAGE1)] = None,
     stage2_steps: Annotated[int | None, typer.Option(help="Adam steps per latent.", show_default="100; imagenette official 0", rich_help_panel=STAGE2)] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate.", rich_help_panel=STAGE2)] = 6e-4,
@@ -163,8 +163,10 @@ def distill(
     overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
                      sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
                      stage2_label=stage2_label.value if stage2_label else None, seed=seed, dtype=dtype.value,
-                     stage1_batch=stage1_batch, stage2_batch=stage2_batch, early_reject_step=early_reject,
-                     early_reject_keep=early_keep, guidance_interval=_interval(guidance_interval))
+                     stage1_batch=stage1_batch, stage2_batch=stage2_batch,
+                     early_reject_step=_counts("--early-reject", early_reject),
+                     early_reject_keep=_counts("--early-keep", early_keep),
+                     guidance_interval=_interval(guidance_interval))
     overrides = {k_: v for k_, v in overrides.items() if v is not None}
     class_ids = parse_classes(classes) if classes else None
     real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
@@ -214,6 +216,16 @@ def distill(
               f"p(class) {_fmt(s['mean_prob_before'])} -> {_fmt(s['mean_prob_after'])})")
         if s1_dir is not None:
             print(f"stage-1 picks (before stage 2) in {s1_dir}")
+
+
+def _counts(name: str, text: str | None) -> int | tuple[int, ...] | None:
+    """``10`` -> 10, ``10,20`` -> (10, 20): one early-rejection check, or one per entry."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", p, re.ASCII) for p in parts):
+        raise UserError(f"{name} {text!r}: expected a whole number, or several separated by commas (e.g. 10,20)")
+    return int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:
