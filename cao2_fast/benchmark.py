@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from . import reference, stage1, stage2
+from .config import RECIPES
 from .numerics import tf32
 from .diffusion import Diffusion
 from .models.dit import RELEASED_KERNELS, DiTConfig, fast_kernels, random_dit
 
 PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}  # bf16 dense matmul measured on these machines (SPEC §5)
 IMAGENET_IPC10 = {"candidates": 40_000, "latents": 10_000}
+RELEASED_TF32 = RECIPES["official"].tf32  # the reference path runs as `--recipe official` does (SPEC §2, §5)
 
 
 @dataclass
@@ -170,7 +172,7 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     noises = [stage1.Stage1Noise.draw(n_cand, latent, steps1, g) for _ in range(classes)]
 
     def ref_stage1():
-        with tf32(True, dev):  # the released scripts: fp32 weights, TF32 matmuls and convolutions
+        with tf32(RELEASED_TF32, dev):  # the released scripts: fp32 weights, TF32 matmuls and convolutions
             for c, nz in enumerate(noises):
                 z = reference.stage1_class(ref_dit, diffusion_short, nz.initial, nz.steps, c, cfg.num_classes,
                                            s.guidance_scale, 3, dev)
@@ -215,7 +217,7 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     y_null = torch.full((ref_images,), cfg.num_classes)
 
     def run_ref2():
-        with tf32(True, dev):
+        with tf32(RELEASED_TF32, dev):
             return reference.stage2(ref_dit, diffusion, x0, y_null, nz2, steps2, 6e-4, 10.0, "official", False, dev,
                                     weight_grads=True)
 

@@ -57,6 +57,24 @@ def test_imagenet100_official_uses_the_ascending_order():
     assert cfg.order == "asc" and cfg.t_max == 5
 
 
+# target 0: one correct candidate (1); wrong ones 0 (max prob 0.9), 2 (0.5), 3 (0.7)
+FILL_ROWS = [(1, 0.9), (0, 0.6), (2, 0.5), (1, 0.7)]
+
+
+@pytest.mark.parametrize("recipe", ["official", "consistent"])
+@pytest.mark.parametrize("dataset,expect", [
+    ("imagenet-1k", [1, 0, 3, 2]),   # most confident wrong first
+    ("imagewoof", [1, 0, 3, 2]),
+    ("imagenette", [1, 0, 3, 2]),
+    ("imagenet-100", [1, 2, 3, 0]),  # least confident wrong first
+    ("digits", [1, 0, 3, 2]),
+])
+def test_each_datasets_fill_order_under_both_recipes(dataset, expect, recipe):
+    ids = dict(class_ids=list(range(10)), num_model_classes=10) if dataset == "digits" else dict(num_model_classes=1000)
+    cfg = build_config(dataset, 4, recipe, **ids)
+    assert select(table(FILL_ROWS), 0, cfg.ipc, cfg.selection, cfg.order).tolist() == expect
+
+
 def test_bank_indices_are_uniform_reproducible_and_depend_on_seed_and_class_only():
     d = make_distiller(class_ids=(0, 1, 2, 3, 4), ipc=2)
     a = d.bank_index(3, 4000)
@@ -87,44 +105,80 @@ def test_the_bank_entry_is_the_images_noise_and_is_recorded(tmp_path):
     assert all(r["noise_bank_index"] is None for c in consistent["classes"] for r in c["images"])
 
 
+def test_recorded_bank_entries_do_not_depend_on_which_classes_run_together():
+    d = make_distiller(class_ids=(0, 2, 4), ipc=2)
+    together = {r.class_id: [x["noise_bank_index"] for x in r.records] for r in d.distill()}
+    alone = d.distill([4])[0]
+    assert [x["noise_bank_index"] for x in alone.records] == together[4]
+    # candidate slot i no longer shares its noise across classes
+    assert len({tuple(v) for v in together.values()}) == 3
+
+
 def test_more_candidates_than_bank_entries_are_allowed():
     cfg = build_config("custom", 300, "official", class_ids=[1], num_model_classes=5, k=4)
     assert cfg.num_candidates == 1200
 
 
-def test_tf32_is_a_recipe_field_in_the_fingerprint():
+def test_tf32_is_a_recipe_field_in_the_manifest_and_the_fingerprint(tmp_path):
+    from dataclasses import replace
+
     assert RECIPES["official"].tf32 is True and RECIPES["consistent"].tf32 is False
-    a = make_distiller().config
-    assert a.to_json()["recipe"]["tf32"] is True
+    d = make_distiller(class_ids=(0,))
+    cfg = d.config
+    strict = replace(cfg, recipe=replace(cfg.recipe, tf32=False))
+    assert strict.fingerprint() != cfg.fingerprint()
+    manifest = d.run(tmp_path / "o")
+    assert manifest["config"]["recipe"]["tf32"] is True
+    assert manifest["config"]["fingerprint"] == cfg.fingerprint()
 
 
-@pytest.mark.parametrize("raises", [False, True])
-def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, raises):
+def flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("raises_in", [None, "stage1", "stage2", "final decode"])
+def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, raises_in):
     monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)  # no GPU here: pretend the device is CUDA
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     d = make_distiller()
     seen = []
-    real_dit, real_decode = d.stage1_dit, d.stage1_decode
 
-    def dit(*a, **k):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        return real_dit(*a, **k)
+    def spy(stage, fn):
+        def call(*a, **k):
+            now = "final decode" if stage == "decode" and any(s == "stage2" for s, _ in seen) else stage
+            seen.append((now, flags()))
+            if now == raises_in:
+                raise RuntimeError("boom")
+            return fn(*a, **k)
+        return call
 
-    def decode(z):
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        if raises:
-            raise RuntimeError("boom")
-        return real_decode(z)
-
-    d.stage1_dit, d.stage1_decode = dit, decode
-    if raises:
+    d.stage1_dit = spy("stage1", d.stage1_dit)
+    d._dit_call = spy("stage2", d._dit_call)  # the stage-2 DiT
+    d.stage1_decode = spy("decode", d.stage1_decode)
+    if raises_in:
         with pytest.raises(RuntimeError, match="boom"):
-            d.stage1([0])
+            d.distill([0])
     else:
         d.distill([0])
-    assert seen and set(seen) == {(True, True)}
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert {s for s, _ in seen} == {"stage1", "decode", "stage2", "final decode"}
+    assert seen and {f for _, f in seen} == {(True, True)}
+    assert flags() == (False, False)
+
+
+@pytest.mark.parametrize("before", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("enabled", [False, True])
+def test_the_tf32_switch_puts_back_whatever_the_caller_had(monkeypatch, before, enabled):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", before[0])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", before[1])
+    with numerics.tf32(enabled, "cpu"):  # flags only act on CUDA: a CPU run leaves them alone
+        assert flags() == before
+    monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)
+    with pytest.raises(KeyError):
+        with numerics.tf32(enabled, "cuda"):
+            assert flags() == (enabled, enabled)
+            raise KeyError("inside")
+    assert flags() == before
 
 
 def test_tf32_stays_off_under_consistent(monkeypatch):
