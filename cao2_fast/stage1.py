@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .diffusion import Diffusion, guided_steps, sample
+from .diffusion import Diffusion, sample
 
 Fn = Callable[..., torch.Tensor]
 
