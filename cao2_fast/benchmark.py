@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import reference, stage1, stage2
-from .config import RECIPES
+from .config import RECIPES, early_check_list
 from .numerics import tf32
 from .diffusion import Diffusion
 from .models.dit import RELEASED_KERNELS, DiTConfig, fast_kernels, random_dit
@@ -44,6 +45,12 @@ class Setup:
     guidance_scale: float = 2.7
 
 
+def oversampling(model: str) -> tuple[int, int]:
+    """(K, IPC) that :func:`build_setup` gives ``model``: digits and tiny at K 2, the DiT architectures at ImageNet's
+    K 4; IPC 10 (tiny: 2)."""
+    return {"digits": (2, 10), "tiny": (2, 2)}.get(model, (4, 10))
+
+
 def build_setup(model: str, device: str) -> Setup:
     """``digits``: the embedded preset. ``dit-{s,b,l,xl}-2-256``: the real architecture with random weights, with
     the sd-vae-ft-mse VAE and timm ResNet-18 at their real sizes (random weights too)."""
@@ -53,16 +60,18 @@ def build_setup(model: str, device: str) -> Setup:
         from .pipeline import Distiller
 
         d = Distiller.from_preset("digits", ipc=10)
-        return Setup("digits", d.dit, d.vae, d.classifier, 2, k=2, ipc=10, guidance_scale=d.config.guidance_scale)
+        return Setup("digits", d.dit, d.vae, d.classifier, 2, *oversampling(model),
+                     guidance_scale=d.config.guidance_scale)
     if model == "tiny":  # a few-second smoke run of every code path
         dit = random_dit(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10), seed=0)
-        return Setup("tiny", dit, random_vae(tiny=True), random_classifier("test_resnet", 10, 32), 2, k=2, ipc=2)
+        clf = random_classifier("test_resnet", 10, 32)
+        return Setup("tiny", dit, random_vae(tiny=True), clf, 2, *oversampling(model))
     size = model.lower().replace("dit-", "").split("-")[0].upper()
     cfg = DiTConfig.named(f"DiT-{size}/2", input_size=32)
     dit = random_dit(cfg, seed=0)
     vae = random_vae(tiny=False)
     clf = random_classifier("resnet18", 1000, 224)
-    return Setup(model, dit, vae, clf, 6, k=4, ipc=10)
+    return Setup(model, dit, vae, clf, 6, *oversampling(model))
 
 
 def _sync(device):
@@ -82,11 +91,17 @@ def _timed(fn, device) -> float:
 def _timed_pair(ref, fast, device, repeats: int) -> tuple[float, float]:
     """Median wall times of ``ref`` and ``fast``, timed alternately (ref, fast, ref, fast, ...): a shared machine
     that slows down or speeds up during the measurement moves both paths alike, not their ratio."""
-    times = ([], [])
+    t_ref, t_fast = _timed_alternately((ref, fast), device, repeats)
+    return t_ref, t_fast
+
+
+def _timed_alternately(fns, device, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns``, run in turn ``repeats`` times (a, b, c, a, b, c, ...)."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in zip((ref, fast), times):
+        for fn, out in zip(fns, times):
             out.append(_timed(fn, device))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 def _peak_of(fn, device) -> float:
@@ -138,9 +153,18 @@ def _commit() -> str:
 def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None = None, steps1: int = 5,
               steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
               ops: str | None = None, cuda_graph: bool | None = None, compile_stage2: bool = False,
-              repeats: int = 3, log=print) -> list[dict]:
+              repeats: int = 3, early_step=None, early_keep=None, log=print) -> list[dict]:
     """Measure both paths for stage 1 and stage 2 and derive end to end. Returns JSON-ready rows. ``log`` gets a
-    line as each phase begins and ends (and the notes of a halved batch)."""
+    line as each phase begins and ends (and the notes of a halved batch).
+
+    ``early_step``/``early_keep``: early rejection as in :class:`cao2_fast.config.DistillConfig` (check after
+    ``early_step`` of 50 steps, keep ``early_keep`` candidates per class; tuples for several checks). Stage 1 and
+    the job then get a third path, ``fast+early``: the fast stage 1 that stops sampling all but the kept
+    candidates at each check (their x̂0 decoded, scored and ranked by the released rule, most confident correct
+    first), timed in the same alternation. ``steps1`` is raised, where needed, to the least count that puts every
+    check on a whole step of the shortened schedule."""
+    k, ipc = oversampling(model)
+    early = early_check_list(early_step, early_keep, 50, ipc, k * ipc)  # [] when off; bad values: UserError
     dev = torch.device(device)
     on_cuda = dev.type == "cuda"
     if not on_cuda:  # both paths run under it: freed activations are reused instead of faulted in again
@@ -157,6 +181,11 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     peak, peak_source = _peak_tflops(device)
     n_cand = s.k * s.ipc
     classes = classes or s.classes_per_batch
+    if early:  # the shortened schedule must land on every check: step·steps1/50 whole
+        need = math.lcm(steps1, *(50 // math.gcd(50, step) for step, _ in early))
+        if need != steps1:
+            log(f"stage 1: timing {need} steps instead of {steps1}, so that the checks fall on whole steps")
+        steps1 = need
     g = torch.Generator().manual_seed(0)
     ref_dit = s.dit.to(dev, torch.float32).set_kernels(RELEASED_KERNELS)  # torch's GELU and SDPA, as released
     s.vae.to(dev, torch.float32)
@@ -191,23 +220,45 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
                                 s.guidance_scale, 3, dev, fdt, batch=len(labels))
             stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
 
-    log(f"stage 1: warm-up, then {repeats} timed runs of each path ({classes * n_cand} candidates, {steps1} steps)")
-    ref_stage1()  # warm-ups
-    fast_stage1()
-    t_ref1, t_fast1 = _timed_pair(ref_stage1, fast_stage1, device, repeats)
-    mem_ref1, mem_fast1 = _peak_of(ref_stage1, device), _peak_of(fast_stage1, device)
+    checks_short = [(step * steps1 // 50, keep) for step, keep in early]
+
+    def early_stage1():
+        def score(x0):
+            _, probs = stage1.decode_and_score(vae_f.decode, clf_f, x0, dev, fdt, batch=min(64, len(x0)))
+            return probs, probs.isfinite().all(1)
+
+        def rank(j, idx, probs, finite):  # class j is label j here
+            return stage1.early_rank(probs, j, "confident", "desc", valid=finite)
+
+        with torch.no_grad():
+            z, _, _ = stage1.generate_early(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels,
+                                            n_cand, cfg.num_classes, s.guidance_scale, 3, dev, fdt, len(labels),
+                                            checks_short, score, rank)
+            stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(z)))
+
+    paths1 = [ref_stage1, fast_stage1] + ([early_stage1] if early else [])
+    log(f"stage 1: warm-up, then {repeats} timed runs of each path ({classes * n_cand} candidates, {steps1} steps"
+        + (f"; fast+early checks {', '.join(f'keep {m} after {st}/50' for st, m in early)}" if early else "") + ")")
+    for fn in paths1:  # warm-ups
+        fn()
+    times1 = _timed_alternately(paths1, device, repeats)
+    mems1 = [_peak_of(fn, device) for fn in paths1]
     n1 = classes * n_cand
     full = 50 / steps1  # normalise to 50 sampling steps per candidate
     flop1 = 50 * 2 * flop_fwd  # per candidate (guided: 2 forwards per step)
-    for path, t, mem, dt_name, batch in (("reference", t_ref1, mem_ref1, "float32", 2 * n_cand),
-                                         ("fast", t_fast1, mem_fast1, fast_dtype, 2 * n1)):
+    # fast+early: the DiT forwards it runs per candidate it starts, every step guided as in flop1
+    flop1_early = stage1.dit_forwards(n_cand, 50, early, 2.0) * flop_fwd / n_cand if early else None
+    for path, t, mem, dt_name, batch, flop in zip(
+            ("reference", "fast", "fast+early"), times1, mems1, ("float32", fast_dtype, fast_dtype),
+            (2 * n_cand, 2 * n1, 2 * n1), (flop1, flop1, flop1_early)):
         per_item = t * full / n1
         rows.append(dict(base, stage="1", path=path, dtype=dt_name, batch=batch, unit="candidates/s",
-                         throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop1,
-                         tflops=flop1 / per_item / 1e12, peak_mem_gib=round(mem, 3)))
+                         throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop,
+                         tflops=flop / per_item / 1e12, peak_mem_gib=round(mem, 3), steps_timed=steps1,
+                         **({"early_reject": [list(c) for c in early]} if path == "fast+early" else {})))
 
-    log(f"stage 1: reference {rows[0]['throughput']:.2f}, fast {rows[1]['throughput']:.2f} candidates/s "
-        f"({rows[0]['seconds_per_item'] / rows[1]['seconds_per_item']:.2f}x)")
+    log("stage 1: " + ", ".join(f"{r['path']} {r['throughput']:.2f}" for r in rows) + " candidates/s ("
+        + ", ".join(f"{rows[0]['seconds_per_item'] / r['seconds_per_item']:.2f}x" for r in rows[1:]) + ")")
 
     # -- stage 2 -------------------------------------------------------------------------------------------------
     log(f"stage 2: warm-up{' and compilation' if compile_stage2 else ''}, then {repeats} timed runs of each path")
@@ -243,20 +294,22 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
                          engine="compile" if path == "fast" and compile_stage2 else "eager",
                          compile_s=compile_s if path == "fast" else None))
 
-    log(f"stage 2: reference {rows[2]['throughput']:.1f}, fast {rows[3]['throughput']:.1f} latent-steps/s "
-        f"({rows[2]['seconds_per_item'] / rows[3]['seconds_per_item']:.2f}x, fast batch {batch2})")
+    r2ref, r2fast = rows[-2:]
+    log(f"stage 2: reference {r2ref['throughput']:.1f}, fast {r2fast['throughput']:.1f} latent-steps/s "
+        f"({r2ref['seconds_per_item'] / r2fast['seconds_per_item']:.2f}x, fast batch {batch2})")
 
     # -- end to end (projected from the two stages) ----------------------------------------------------------------
     job = IMAGENET_IPC10 if model.startswith("dit-") else {"candidates": 10 * 20, "latents": 10 * 10}
-    for path in ("reference", "fast"):
+    for path in ("reference", "fast") + (("fast+early",) if early else ()):
         r1 = next(r for r in rows if r["stage"] == "1" and r["path"] == path)
-        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == path)
+        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == path.split("+")[0])  # stage 2 as fast
         seconds = job["candidates"] * r1["seconds_per_item"] + job["latents"] * 100 * r2["seconds_per_item"]
-        flop = job["candidates"] * flop1 + job["latents"] * 100 * flop2
+        flop = job["candidates"] * r1["flop_per_item"] + job["latents"] * 100 * flop2
         rows.append(dict(base, stage="e2e", path=path, dtype=r2["dtype"], batch=r2["batch"], unit="jobs/h",
                          throughput=3600 / seconds, seconds_per_item=seconds, flop_per_item=flop,
                          tflops=flop / seconds / 1e12, peak_mem_gib=max(r1["peak_mem_gib"], r2["peak_mem_gib"]),
-                         job=job, projected_minutes=seconds / 60,
+                         job=job, projected_minutes=seconds / 60, **({"early_reject": r1["early_reject"]}
+                                                                      if "early_reject" in r1 else {}),
                          floor_minutes=(flop / (peak * 1e12) / 60) if peak else None))
     for r in rows:
         r["mfu"] = r["tflops"] / peak if peak else None
@@ -317,8 +370,9 @@ STAGE_AXES = {  # what each stage's panel shows: the row field, its label, and a
 
 
 def plot_results(rows: list[dict], path: Path) -> None:
-    """The chart of one bench run: per stage, the absolute throughput of the reference and fast paths (the
-    end-to-end panel: the projected job time), and beside them the fast/reference speed ratio. The title names
+    """The chart of one bench run: per stage, the absolute throughput of the reference and fast paths (and
+    fast+early where timed; the end-to-end panel: the projected job time), and beside them the fast/reference
+    speed ratios. The title names
     the model, device, dtype and the fast stage-2 engine (eager or torch.compile). Reads rows as written to JSON,
     so a chart can be redrawn from a results file: ``plot_results(json.load(open(f)), Path("x.png"))``."""
     import matplotlib
@@ -330,23 +384,26 @@ def plot_results(rows: list[dict], path: Path) -> None:
 
     by = {(r["stage"], r["path"]): r for r in rows}
     stages = [s for s in STAGE_AXES if (s, "reference") in by and (s, "fast") in by]
-    colors = {"reference": "#999999", "fast": "#2a7f62"}
+    colors = {"reference": "#999999", "fast": "#2a7f62", "fast+early": "#d08a2e"}
     fig, axes = plt.subplots(1, len(stages) + 1, figsize=(3.0 * (len(stages) + 1), 3.4), layout="constrained")
     for ax, stage in zip(axes, stages):
         field, unit, name = STAGE_AXES[stage]
         job = by[stage, "fast"].get("job")
         if stage == "e2e" and job:
             name += f"\n({job['candidates']:,} candidates, {job['latents']:,} latents)"
-        vals = [by[stage, p][field] for p in ("reference", "fast")]
-        bars = ax.bar(["reference", "fast"], vals, color=[colors["reference"], colors["fast"]])
+        paths = [p for p in colors if (stage, p) in by]
+        vals = [by[stage, p][field] for p in paths]
+        bars = ax.bar([p.replace("+", "\n+") for p in paths], vals, color=[colors[p] for p in paths])
         ax.bar_label(bars, labels=[_short(v) for v in vals], padding=2, fontsize=8)
         ax.set_title(name, fontsize=9)
         ax.set_ylabel(unit, fontsize=8)
         ax.margins(y=0.18)  # room for the value labels above the bars
         ax.tick_params(labelsize=8)
     ax = axes[-1]
-    ratios = [by[s, "fast"]["ratio"] for s in stages]
-    bars = ax.bar([f"stage {s}" if s != "e2e" else "job" for s in stages], ratios, color=colors["fast"])
+    pairs = [(s, p) for s in stages for p in ("fast", "fast+early") if (s, p) in by]
+    ratios = [by[k]["ratio"] for k in pairs]
+    names = [(f"stage {s}" if s != "e2e" else "job") + ("\n+early" if p == "fast+early" else "") for s, p in pairs]
+    bars = ax.bar(names, ratios, color=[colors[p] for _, p in pairs])
     ax.bar_label(bars, labels=[f"{r:.1f}×" for r in ratios], padding=2, fontsize=8)
     ax.axhline(1, color="k", lw=0.8)
     ax.set_title("speed-up of fast over reference", fontsize=9)
@@ -356,8 +413,10 @@ def plot_results(rows: list[dict], path: Path) -> None:
     fast2 = by.get(("2", "fast"), {})
     engine = "torch.compile" if fast2.get("engine") == "compile" else "eager"
     r0 = rows[0]
+    early = by.get(("1", "fast+early"), {}).get("early_reject")
+    early = ("; early: " + ", ".join(f"keep {m} after {st}/50" for st, m in early)) if early else ""
     fig.suptitle(f"cao2-fast bench: {r0['model']} on {r0['device']}; fast path {fast2.get('dtype', '?')}, "
-                 f"stage 2 {engine}; medians of {r0.get('repeats', '?')} runs", fontsize=9)
+                 f"stage 2 {engine}{early}; medians of {r0.get('repeats', '?')} runs", fontsize=9)
     save_figure(fig, path, dpi=120)
 
 
@@ -366,11 +425,11 @@ def _short(v: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'stage':>5} {'path':>9} {'dtype':>8} {'batch':>5} {'throughput':>26} {'TFLOP/s':>9} {'MFU':>7} "
+    lines = [f"{'stage':>5} {'path':>10} {'dtype':>8} {'batch':>5} {'throughput':>26} {'TFLOP/s':>9} {'MFU':>7} "
              f"{'mem GiB':>8} {'ratio':>7}"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(f"{r['stage']:>5} {r['path']:>9} {r['dtype']:>8} {r['batch']:>5} "
+        lines.append(f"{r['stage']:>5} {r['path']:>10} {r['dtype']:>8} {r['batch']:>5} "
                      f"{r['throughput']:>10.3f} {r['unit']:<15} {r['tflops']:>9.4f} {mfu:>7} "
                      f"{r['peak_mem_gib']:>8.2f} {r['ratio']:>6.2f}×")
     for r in rows:

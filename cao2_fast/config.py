@@ -240,23 +240,7 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError(f"unknown order {cfg.order!r}: desc or asc")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {cfg.dtype!r}: float32, bfloat16 or float16")
-    steps, keeps = cfg.early_reject_step, cfg.early_reject_keep
-    if (steps is None) != (keeps is None):
-        raise UserError("early rejection needs both --early-reject STEP and --early-keep M (or neither)")
-    if steps is not None:
-        steps, keeps = _ints(steps), _ints(keeps)
-        if steps is None or keeps is None or len(steps) != len(keeps) or not steps:
-            raise UserError("--early-reject and --early-keep take one integer each, or equally many (one per check)")
-        for i, (step, keep) in enumerate(zip(steps, keeps)):
-            if not 1 <= step < cfg.sample_steps:
-                raise UserError(f"--early-reject {step}: a check must come after 1 to {cfg.sample_steps - 1} of the "
-                                f"{cfg.sample_steps} sampling steps")
-            if not cfg.ipc <= keep <= cfg.num_candidates:
-                raise UserError(f"--early-keep {keep}: keep between IPC ({cfg.ipc}) and K·IPC ({cfg.num_candidates}) "
-                                "candidates per class")
-            if i and (step <= steps[i - 1] or keep > keeps[i - 1]):
-                raise UserError("progressive early rejection: each check must come later and keep no more than the "
-                                "one before")
+    early_check_list(cfg.early_reject_step, cfg.early_reject_keep, cfg.sample_steps, cfg.ipc, cfg.num_candidates)
     if cfg.guidance_interval is not None:
         if len(cfg.guidance_interval) != 2:
             raise UserError(f"guidance interval {cfg.guidance_interval!r}: give two noise levels (lo, hi)")
@@ -264,6 +248,30 @@ def validate(cfg: DistillConfig) -> None:
         if not 0 <= lo < hi:
             raise UserError(f"guidance interval ({lo:g}, {hi:g}]: need 0 <= lo < hi (noise levels σ)")
 
+
+
+def early_check_list(steps, keeps, sample_steps: int, ipc: int, num_candidates: int) -> list[tuple[int, int]]:
+    """Early-rejection settings (``--early-reject``/``--early-keep``: None, an int or equally long tuples) checked
+    against a run of ``sample_steps`` steps keeping IPC..K·IPC candidates, as ``(step, keep)`` pairs (none when
+    off). Bad settings raise :class:`UserError`."""
+    if (steps is None) != (keeps is None):
+        raise UserError("early rejection needs both --early-reject STEP and --early-keep M (or neither)")
+    if steps is None:
+        return []
+    steps, keeps = _ints(steps), _ints(keeps)
+    if steps is None or keeps is None or len(steps) != len(keeps) or not steps:
+        raise UserError("--early-reject and --early-keep take one integer each, or equally many (one per check)")
+    for i, (step, keep) in enumerate(zip(steps, keeps)):
+        if not 1 <= step < sample_steps:
+            raise UserError(f"--early-reject {step}: a check must come after 1 to {sample_steps - 1} of the "
+                            f"{sample_steps} sampling steps")
+        if not ipc <= keep <= num_candidates:
+            raise UserError(f"--early-keep {keep}: keep between IPC ({ipc}) and K·IPC ({num_candidates}) "
+                            "candidates per class")
+        if i and (step <= steps[i - 1] or keep > keeps[i - 1]):
+            raise UserError("progressive early rejection: each check must come later and keep no more than the "
+                            "one before")
+    return list(zip(steps, keeps))
 
 def _ints(v) -> tuple[int, ...] | None:
     """An int or a sequence of ints as a tuple; None for anything else (bools are not counts)."""

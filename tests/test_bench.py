@@ -22,7 +22,8 @@ def tiny_rows(tmp_path_factory):
     try:
         with pytest.raises(SystemExit) as exc:
             main(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
-                  "--steps2", "2", "--ref-images", "1", "--repeats", "1", "--out", str(out)])
+                  "--steps2", "2", "--ref-images", "1", "--repeats", "1", "--out", str(out),
+                  "--early-reject", "25", "--early-keep", "2"])  # tiny: K 2, IPC 2, so 4 candidates per class
             raise SystemExit(0)
     finally:
         torch.set_num_threads(before)
@@ -33,7 +34,8 @@ def tiny_rows(tmp_path_factory):
 def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):
     out, rows = tiny_rows
     assert (out / "bench_tiny_cpu-1t.png").stat().st_size > 1000
-    assert {(r["stage"], r["path"]) for r in rows} == {(s, p) for s in ("1", "2", "e2e") for p in ("reference", "fast")}
+    assert {(r["stage"], r["path"]) for r in rows} == ({(s, p) for s in ("1", "2", "e2e") for p in ("reference", "fast")}
+                                                     | {("1", "fast+early"), ("e2e", "fast+early")})
     for r in rows:
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["device"].startswith("cpu") and "1 threads" in r["device"]
@@ -43,8 +45,8 @@ def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):
 def test_bench_rows_are_consistent(tiny_rows):
     _, rows = tiny_rows
     by = {(r["stage"], r["path"]): r for r in rows}
-    for stage in ("1", "2", "e2e"):
-        ref, fast = by[stage, "reference"], by[stage, "fast"]
+    for stage, path in (("1", "fast"), ("2", "fast"), ("e2e", "fast"), ("1", "fast+early"), ("e2e", "fast+early")):
+        ref, fast = by[stage, "reference"], by[stage, path]
         assert ref["ratio"] == 1.0
         assert fast["ratio"] == pytest.approx(ref["seconds_per_item"] / fast["seconds_per_item"])
         for r in (ref, fast):
@@ -58,7 +60,26 @@ def test_bench_rows_are_consistent(tiny_rows):
                                                     + job["latents"] * 100 * by["2", "fast"]["seconds_per_item"])
 
 
+def test_early_rejection_is_timed_on_whole_steps_and_counted(tiny_rows):
+    """--early-reject 25 --early-keep 2 on 4 candidates per class: a check halfway needs an even step count (--steps1
+    1 is raised to 2), and the DiT runs 25 guided steps on 4 candidates and 25 on 2: 3/4 of the exact forwards."""
+    _, rows = tiny_rows
+    by = {(r["stage"], r["path"]): r for r in rows}
+    early, fast = by["1", "fast+early"], by["1", "fast"]
+    assert early["steps_timed"] == fast["steps_timed"] == by["1", "reference"]["steps_timed"] == 2
+    assert early["early_reject"] == [[25, 2]] and by["e2e", "fast+early"]["early_reject"] == [[25, 2]]
+    assert early["flop_per_item"] == pytest.approx(0.75 * fast["flop_per_item"])
+    e2e, job = by["e2e", "fast+early"], by["e2e", "fast+early"]["job"]
+    assert e2e["seconds_per_item"] == pytest.approx(job["candidates"] * early["seconds_per_item"]
+                                                    + job["latents"] * 100 * by["2", "fast"]["seconds_per_item"])
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--preset", "digits", "--early-reject", "10"], "needs both --early-reject STEP and --early-keep M"),
+    (["--preset", "digits", "--early-reject", "10", "--early-keep", "5"], "keep between IPC (10) and K·IPC (20)"),
+    (["--preset", "digits", "--early-reject", "50", "--early-keep", "10"], "a check must come after 1 to 49"),
+    (["--preset", "digits", "--early-reject", "10,x", "--early-keep", "10"], "expected a whole number"),
+    (["--preset", "digits", "--early-reject-grid", "--early-reject", "10", "--early-keep", "10"], "own grid"),
     ([], "choose one of --preset digits or --model"),
     (["--preset", "imagenet"], "'imagenet' is not one of 'digits'"),
     (["--model", "dit-xl-2-256"], "--random-weights"),

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import Device, DType, PresetName, resolve_device, set_threads, user_cache_dir
+from .common import Device, DType, PresetName, parse_counts, resolve_device, set_threads, user_cache_dir
 from .main import app
 
 
@@ -38,6 +38,8 @@ Examples:
 
   cao2-fast bench --preset digits --threads 1 --out /tmp/b     # one core
 
+  cao2-fast bench --preset digits --early-reject 10 --early-keep 10
+
   cao2-fast bench --model dit-xl-2-256 --random-weights --device cuda
 """
 
@@ -60,6 +62,8 @@ def bench(
     batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch.", show_default="largest that fits, halving on OOM", rich_help_panel=HOW)] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", rich_help_panel=HOW)] = 3,
     out: Annotated[Path | None, typer.Option(help=f"Folder for the JSON rows and the chart (default: {OUT_DEFAULT}).", rich_help_panel=HOW)] = None,
+    early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Also time stage 1 with early rejection (path fast+early): after STEP of 50 sampling steps only the best --early-keep candidates per class finish; 'S1,S2' checks twice.", show_default="off", rich_help_panel=WHAT)] = None,
+    early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive each --early-reject check (IPC..K·IPC).", rich_help_panel=WHAT)] = None,
     early_reject_grid: Annotated[bool, typer.Option("--early-reject-grid", help="Instead: stage 1 with early rejection (a grid of check step and survivors) and with guidance intervals against the exact stage 1, at K 2 and 4, guidance 2.7 and 1.0: FLOPs saved, pick agreement, wall-time ratio (--repeats timed runs each), and the ImageNet-1K projection. Needs --preset.", rich_help_panel=WHAT)] = False,
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
@@ -70,6 +74,9 @@ def bench(
     for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
         if v < 1:
             raise UserError(f"{name} must be at least 1")
+    early_step, early_keep_ = parse_counts("--early-reject", early_reject), parse_counts("--early-keep", early_keep)
+    if early_reject_grid and (early_step, early_keep_) != (None, None):
+        raise UserError("--early-reject-grid runs its own grid of checks: drop --early-reject/--early-keep")
     import torch
 
     from ..benchmark import format_table, run_bench, write_results
@@ -94,7 +101,8 @@ def bench(
         return
 
     rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
-                     ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats, log=log)
+                     ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats,
+                     early_step=early_step, early_keep=early_keep_, log=log)
     print(format_table(rows))
     where = "cuda" if dev == "cuda" else f"cpu-{torch.get_num_threads()}t"  # CPU results depend on the thread count
     tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}"

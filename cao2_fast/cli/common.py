@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -109,3 +110,13 @@ ENGINE_DIR_DEFAULT = "$CAO2_FAST_CACHE/engines, else ~/.cache/cao2-fast/engines"
 EngineOpt = Annotated[EngineName, typer.Option("--engine", help="Stage-1 engine (DiT sampling, VAE decode, classifier): eager PyTorch, torch.compile, ONNX Runtime or TensorRT.")]
 Stage2EngineOpt = Annotated[Stage2EngineName | None, typer.Option("--stage2-engine", help="Stage-2 DiT engine (it needs gradients).", show_default="compile on CUDA, eager on CPU")]
 EngineDirOpt = Annotated[Path | None, typer.Option("--engine-dir", help=f"Engine cache folder (default: {ENGINE_DIR_DEFAULT}).")]
+
+
+def parse_counts(name: str, text: str | None) -> int | tuple[int, ...] | None:
+    """``10`` -> 10, ``10,20`` -> (10, 20): one early-rejection check, or one per entry."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", p, re.ASCII) for p in parts):
+        raise UserError(f"{name} {text!r}: expected a whole number, or several separated by commas (e.g. 10,20)")
+    return int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)

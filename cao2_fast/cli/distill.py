@@ -14,7 +14,7 @@ import typer
 from .. import distributed
 from ..errors import UserError
 from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, make_progress,
-                     resolve_device, set_threads)
+                     parse_counts, resolve_device, set_threads)
 from .main import app
 
 
@@ -164,8 +164,8 @@ def distill(
                      sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
                      stage2_label=stage2_label.value if stage2_label else None, seed=seed, dtype=dtype.value,
                      stage1_batch=stage1_batch, stage2_batch=stage2_batch,
-                     early_reject_step=_counts("--early-reject", early_reject),
-                     early_reject_keep=_counts("--early-keep", early_keep),
+                     early_reject_step=parse_counts("--early-reject", early_reject),
+                     early_reject_keep=parse_counts("--early-keep", early_keep),
                      guidance_interval=_interval(guidance_interval))
     overrides = {k_: v for k_, v in overrides.items() if v is not None}
     class_ids = parse_classes(classes) if classes else None
@@ -216,16 +216,6 @@ def distill(
               f"p(class) {_fmt(s['mean_prob_before'])} -> {_fmt(s['mean_prob_after'])})")
         if s1_dir is not None:
             print(f"stage-1 picks (before stage 2) in {s1_dir}")
-
-
-def _counts(name: str, text: str | None) -> int | tuple[int, ...] | None:
-    """``10`` -> 10, ``10,20`` -> (10, 20): one early-rejection check, or one per entry."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.split(",")]
-    if not all(re.fullmatch(r"[0-9]+", p, re.ASCII) for p in parts):
-        raise UserError(f"{name} {text!r}: expected a whole number, or several separated by commas (e.g. 10,20)")
-    return int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:
