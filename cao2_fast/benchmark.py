@@ -3,7 +3,8 @@ process, on the same models and inputs (SPEC §5).
 
 Timing follows gpt-fast/timm habits: warm-up outside the timed region, device synchronised around it, compile and
 build time kept apart. Items are normalised to full-length work: a stage-1 item is one candidate sampled over all
-``sample_steps`` guided steps and then decoded and scored; a stage-2 item is one latent-step (forward + backward to
+``sample_steps`` guided steps and then decoded and scored (stage 1 is timed over ``steps1`` steps and only its
+sampling time is scaled to 50; its decodes and classifier calls are timed apart and counted once); a stage-2 item is one latent-step (forward + backward to
 the input + Adam). FLOP counts use the DiT only (SPEC §5): 2·F per guided candidate-step, 2·F per latent-step
 (forward + backward to the input; the reference's extra weight-gradient work is not counted as useful).
 """
@@ -91,17 +92,40 @@ def _timed(fn, device) -> float:
 def _timed_pair(ref, fast, device, repeats: int) -> tuple[float, float]:
     """Median wall times of ``ref`` and ``fast``, timed alternately (ref, fast, ref, fast, ...): a shared machine
     that slows down or speeds up during the measurement moves both paths alike, not their ratio."""
-    t_ref, t_fast = _timed_alternately((ref, fast), device, repeats)
-    return t_ref, t_fast
-
-
-def _timed_alternately(fns, device, repeats: int) -> list[float]:
-    """Median wall time of each of ``fns``, run in turn ``repeats`` times (a, b, c, a, b, c, ...)."""
-    times = [[] for _ in fns]
+    times = ([], [])
     for _ in range(repeats):
-        for fn, out in zip(fns, times):
+        for fn, out in zip((ref, fast), times):
             out.append(_timed(fn, device))
-    return [statistics.median(t) for t in times]
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+class _Clock:
+    """Seconds spent inside ``with clock:`` blocks, the device synchronised at both ends."""
+
+    def __init__(self, device):
+        self.device, self.total = device, 0.0
+
+    def __enter__(self):
+        _sync(self.device)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.total += time.perf_counter() - self.t0
+
+
+def _timed_scaled(fns, device, repeats: int, scale: float) -> tuple[list[float], list[float]]:
+    """Each of ``fns`` (called with a :class:`_Clock`) run in turn ``repeats`` times; per run, the time outside the
+    clock is multiplied by ``scale`` and the time inside it kept. Returns the medians of those totals and, for each
+    fn, the median time inside its clock."""
+    totals, inside = [[] for _ in fns], [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, tot, ins in zip(fns, totals, inside):
+            clock = _Clock(device)
+            wall = _timed(lambda: fn(clock), device)
+            tot.append((wall - clock.total) * scale + clock.total)
+            ins.append(clock.total)
+    return [statistics.median(t) for t in totals], [statistics.median(t) for t in inside]
 
 
 def _peak_of(fn, device) -> float:
@@ -200,12 +224,14 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     # -- stage 1 -------------------------------------------------------------------------------------------------
     noises = [stage1.Stage1Noise.draw(n_cand, latent, steps1, g) for _ in range(classes)]
 
-    def ref_stage1():
+    # Each stage-1 path runs its decodes and classifier calls inside ``clock``: only the sampling part of its time is
+    # scaled from steps1 to 50 steps (a candidate is decoded and scored once, however many steps it was sampled for).
+    def ref_stage1(clock):
         with tf32(RELEASED_TF32, dev):  # the released scripts: fp32 weights, TF32 matmuls and convolutions
             for c, nz in enumerate(noises):
                 z = reference.stage1_class(ref_dit, diffusion_short, nz.initial, nz.steps, c, cfg.num_classes,
                                            s.guidance_scale, 3, dev)
-                with torch.no_grad():
+                with torch.no_grad(), clock:
                     s.classifier(s.vae.decode(z))
 
     fast_dit = _copy_model(s.dit, dev, fdt).set_kernels(fast_kernels(dev))
@@ -214,17 +240,19 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     allnoise = stage1.Stage1Noise.cat(noises)
     labels = torch.tensor([c for c in range(classes) for _ in range(n_cand)])
 
-    def fast_stage1():
+    def fast_stage1(clock):
         with torch.no_grad():
             z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels, cfg.num_classes,
                                 s.guidance_scale, 3, dev, fdt, batch=len(labels))
-            stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
+            with clock:
+                stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
 
     checks_short = [(step * steps1 // 50, keep) for step, keep in early]
 
-    def early_stage1():
+    def early_stage1(clock):
         def score(x0):
-            _, probs = stage1.decode_and_score(vae_f.decode, clf_f, x0, dev, fdt, batch=min(64, len(x0)))
+            with clock:
+                _, probs = stage1.decode_and_score(vae_f.decode, clf_f, x0, dev, fdt, batch=min(64, len(x0)))
             return probs, probs.isfinite().all(1)
 
         def rank(j, idx, probs, finite):  # class j is label j here
@@ -234,26 +262,28 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
             z, _, _ = stage1.generate_early(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels,
                                             n_cand, cfg.num_classes, s.guidance_scale, 3, dev, fdt, len(labels),
                                             checks_short, score, rank)
-            stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(z)))
+            with clock:
+                stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(z)))
 
     paths1 = [ref_stage1, fast_stage1] + ([early_stage1] if early else [])
     log(f"stage 1: warm-up, then {repeats} timed runs of each path ({classes * n_cand} candidates, {steps1} steps"
         + (f"; fast+early checks {', '.join(f'keep {m} after {st}/50' for st, m in early)}" if early else "") + ")")
     for fn in paths1:  # warm-ups
-        fn()
-    times1 = _timed_alternately(paths1, device, repeats)
-    mems1 = [_peak_of(fn, device) for fn in paths1]
-    n1 = classes * n_cand
+        fn(_Clock(dev))
     full = 50 / steps1  # normalise to 50 sampling steps per candidate
+    times1, decode1 = _timed_scaled(paths1, device, repeats, full)
+    mems1 = [_peak_of(lambda: fn(_Clock(dev)), device) for fn in paths1]
+    n1 = classes * n_cand
     flop1 = 50 * 2 * flop_fwd  # per candidate (guided: 2 forwards per step)
     # fast+early: the DiT forwards it runs per candidate it starts, every step guided as in flop1
     flop1_early = stage1.dit_forwards(n_cand, 50, early, 2.0) * flop_fwd / n_cand if early else None
-    for path, t, mem, dt_name, batch, flop in zip(
-            ("reference", "fast", "fast+early"), times1, mems1, ("float32", fast_dtype, fast_dtype),
+    for path, t, dec, mem, dt_name, batch, flop in zip(
+            ("reference", "fast", "fast+early"), times1, decode1, mems1, ("float32", fast_dtype, fast_dtype),
             (2 * n_cand, 2 * n1, 2 * n1), (flop1, flop1, flop1_early)):
-        per_item = t * full / n1
+        per_item = t / n1
         rows.append(dict(base, stage="1", path=path, dtype=dt_name, batch=batch, unit="candidates/s",
                          throughput=1 / per_item, seconds_per_item=per_item, flop_per_item=flop,
+                         decode_score_share=dec / t,
                          tflops=flop / per_item / 1e12, peak_mem_gib=round(mem, 3), steps_timed=steps1,
                          **({"early_reject": [list(c) for c in early]} if path == "fast+early" else {})))
 

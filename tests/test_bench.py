@@ -112,3 +112,31 @@ def test_paths_are_timed_alternately_and_the_medians_reported(monkeypatch):
     t_ref, t_fast = benchmark._timed_pair(path("ref"), path("fast"), "cpu", 3)
     assert order == ["ref", "fast"] * 3
     assert (t_ref, t_fast) == (3.0, 0.4)
+
+
+def test_stage1_timing_scales_the_sampling_and_counts_the_decodes_once(monkeypatch):
+    """A stage-1 path timed over a shortened schedule: its sampling time is scaled to 50 steps, the time it spends
+    decoding and scoring (inside its clock) is not; medians over the alternating runs."""
+    from types import SimpleNamespace
+
+    from cao2_fast import benchmark
+
+    now, order = [0.0], []
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def path(name, sampling, decode):
+        runs = iter(zip(sampling, decode))
+
+        def run(clock):
+            order.append(name)
+            s, d = next(runs)
+            now[0] += s
+            with clock:
+                now[0] += d
+        return run
+
+    totals, inside = benchmark._timed_scaled([path("a", [2, 4, 3], [1, 1, 5]), path("b", [1, 1, 1], [0, 0, 0])],
+                                             "cpu", 3, scale=10)
+    assert order == ["a", "b"] * 3
+    assert totals == [35, 10]  # a per run: 2·10 + 1, 4·10 + 1, 3·10 + 5
+    assert inside == [1, 0]
