@@ -44,12 +44,17 @@ LOCK_FILE = ".cao2-lock"
 THUMB_MAX = 64
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [−1, 1] -> (N, H, W, 3) uint8 with the released scripts' arithmetic (torchvision
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [−1, 1] -> uint8 of the same shape, with the released scripts' arithmetic (torchvision
     ``save_image(x, normalize=True, value_range=(-1, 1))``): clamp to [−1, 1], map to [0, 1], ×255, +0.5, clamp to
-    [0, 255], truncate — so a value on an exact half rounds up, not to even."""
-    x = ((images.float().clamp(-1, 1) + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    [0, 255], truncate — so a value on an exact half rounds up, not to even. Every float-to-byte conversion of an
+    image in this package goes through here, so an image held in memory and its PNG carry the same bytes."""
+    return ((images.float().clamp(-1, 1) + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [−1, 1] -> (N, H, W, 3) uint8 (:func:`quantize`), as PNG files are written."""
+    return quantize(images).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -474,7 +479,7 @@ def contact_sheet(parts: list[dict], out: Path, max_classes: int = SHEET_CLASSES
             grid = make_grid(torch.stack(cells), nrow=3, padding=pad, pad_value=1.0)
             x0 = label_w + col * (triple_w + gap)
             y0 = y + line * (side * scale + 2 * pad + text_h)
-            sheet.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()), (x0, y0))
+            sheet.paste(Image.fromarray(quantize(grid * 2 - 1).permute(1, 2, 0).numpy()), (x0, y0))
             _centred(draw, f"p {_p(rec.get('prob_before'))} -> {_p(rec.get('prob_after'))}", x0, triple_w,
                      y0 + side * scale + 2 * pad, font, (0, 0, 0))
         y += n_lines * (side * scale + 2 * pad + text_h)

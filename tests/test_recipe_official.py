@@ -216,6 +216,27 @@ def test_png_bytes_equal_torchvisions_save_image_on_exact_halves(tmp_path):
     assert (old != theirs).any()  # the halves this test is about
 
 
+def test_an_in_memory_set_is_evaluated_on_the_bytes_of_its_pngs(tmp_path):
+    """eval takes distilled images from memory as well as from a folder: both must be the same uint8 images, exact
+    halves included (they used to be rounded half to even in memory)."""
+    from cao2_fast.eval.data import ImageSet, load_image_folder
+
+    n = torch.arange(0, 255, dtype=torch.float32)
+    x = ((n + 0.5) / 255) * 2 - 1
+    x = x[(((x.clamp(-1, 1) + 1) / 2) * 255 == n + 0.5)]
+    side = int(np.ceil(np.sqrt(len(x))))
+    img = torch.full((side * side,), -1.0)
+    img[: len(x)] = x
+    images = torch.stack([img.view(1, side, side).expand(3, side, side), -img.view(1, side, side).expand(3, side, side)])
+    for i, arr in enumerate(to_uint8(images)):
+        (tmp_path / f"c{i}").mkdir()
+        (tmp_path / f"c{i}" / "0.png").write_bytes(png_bytes(arr))
+    from_folder = load_image_folder(tmp_path, what="distilled")
+    in_memory = ImageSet(images, torch.tensor([0, 1]), ["c0", "c1"])
+    assert from_folder.images.shape == in_memory.images.shape
+    assert torch.equal(from_folder.images, in_memory.images)
+
+
 def test_a_folder_made_before_these_fixes_is_refused(tmp_path):
     """The same settings hashed b01ebcdcd2bde16d before the recipe gained tf32 and the bank draw changed; a folder
     holding that set must not be resumed into."""

@@ -66,8 +66,11 @@ class ImageSet:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [−1, 1] -> uint8 in [0, 255]."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Float images in [−1, 1] -> uint8 in [0, 255], the bytes :mod:`cao2_fast.output` writes to PNG for them (so a
+    distilled set evaluated in memory is the set evaluated from its folder)."""
+    from ..output import quantize
+
+    return quantize(images)
 
 
 def to_float(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
