@@ -4,9 +4,10 @@ process, on the same models and inputs (SPEC §5).
 Timing follows gpt-fast/timm habits: warm-up outside the timed region, device synchronised around it, compile and
 build time kept apart. Items are normalised to full-length work: a stage-1 item is one candidate sampled over all
 ``sample_steps`` guided steps and then decoded and scored (stage 1 is timed over ``steps1`` steps and only its
-sampling time is scaled to 50; its decodes and classifier calls are timed apart and counted once); a stage-2 item is one latent-step (forward + backward to
-the input + Adam). FLOP counts use the DiT only (SPEC §5): 2·F per guided candidate-step, 2·F per latent-step
-(forward + backward to the input; the reference's extra weight-gradient work is not counted as useful).
+sampling time is scaled to 50; its decodes and classifier calls are timed apart and counted once); a stage-2 item is
+one latent-step (forward + backward to the input + Adam). FLOP counts use the DiT only (SPEC §5): 2·F per guided
+candidate-step, 2·F per latent-step (forward + backward to the input; the reference's extra weight-gradient work is
+not counted as useful).
 """
 
 from __future__ import annotations
