@@ -81,25 +81,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timed(fn, device) -> float:
-    """Wall time of one run of ``fn``, synchronising the device before and after."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def _timed_pair(ref, fast, device, repeats: int) -> tuple[float, float]:
-    """Median wall times of ``ref`` and ``fast``, timed alternately (ref, fast, ref, fast, ...): a shared machine
-    that slows down or speeds up during the measurement moves both paths alike, not their ratio."""
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, out in zip((ref, fast), times):
-            out.append(_timed(fn, device))
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 class _Clock:
     """Seconds spent inside ``with clock:`` blocks, the device synchronised at both ends."""
 
@@ -113,6 +94,24 @@ class _Clock:
     def __exit__(self, *exc):
         _sync(self.device)
         self.total += time.perf_counter() - self.t0
+
+
+def _timed(fn, device) -> float:
+    """Wall time of one run of ``fn``, synchronising the device before and after."""
+    clock = _Clock(device)
+    with clock:
+        fn()
+    return clock.total
+
+
+def _timed_pair(ref, fast, device, repeats: int) -> tuple[float, float]:
+    """Median wall times of ``ref`` and ``fast``, timed alternately (ref, fast, ref, fast, ...): a shared machine
+    that slows down or speeds up during the measurement moves both paths alike, not their ratio."""
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((ref, fast), times):
+            out.append(_timed(fn, device))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _timed_scaled(fns, device, repeats: int, scale: float) -> tuple[list[float], list[float]]:
