@@ -554,14 +554,20 @@ def test_cpu_kernels_match_released_forward_and_input_gradient():
     from cao2_fast.models.dit import RELEASED_KERNELS, DiTKernels, fast_kernels, random_dit
 
     dit = random_dit(DiTConfig(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=NUM_CLASSES), seed=4)
-    assert fast_kernels("cpu") == DiTKernels("sigmoid", "math") and fast_kernels("cuda") == RELEASED_KERNELS
+    assert fast_kernels("cpu") == DiTKernels("sigmoid", "math", fused=True)
+    assert fast_kernels("cuda") == RELEASED_KERNELS
     x, t, y = _inputs(5, [1, 7, 30, 500, 999], [0, 3, NULL, 9, 1], seed=12)
+    conv_calls = []
+    dit.x_embedder.proj.register_forward_hook(lambda *a: conv_calls.append(1))
     outs = {}
-    for kernels in (RELEASED_KERNELS, DiTKernels("sigmoid", "sdpa"), DiTKernels("tanh", "math"), fast_kernels("cpu")):
+    for kernels in (RELEASED_KERNELS, DiTKernels("sigmoid", "sdpa"), DiTKernels("tanh", "math"),
+                    DiTKernels("tanh", "sdpa", fused=True), fast_kernels("cpu")):
         dit.set_kernels(kernels)
         assert dit.kernels == kernels
         xg = x.clone().requires_grad_(True)
+        conv_calls.clear()
         out = dit(xg, t, y)
+        assert len(conv_calls) == (0 if kernels.fused else 1), kernels  # fused: the patch embedding is a matmul
         (gx,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), xg)
         outs[kernels] = (out.detach(), gx)
     base_out, base_gx = outs.pop(RELEASED_KERNELS)
@@ -570,6 +576,7 @@ def test_cpu_kernels_match_released_forward_and_input_gradient():
         assert (gx - base_gx).abs().max() <= 1e-5 * base_gx.abs().max(), kernels
         assert not torch.equal(out, base_out) or kernels.gelu == "tanh"  # the sigmoid form really ran
     dit.set_kernels(RELEASED_KERNELS)
+    assert dit.kernels == RELEASED_KERNELS and not dit.x_embedder.as_matmul
 
 
 def test_set_kernels_rejects_unknown_forms():

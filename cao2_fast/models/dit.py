@@ -114,12 +114,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d/H)
         if self.impl == "sdpa":
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = F.scaled_dot_product_attention(*qkv.unbind(0))
         else:  # softmax(q·kᵀ/√d)·v written out: two batched matmuls, cheaper than the fused CPU kernel for few tokens
-            x = torch.softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v
+            x = _math_attention(qkv)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+def _math_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v of a (3, B, H, N, d) view of stacked q, k, v, returned as (B, H, N, d). One copy makes
+    all three contiguous, and the 1/√d scale rides in the first matmul (``baddbmm``'s alpha) instead of a pass over q.
+    """
+    _, b, h, n, dh = qkv.shape
+    q, k, v = qkv.reshape(3, b * h, n, dh).unbind(0)
+    scores = torch.baddbmm(q.new_empty(()).expand(b * h, n, n), q, k.transpose(1, 2), beta=0.0, alpha=dh**-0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v).view(b, h, n, dh)
 
 
 # tanh-GELU through the logistic identity 0.5·(1 + tanh(u)) = σ(2u): gelu(x) = x·σ(x·(A + B·x²)).
@@ -135,10 +145,14 @@ class DiTKernels:
     0.5·(1 + tanh(u)) = σ(2u) with a hand-written backward (:class:`_SigmoidGelu`) — on CPU, torch's tanh kernels
     are the slowest elementwise op of a small DiT. ``attention``: ``sdpa`` is ``scaled_dot_product_attention``
     (flash attention on GPUs), ``math`` the two batched matmuls and a softmax, quicker on CPU for few tokens.
+    ``fused``: the adaLN modulation x·(1 + scale) + shift and the gated residual x + gate·f(x) each as one
+    ``addcmul`` instead of two passes, and the patch embedding as one matmul over the flattened patches instead of a
+    strided convolution (whose backward on CPU costs more than the block's attention); off, the released forms.
     """
 
     gelu: str = "tanh"
     attention: str = "sdpa"
+    fused: bool = False
 
     def __post_init__(self):
         if self.gelu not in ("tanh", "sigmoid"):
@@ -156,35 +170,41 @@ class _SigmoidGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = torch.mul(x, x).mul_(_GELU_B).add_(_GELU_A).mul_(x).sigmoid_()
+        s = _gelu_arg(x, _GELU_B).sigmoid_()
         ctx.save_for_backward(x, s)
         return torch.mul(x, s)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, s = ctx.saved_tensors
-        # d/dx [x·σ(u)] = σ + x·σ·(1 − σ)·du/dx, du/dx = A + 3B·x²
-        d = torch.mul(x, x).mul_(3.0 * _GELU_B).add_(_GELU_A).mul_(x)
-        return d.mul_(s).mul_(torch.sub(1.0, s)).add_(s).mul_(grad)
+        # d/dx [x·σ(u)] = σ + x·σ·(1 − σ)·du/dx with du/dx = A + 3B·x²; with d = x·du/dx that is σ·(1 + d − d·σ)
+        d = _gelu_arg(x, 3.0 * _GELU_B)
+        ds = torch.mul(d, s)
+        return d.sub_(ds).add_(1.0).mul_(s).mul_(grad)
+
+
+def _gelu_arg(x: torch.Tensor, b: float) -> torch.Tensor:
+    """x·(A + b·x²) in two passes: one ``addcmul`` from a 0-dim A, then a multiply in place."""
+    return torch.addcmul(torch.full((), _GELU_A, dtype=x.dtype, device=x.device), x, x, value=b).mul_(x)
 
 
 def gelu_tanh(x: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     """The DiT's tanh-approximate GELU in the given :class:`DiTKernels` form. The ``sigmoid`` form uses
     :class:`_SigmoidGelu` under autograd in eager mode, plain ops under autograd while compiling (the compiler fuses
-    them and derives the backward), and two buffers updated in place without gradients."""
+    them and derives the backward), and one new buffer updated in place without gradients."""
     if form == "tanh":
         return F.gelu(x, approximate="tanh")
     if torch.is_grad_enabled() and x.requires_grad:
         if torch.compiler.is_compiling():
             return x * torch.sigmoid(x * (_GELU_A + _GELU_B * x * x))
         return _SigmoidGelu.apply(x)
-    return torch.mul(x, x).mul_(_GELU_B).add_(_GELU_A).mul_(x).sigmoid_().mul_(x)
+    return _gelu_arg(x, _GELU_B).sigmoid_().mul_(x)
 
 
 def fast_kernels(device) -> DiTKernels:
-    """The quicker :class:`DiTKernels` on ``device``: the sigmoid GELU and written-out attention on CPU; the
-    released ones on GPUs, where torch's GELU is one fused memory pass and SDPA is flash attention."""
-    return DiTKernels("sigmoid", "math") if torch.device(device).type == "cpu" else RELEASED_KERNELS
+    """The quicker :class:`DiTKernels` on ``device``: the sigmoid GELU, written-out attention and fused forms on
+    CPU; the released ones on GPUs, where torch's GELU is one fused memory pass and SDPA is flash attention."""
+    return DiTKernels("sigmoid", "math", fused=True) if torch.device(device).type == "cpu" else RELEASED_KERNELS
 
 
 class Mlp(nn.Module):
@@ -208,10 +228,17 @@ class DiTBlock(nn.Module):
         self.attn = Attention(d, cfg.num_heads)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.fused = False  # see DiTKernels
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
         d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
+        if self.fused:  # the same sums, one addcmul each (see DiTKernels)
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=2)
+            h = torch.addcmul(shift_a, F.layer_norm(x, (d,), eps=self.eps), 1 + scale_a)
+            x = torch.addcmul(x, gate_a, self.attn(h))
+            h = torch.addcmul(shift_m, F.layer_norm(x, (d,), eps=self.mlp_eps), 1 + scale_m)
+            return torch.addcmul(x, gate_m, self.mlp(h))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
         return x
@@ -265,8 +292,14 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.as_matmul = False  # see DiTKernels.fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.as_matmul:  # each p×p patch flattened as (channel, row, column), the order of the conv's weight
+            b, c, hh, ww = x.shape
+            p = self.proj.kernel_size[0]
+            patches = x.view(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+            return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -294,15 +327,18 @@ class DiT(nn.Module):
 
     @property
     def kernels(self) -> DiTKernels:
+        fused = self.x_embedder.as_matmul
         if not len(self.blocks):
-            return RELEASED_KERNELS
-        return DiTKernels(self.blocks[0].mlp.gelu_form, self.blocks[0].attn.impl)
+            return replace(RELEASED_KERNELS, fused=fused)
+        return DiTKernels(self.blocks[0].mlp.gelu_form, self.blocks[0].attn.impl, fused)
 
     def set_kernels(self, kernels: DiTKernels) -> "DiT":
         """Evaluate GELU and attention the :class:`DiTKernels` way in every block (the maths is unchanged)."""
         for block in self.blocks:
             block.mlp.gelu_form = kernels.gelu
             block.attn.impl = kernels.attention
+            block.fused = kernels.fused
+        self.x_embedder.as_matmul = kernels.fused
         return self
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
