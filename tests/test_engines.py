@@ -202,6 +202,27 @@ def test_onnx_export_records_the_dynamo_exporter(onnx_engines):
         assert meta["fields"]["versions"]["torch"] == torch.__version__
 
 
+def test_a_dit_in_cpu_kernels_exports_the_released_graph(models, onnx_engines, tmp_path):
+    """The file does not depend on the machine that exported it (its cache key does not say which): a DiT running
+    the CPU's quicker forms (sigmoid GELU, written-out attention, fused patch embedding) exports the released graph,
+    and keeps its own forms."""
+    import onnx
+
+    from cao2_fast.models.dit import fast_kernels
+
+    dit = copy.deepcopy(models[0]).set_kernels(fast_kernels("cpu"))
+    onnx_ort.export_onnx(dit_spec(dit), tmp_path)
+    assert dit.kernels == fast_kernels("cpu")
+
+    def op_counts(path):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return sorted((op, sum(n.op_type == op for n in graph.node)) for op in {n.op_type for n in graph.node})
+
+    released = op_counts(onnx_engines["dit"].artefact)
+    assert op_counts(tmp_path / onnx_ort.MODEL_FILE) == released
+    assert {"Gelu", "Conv"} <= {op for op, _ in released}  # the CPU forms have neither: they export differently
+
+
 def test_torchscript_exporter_only_when_dynamo_fails(specs, tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("dynamo exporter unavailable")
