@@ -4,8 +4,10 @@
 one class's :class:`~cao2_fast.pipeline.ClassOutput`. Under a ``DataLoader`` with workers and under
 ``torch.distributed``, the config's class blocks are dealt round-robin over (rank, worker) shards, so every class is
 computed exactly once across all of them, and each class's images are the same whatever the split (a class's
-output depends only on seed, class and config). Use ``batch_size=None`` in the ``DataLoader``: an item is already a
-class.
+output depends only on seed, class and config). On CPU that holds at equal thread counts: a ``DataLoader`` worker
+runs torch on one thread, and some CPU kernels (oneDNN's 1×1 convolutions, say) round differently with the thread
+count, which can move a pixel by one grey level. Use ``batch_size=None`` in the ``DataLoader``: an item is already
+a class.
 
 (This package also ships the ImageNet class lists in ``imagenet/``.)
 """
