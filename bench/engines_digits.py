@@ -4,6 +4,8 @@ For each engine and model: steady-state images per second at the batch stage 1 u
 apart from it the one-off costs (ONNX export or TensorRT build, and the first call, which is where torch.compile
 compiles). The models are the digits preset's when it is installed, else the tiny random models of the tests (the
 rows say which). Engines are built into a fresh cache folder unless --engine-dir is given, so build times are real.
+Every engine is built before any is timed; then each model's engines are timed in alternating rounds and a row gives
+the median call over all rounds, so a shared machine's drift moves a model's engines alike, not their ratios.
 
     python bench/engines_digits.py                       # CPU: writes bench/results/engines_digits_cpu.{json,png}
                                                          # (under the CLI's allocator setting; --plain-malloc: not)
@@ -58,43 +60,50 @@ def model_inputs(dit, vae, n_dit: int, n_dec: int) -> dict:
     return {"dit": (x, t, y), "vae_decode": (latents,), "classifier": (images,)}
 
 
-def steady_rate(engine, args, device, seconds: float, min_iters: int = 5) -> tuple[float, int]:
-    """Median seconds per call after two warm-up calls (the first call at this shape is timed by the engine
-    itself). The median, not the mean: on a shared machine a few calls lose their cores to other processes."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    times = []
-    with torch.no_grad():
-        for _ in range(2):
-            engine(*args)
-        sync()
-        start = time.perf_counter()
-        while len(times) < min_iters or time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            engine(*args)
-            sync()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], len(times)
-
-
-def measure(name: str, spec, args, device, cache, batch: int, seconds: float, settings: EngineSettings) -> dict:
+def build(name: str, spec, args, device, cache, batch: int, settings: EngineSettings) -> dict:
+    """Build (or load) one engine and make its first two calls at the timed batch (the first is where torch.compile
+    compiles; the engine times it itself). A batch that runs out of device memory is halved."""
     while True:
         try:
             t0 = time.perf_counter()
             engine = build_engine(name, spec, device, "float32", cache, settings, batch=(1, batch, batch))
             setup_s = time.perf_counter() - t0
             args_dev = tuple(a.to(device) for a in args)
-            per_call, iters = steady_rate(engine, args_dev, device, seconds)
-            return {"engine": name, "batch": batch, "iters": iters, "ms_per_call": 1e3 * per_call,
-                    "images_per_s": batch / per_call, "setup_s": setup_s, "build_s": engine.build_seconds,
-                    "first_call_s": engine.first_call_seconds, "cache_hit": engine.cache_hit,
-                    **{k: engine.details[k] for k in ("exporter", "compile_mode", "providers") if k in engine.details}}
+            with torch.no_grad():
+                for _ in range(2):
+                    engine(*args_dev)
+            return {"engine_obj": engine, "args": args_dev, "batch": batch, "setup_s": setup_s}
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
             batch //= 2
             args = tuple(a[:batch] for a in args)
             print(f"{spec.name} on {name}: out of memory, batch halved to {batch}", file=sys.stderr)
+
+
+def timed_calls(engine, args, device, seconds: float) -> list[float]:
+    """Seconds per call of back-to-back calls for about ``seconds`` (at least two calls)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        start = time.perf_counter()
+        while len(times) < 2 or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            engine(*args)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def alternate(built: dict, device, seconds: float, rounds: int) -> dict:
+    """Per (engine, model): the median seconds per call over ``rounds`` rounds. Each round times every engine of a
+    model in turn, for seconds/rounds each, so a shared machine that slows down or speeds up during the run moves
+    all the engines of a model alike, not their ratios."""
+    times = {key: [] for key in built}
+    for _ in range(rounds):
+        for key, b in built.items():
+            times[key] += timed_calls(b["engine_obj"], b["args"], device, seconds / rounds)
+    return {key: (sorted(t)[len(t) // 2], len(t)) for key, t in times.items()}
 
 
 def environment(device) -> dict:
@@ -129,7 +138,8 @@ def environment(device) -> dict:
 
 
 def run(engines: list[str], device: str, seconds: float, engine_dir: Path | None,
-        settings: EngineSettings) -> list[dict]:
+        settings: EngineSettings, rounds: int = 5) -> list[dict]:
+    """Build every engine of every model first, then time them in alternating rounds (:func:`alternate`)."""
     dit, vae, clf, stage1_batch, which = setup_models()
     for m in (dit, vae, clf):
         m.to(device)
@@ -139,7 +149,7 @@ def run(engines: list[str], device: str, seconds: float, engine_dir: Path | None
     env = environment(device)
     tmp = None if engine_dir else tempfile.TemporaryDirectory(prefix="cao2-engines-")
     cache = EngineCache(engine_dir or tmp.name)
-    rows = []
+    rows, built = [], {}
     try:
         for name in engines:
             try:
@@ -149,12 +159,22 @@ def run(engines: list[str], device: str, seconds: float, engine_dir: Path | None
                 rows.append({"bench": "engines_digits", "models": which, "engine": name, "skipped": str(e), **env})
                 continue
             for model, spec in specs.items():
-                r = measure(name, spec, inputs[model], device, cache, batches[model], seconds, settings)
-                if model == "dit":
-                    r["gflop_per_s"] = r["images_per_s"] * dit.cfg.flops_per_forward() / 1e9
-                rows.append({"bench": "engines_digits", "models": which, "model": model, "precision": "float32",
-                             **r, **env, "load_average": [round(v, 2) for v in os.getloadavg()]})
-                print(f"{model:<10} {name:<8} {r['images_per_s']:>10.1f} img/s", file=sys.stderr)
+                built[(model, name)] = build(name, spec, inputs[model], device, cache, batches[model], settings)
+                print(f"{model:<10} {name:<8} built", file=sys.stderr)
+        timed = alternate(dict(sorted(built.items(), key=lambda kv: list(specs).index(kv[0][0]))), device, seconds,
+                          rounds)
+        for (model, name), b in built.items():
+            per_call, iters = timed[(model, name)]
+            engine = b["engine_obj"]
+            r = {"engine": name, "batch": b["batch"], "iters": iters, "rounds": rounds, "ms_per_call": 1e3 * per_call,
+                 "images_per_s": b["batch"] / per_call, "setup_s": b["setup_s"], "build_s": engine.build_seconds,
+                 "first_call_s": engine.first_call_seconds, "cache_hit": engine.cache_hit,
+                 **{k: engine.details[k] for k in ("exporter", "compile_mode", "providers") if k in engine.details}}
+            if model == "dit":
+                r["gflop_per_s"] = r["images_per_s"] * dit.cfg.flops_per_forward() / 1e9
+            rows.append({"bench": "engines_digits", "models": which, "model": model, "precision": "float32",
+                         **r, **env, "load_average": [round(v, 2) for v in os.getloadavg()]})
+            print(f"{model:<10} {name:<8} {r['images_per_s']:>10.1f} img/s", file=sys.stderr)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -206,7 +226,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", default="eager,compile,onnx", help=f"comma-separated, of {', '.join(BACKENDS)}")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per engine and model (after warm-up)")
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per engine and model (after warm-up), "
+                   "spread over the rounds")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds: each times every engine of a model in "
+                   "turn; a row's figure is the median call over all rounds")
     p.add_argument("--engine-dir", type=Path, default=None, help="reuse this engine cache (default: a fresh one)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA, "
                    "default on CPU)")
@@ -225,7 +248,7 @@ def main(argv=None) -> None:
         kept_freed = keep_freed_memory()
     torch.manual_seed(0)
     rows = run([e.strip() for e in a.engines.split(",") if e.strip()], a.device, a.seconds, a.engine_dir,
-               EngineSettings(compile_mode=a.compile_mode))
+               EngineSettings(compile_mode=a.compile_mode), a.rounds)
     for r in rows:
         r["keep_freed_memory"] = kept_freed
     tag = f"engines_digits_{torch.device(a.device).type}"
