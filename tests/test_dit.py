@@ -575,6 +575,10 @@ def test_cpu_kernels_match_released_forward_and_input_gradient():
         assert (out - base_out).abs().max() <= 1e-5 * base_out.abs().max(), kernels
         assert (gx - base_gx).abs().max() <= 1e-5 * base_gx.abs().max(), kernels
         assert not torch.equal(out, base_out) or kernels.gelu == "tanh"  # the sigmoid form really ran
+    with torch.no_grad():  # the patch matmul takes any strides, as the convolution does
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        assert not channels_last.is_contiguous()
+        torch.testing.assert_close(dit(channels_last, t, y), outs[fast_kernels("cpu")][0], rtol=0, atol=1e-6)
     dit.set_kernels(RELEASED_KERNELS)
     assert dit.kernels == RELEASED_KERNELS and not dit.x_embedder.as_matmul
 

@@ -298,7 +298,7 @@ class PatchEmbed(nn.Module):
         if self.as_matmul:  # each p×p patch flattened as (channel, row, column), the order of the conv's weight
             b, c, hh, ww = x.shape
             p = self.proj.kernel_size[0]
-            patches = x.view(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+            patches = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
             return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
         return self.proj(x).flatten(2).transpose(1, 2)
 
