@@ -131,12 +131,17 @@ class VAEDecode(nn.Module):
 
 
 def dit_spec(dit: nn.Module) -> ModelSpec:
+    """The DiT's stage-1 forward. Exported files hold its released forms whatever the DiT runs eagerly
+    (:func:`cao2_fast.engines.onnx_ort.export_onnx`); the signature says so, so that a file exported before that rule
+    (with a CPU's forms) is a different entry and never served."""
+    from cao2_fast.models.dit import RELEASED_KERNELS
+
     cfg = dit.cfg
     latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
     return ModelSpec(
         "dit", DiTForward(dit),
         (TensorSpec("x", latent), TensorSpec("t", (), "float32"), TensorSpec("y", (), "int64")),
-        "out", signature={"class": type(dit).__name__, "config": _plain(cfg)},
+        "out", signature={"class": type(dit).__name__, "config": _plain(cfg), "forms": _plain(RELEASED_KERNELS)},
     )
 
 

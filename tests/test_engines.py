@@ -213,6 +213,9 @@ def test_a_dit_in_cpu_kernels_exports_the_released_graph(models, onnx_engines, t
     dit = copy.deepcopy(models[0]).set_kernels(fast_kernels("cpu"))
     onnx_ort.export_onnx(dit_spec(dit), tmp_path)
     assert dit.kernels == fast_kernels("cpu")
+    # the key names the forms the file holds (an entry exported with a CPU's forms, keyed without them, misses)
+    assert dit_spec(dit).identity() == dit_spec(models[0]).identity()
+    assert dit_spec(dit).signature["forms"] == {"gelu": "tanh", "attention": "sdpa", "fused": False}
 
     def op_counts(path):
         graph = onnx.load(str(path), load_external_data=False).graph
