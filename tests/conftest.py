@@ -42,6 +42,15 @@ def strict_fp32_on_gpu(request):
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+@pytest.fixture
+def tf32_flags():
+    """A test may set the two TF32 switches directly; they are put back after it. (``monkeypatch.setattr`` cannot
+    restore them: they are properties of torch's backend modules, and newer pytest tries to delete what it set.)"""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
     """Engine cache and weights index go to a folder of the test session, never the user's home (subprocesses

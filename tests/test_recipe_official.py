@@ -137,10 +137,9 @@ def flags():
 
 
 @pytest.mark.parametrize("raises_in", [None, "stage1", "stage2", "final decode"])
-def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, raises_in):
+def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, tf32_flags, raises_in):
     monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)  # no GPU here: pretend the device is CUDA
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     d = make_distiller()
     seen = []
 
@@ -168,9 +167,8 @@ def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, raises_in)
 
 @pytest.mark.parametrize("before", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("enabled", [False, True])
-def test_the_tf32_switch_puts_back_whatever_the_caller_had(monkeypatch, before, enabled):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", before[0])
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", before[1])
+def test_the_tf32_switch_puts_back_whatever_the_caller_had(monkeypatch, tf32_flags, before, enabled):
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     with numerics.tf32(enabled, "cpu"):  # flags only act on CUDA: a CPU run leaves them alone
         assert flags() == before
     monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)
@@ -181,9 +179,9 @@ def test_the_tf32_switch_puts_back_whatever_the_caller_had(monkeypatch, before, 
     assert flags() == before
 
 
-def test_tf32_stays_off_under_consistent(monkeypatch):
+def test_tf32_stays_off_under_consistent(monkeypatch, tf32_flags):
     monkeypatch.setattr(numerics, "_on_cuda", lambda device: True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.backends.cuda.matmul.allow_tf32 = True
     d = make_distiller(recipe="consistent")
     seen = []
     real = d.stage1_dit

@@ -216,7 +216,7 @@ def test_bf16_stage2_follows_the_fp32_reference(dit, ops):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_stage2_with_native_kernels_matches_the_reference(dit, monkeypatch):
+def test_cuda_graph_stage2_with_native_kernels_matches_the_reference(dit, tf32_flags):
     """On CUDA: the fast step (native Triton kernels, one step captured in a CUDA graph and replayed) against the
     plain loop with torch ops, and against the reference path on CPU, fp32 without TF32. Moves ~1e-2, agrees to
     1e-4. A capture that fails would warn and fall back; here the warning is an error."""
@@ -227,7 +227,7 @@ def test_cuda_graph_stage2_with_native_kernels_matches_the_reference(dit, monkey
 
     if not triton_available("cuda"):
         pytest.skip("Triton cannot run on this CUDA device")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = False  # put back by tf32_flags
     cuda_dit = copy.deepcopy(dit).cuda()
     steps = 12
     x0, fast, ref = _released_problem(dit, seed=10, b=6, steps=steps)
