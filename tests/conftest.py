@@ -3,6 +3,8 @@ interpreter mode, whichever test module happens to import them first."""
 
 import kernels_env  # noqa: F401
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,16 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _kept_tf32():
+    """The two TF32 switches (matmuls, cuDNN) as they were on entry, put back on exit."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(autouse=True)
 def strict_fp32_on_gpu(request):
     """GPU parity tests compare with fp32 references: TF32 off for matmuls *and* cuDNN convolutions (the DiT's
@@ -36,19 +48,17 @@ def strict_fp32_on_gpu(request):
     if request.node.get_closest_marker("gpu") is None:
         yield
         return
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    with _kept_tf32():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield
 
 
 @pytest.fixture
 def tf32_flags():
     """A test may set the two TF32 switches directly; they are put back after it. (``monkeypatch.setattr`` cannot
     restore them: they are properties of torch's backend modules, and newer pytest tries to delete what it set.)"""
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    with _kept_tf32():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -48,16 +48,11 @@ def test_stream_of_some_classes_gives_their_cli_bytes_and_refuses_unknown_ones(o
         list(d.stream([1, 7]))
 
 
-def test_the_dataset_under_two_workers_covers_every_class_once_with_one_process_bytes():
+def test_the_dataset_under_two_workers_covers_every_class_once_with_one_process_bytes(single_thread):
     """A DataLoader worker runs torch on one thread, and on CPU some kernels round differently with the thread
     count (oneDNN's 1×1 convolutions in the tiny random VAE do), so the workers' bytes are compared with one process
     streaming every class on one thread: splitting the classes over workers changes nothing else."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        want = {o.class_id: o.images_uint8.numpy() for o in make_distiller(class_ids=(0, 1, 2, 3, 4)).stream()}
-    finally:
-        torch.set_num_threads(threads)
+    want = {o.class_id: o.images_uint8.numpy() for o in make_distiller(class_ids=(0, 1, 2, 3, 4)).stream()}
     ds = DistilledClasses(lambda: make_distiller(class_ids=(0, 1, 2, 3, 4)))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     seen = sorted(((o.class_id, o.images_uint8.numpy()) for o in loader), key=lambda x: x[0])
