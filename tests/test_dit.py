@@ -583,6 +583,64 @@ def test_cpu_kernels_match_released_forward_and_input_gradient():
     assert dit.kernels == RELEASED_KERNELS and not dit.x_embedder.as_matmul
 
 
+def _graph_nodes(out: torch.Tensor) -> list[str]:
+    seen, todo, names = set(), [out.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_frozen_blocks_are_one_node_each_with_the_composed_blocks_gradient(monkeypatch):
+    """With frozen weights and the CPU forms each block is one autograd node whose written-out backward gives the
+    composed block's input gradient; wanting weight gradients, or other forms, keeps the composed block."""
+    from cao2_fast.models.dit import DiTBlock, DiTKernels, fast_kernels, random_dit
+
+    dit = random_dit(DiTConfig(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=NUM_CLASSES), seed=5)
+    dit.set_kernels(fast_kernels("cpu"))
+    x, t, y = _inputs(6, [1, 7, 30, 500, 999, 3], [0, 3, NULL, 9, 1, 3], seed=13)
+    w = torch.linspace(-1, 1, 6 * 8 * 8 * 8).view(6, 8, 8, 8)
+
+    def run():
+        xg = x.clone().requires_grad_(True)
+        out = dit(xg, t, y)
+        return out.detach(), torch.autograd.grad((out * w).sum(), xg)[0], _graph_nodes(out)
+
+    out, gx, nodes = run()
+    assert nodes.count("_FrozenBlockBackward") == 3
+    with monkeypatch.context() as m:
+        m.setattr(DiTBlock, "_frozen_node", lambda self, x, mod: False)
+        ref_out, ref_gx, ref_nodes = run()
+    assert "_FrozenBlockBackward" not in ref_nodes and len(ref_nodes) > len(nodes) + 3 * 20
+    assert (out - ref_out).abs().max() <= 1e-6 * ref_out.abs().max()
+    assert (gx - ref_gx).abs().max() <= 1e-6 * ref_gx.abs().max()
+    assert gx.abs().max() > 0
+
+    dit.blocks[1].mlp.fc2.weight.requires_grad_(True)  # a weight gradient is wanted: that block stays composed
+    out2, gx2, nodes2 = run()
+    assert nodes2.count("_FrozenBlockBackward") == 2
+    assert (gx2 - ref_gx).abs().max() <= 1e-6 * ref_gx.abs().max()
+    dit.requires_grad_(False)
+    dit.set_kernels(DiTKernels("tanh", "math", fused=True))  # forms the node does not write out
+    assert "_FrozenBlockBackward" not in run()[2]
+
+
+def test_frozen_block_backward_passes_gradcheck():
+    from cao2_fast.models.dit import _FrozenBlock, fast_kernels, random_dit
+
+    dit = random_dit(DiTConfig(input_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=NUM_CLASSES), seed=6)
+    dit = dit.double().set_kernels(fast_kernels("cpu"))
+    block = dit.blocks[0]
+    g = torch.Generator().manual_seed(2)
+    mod = torch.randn(2, 6 * 16, generator=g, dtype=torch.float64) * 0.5
+    x = torch.randn(2, 4, 16, generator=g, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: _FrozenBlock.apply(v, mod, block), (x,))
+
+
 def test_set_kernels_rejects_unknown_forms():
     from cao2_fast.models.dit import DiTKernels
 

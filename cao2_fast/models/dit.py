@@ -148,6 +148,8 @@ class DiTKernels:
     ``fused``: the adaLN modulation x·(1 + scale) + shift and the gated residual x + gate·f(x) each as one
     ``addcmul`` instead of two passes, and the patch embedding as one matmul over the flattened patches instead of a
     strided convolution (whose backward on CPU costs more than the block's attention); off, the released forms.
+    With all three CPU forms, frozen weights and a gradient wanted for the input only (stage 2), each block runs as
+    one autograd node with a written-out backward (:class:`_FrozenBlock`).
     """
 
     gelu: str = "tanh"
@@ -218,6 +220,80 @@ class Mlp(nn.Module):
         return self.fc2(gelu_tanh(self.fc1(x), self.gelu_form))
 
 
+class _FrozenBlock(torch.autograd.Function):
+    """A :class:`DiTBlock` in the CPU forms of :class:`DiTKernels` (sigmoid GELU, written-out attention, fused
+    modulation) with frozen weights, as one autograd node whose backward computes the input's gradient only.
+
+    Stage 2 differentiates with respect to the latent, never the weights. Composed from ops, a block is about thirty
+    autograd nodes, each saving its inputs and allocating its own gradient buffers; here the backward is written
+    out: in-place passes on buffers it owns, the layer norms' backward from their saved statistics, and the q, k, v
+    gradients written by the batched matmuls straight into one buffer (one copy back to the fused linear's layout
+    instead of a stack and a copy). The forward is the same op sequence as the composed block, so its output is the
+    same to rounding. Saved: the block input, both layer norms' statistics, q/k/v, the attention probabilities, the
+    residual after attention, and the MLP's pre-activation with its sigmoid.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mod: torch.Tensor, block: "DiTBlock") -> torch.Tensor:
+        b, n, d = x.shape
+        attn, mlp = block.attn, block.mlp
+        heads = attn.heads
+        dh = d // heads
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unsqueeze(1).chunk(6, dim=2)
+        sa, sm = 1 + scale_a, 1 + scale_m
+        ln, mean1, rstd1 = torch.native_layer_norm(x, (d,), None, None, block.eps)
+        h = torch.addcmul(shift_a, ln, sa, out=ln)  # the normalised copy is not saved: modulate it in place
+        qkv = torch.addmm(attn.qkv.bias, h.view(-1, d), attn.qkv.weight.t())
+        qkv = qkv.view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).reshape(3, b * heads, n, dh)
+        q, k, v = qkv.unbind(0)
+        scores = torch.baddbmm(q.new_empty(()).expand(b * heads, n, n), q, k.transpose(1, 2), beta=0.0,
+                               alpha=dh**-0.5)
+        p = torch.softmax(scores, dim=-1)
+        o = torch.bmm(p, v).view(b, heads, n, dh).transpose(1, 2).reshape(b * n, d)
+        x1 = torch.addcmul(x, gate_a, torch.addmm(attn.proj.bias, o, attn.proj.weight.t()).view(b, n, d))
+        ln, mean2, rstd2 = torch.native_layer_norm(x1, (d,), None, None, block.mlp_eps)
+        h = torch.addcmul(shift_m, ln, sm, out=ln)
+        z = torch.addmm(mlp.fc1.bias, h.view(-1, d), mlp.fc1.weight.t())
+        s = _gelu_arg(z, _GELU_B).sigmoid_()
+        f = torch.addmm(mlp.fc2.bias, torch.mul(z, s), mlp.fc2.weight.t())
+        ctx.save_for_backward(x, mean1, rstd1, qkv, p, x1, mean2, rstd2, z, s, sa, gate_a, sm, gate_m,
+                              attn.qkv.weight, attn.proj.weight, mlp.fc1.weight, mlp.fc2.weight)
+        ctx.eps = (block.eps, block.mlp_eps)
+        return torch.addcmul(x1, gate_m, f.view(b, n, d))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x, mean1, rstd1, qkv, p, x1, mean2, rstd2, z, s, sa, gate_a, sm, gate_m, w_qkv, w_proj, w1, w2 = \
+            ctx.saved_tensors
+        b, n, d = x.shape
+        _, bh, _, dh = qkv.shape
+        only_input = [True, False, False]
+        g = g.contiguous()
+        # MLP: d/dz [z·σ(u)] = σ·(1 + e·(1 − σ)) with e = z·du/dz (see _SigmoidGelu)
+        gz = torch.mm(torch.mul(g, gate_m).view(-1, d), w2)
+        e = _gelu_arg(z, 3.0 * _GELU_B)
+        gz.mul_(e.addcmul_(e, s, value=-1.0).add_(1.0).mul_(s))
+        del e
+        gh = torch.mm(gz, w1).view(b, n, d).mul_(sm)
+        del gz
+        gx1 = torch.ops.aten.native_layer_norm_backward(gh, x1, (d,), mean2, rstd2, None, None, only_input)[0]
+        gx1.add_(g)
+        # attention: dq = dS·k/√d, dk = dSᵀ·q/√d, dv = Pᵀ·dO, written into one (3, B·H, N, d/H) buffer
+        go = torch.mm(torch.mul(gx1, gate_a).view(-1, d), w_proj)
+        go = go.view(b, n, bh // b, dh).transpose(1, 2).reshape(bh, n, dh)
+        q, k, v = qkv.unbind(0)
+        gqkv = torch.empty_like(qkv)
+        torch.bmm(p.transpose(1, 2), go, out=gqkv[2])
+        ds = torch.ops.aten._softmax_backward_data(torch.bmm(go, v.transpose(1, 2)), p, -1, p.dtype)
+        torch.baddbmm(gqkv[0], ds, k, beta=0.0, alpha=dh**-0.5, out=gqkv[0])
+        torch.baddbmm(gqkv[1], ds.transpose(1, 2), q, beta=0.0, alpha=dh**-0.5, out=gqkv[1])
+        gqkv = gqkv.view(3, b, bh // b, n, dh).permute(1, 3, 0, 2, 4).reshape(b * n, 3 * d)
+        gh = torch.mm(gqkv, w_qkv).view(b, n, d).mul_(sa)
+        gx = torch.ops.aten.native_layer_norm_backward(gh, x, (d,), mean1, rstd1, None, None, only_input)[0]
+        return gx.add_(gx1), None, None
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -233,7 +309,10 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
         if self.fused:  # the same sums, one addcmul each (see DiTKernels)
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=2)
+            mod = self.adaLN_modulation(c)
+            if self._frozen_node(x, mod):
+                return _FrozenBlock.apply(x, mod, self)
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unsqueeze(1).chunk(6, dim=2)
             h = torch.addcmul(shift_a, F.layer_norm(x, (d,), eps=self.eps), 1 + scale_a)
             x = torch.addcmul(x, gate_a, self.attn(h))
             h = torch.addcmul(shift_m, F.layer_norm(x, (d,), eps=self.mlp_eps), 1 + scale_m)
@@ -242,6 +321,17 @@ class DiTBlock(nn.Module):
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
         return x
+
+
+    def _frozen_node(self, x: torch.Tensor, mod: torch.Tensor) -> bool:
+        """Whether this forward runs as :class:`_FrozenBlock`: gradients wanted for the input only (no weight or
+        conditioning gradient), in the CPU forms it writes out, and not while torch.compile traces (the compiler
+        derives its own backward)."""
+        return (torch.is_grad_enabled() and x.requires_grad and not mod.requires_grad
+                and self.attn.impl == "math" and self.mlp.gelu_form == "sigmoid"
+                and not torch.compiler.is_compiling()
+                and not any(m.weight.requires_grad or m.bias.requires_grad
+                            for m in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2)))
 
 
 class TimestepEmbedder(nn.Module):
