@@ -641,6 +641,52 @@ def test_frozen_block_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda v: _FrozenBlock.apply(v, mod, block), (x,))
 
 
+def test_conditioning_memo_gathers_what_the_plain_forward_computes(monkeypatch):
+    """With the CPU forms the adaLN outputs come from a memo per (timestep, label after dropout): computed once,
+    equal to the plain forward's, refilled when a conditioning weight changes, unused when its weights want
+    gradients."""
+    from cao2_fast.models.dit import _ConditioningMemo, fast_kernels, random_dit
+
+    dit = random_dit(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=NUM_CLASSES), seed=7)
+    dit.set_kernels(fast_kernels("cpu"))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 4, 8, 8, generator=g)
+    t = torch.randint(1, 4, (20,), generator=g)
+    y = torch.randint(0, 3, (20,), generator=g)
+    drop = torch.rand(20, generator=g) < 0.3
+
+    def plain(*args):
+        with monkeypatch.context() as m:
+            m.setattr(_ConditioningMemo, "applies", lambda self, dit, t, y: False)
+            return dit(*args)
+
+    def close(a, b):
+        return (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+    with torch.no_grad():
+        out = dit(x, t, y, drop)
+        keys = set(zip(t.tolist(), torch.where(drop, NULL, y).tolist()))
+        assert len(dit._memo.rows) == len(keys) < 20
+        assert close(out, plain(x, t, y, drop))
+        tables = dit._memo.tables
+        assert close(dit(x[:5], t[:5], y[:5], drop[:5]), out[:5]) and dit._memo.tables is tables  # all hits
+        dit.blocks[1].adaLN_modulation[1].weight.mul_(1.5)  # an in-place change empties the memo
+        changed = dit(x, t, y, drop)
+        assert not close(changed, out) and close(changed, plain(x, t, y, drop))
+        dit.train()  # label dropout drawn inside: the same draws as the plain forward
+        torch.manual_seed(11)
+        trained = dit(x, t, y)
+        torch.manual_seed(11)
+        assert close(trained, plain(x, t, y))
+        dit.eval()
+    dit.t_embedder.requires_grad_(True)  # conditioning gradients wanted: the plain path, with its gradient
+    dit._memo.rows.clear()
+    out = dit(x, t, y, drop)
+    assert not dit._memo.rows
+    (gw,) = torch.autograd.grad(out.square().sum(), dit.t_embedder.mlp[0].weight)
+    assert gw.abs().max() > 0
+
+
 def test_set_kernels_rejects_unknown_forms():
     from cao2_fast.models.dit import DiTKernels
 

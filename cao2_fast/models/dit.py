@@ -306,10 +306,12 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.fused = False  # see DiTKernels
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mod: torch.Tensor | None = None) -> torch.Tensor:
+        """``mod``: this block's adaLN output for ``c`` when already at hand (:class:`_ConditioningMemo`)."""
         d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
-        if self.fused:  # the same sums, one addcmul each (see DiTKernels)
+        if mod is None:
             mod = self.adaLN_modulation(c)
+        if self.fused:  # the same sums, one addcmul each (see DiTKernels)
             if self._frozen_node(x, mod):
                 return _FrozenBlock.apply(x, mod, self)
             shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unsqueeze(1).chunk(6, dim=2)
@@ -317,7 +319,7 @@ class DiTBlock(nn.Module):
             x = torch.addcmul(x, gate_a, self.attn(h))
             h = torch.addcmul(shift_m, F.layer_norm(x, (d,), eps=self.mlp_eps), 1 + scale_m)
             return torch.addcmul(x, gate_m, self.mlp(h))
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
         return x
@@ -356,12 +358,16 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+    def labels(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The labels after dropout: ``num_classes`` (null) where dropped."""
         if drop is None and self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
         if drop is not None:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return self.embedding_table(y)
+        return y
+
+    def forward(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embedding_table(self.labels(y, drop))
 
 
 class FinalLayer(nn.Module):
@@ -373,8 +379,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mod: torch.Tensor | None = None) -> torch.Tensor:
+        shift, scale = (self.adaLN_modulation(c) if mod is None else mod).chunk(2, dim=1)
         return self.linear(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
 
 
@@ -393,6 +399,58 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class _ConditioningMemo:
+    """The adaLN outputs per (timestep, label after dropout), kept across forwards (used with the CPU forms).
+
+    A stage-2 step draws each image's timestep from a few values ({1..t_max}) and the official recipe optimises
+    under the null label, so a run of a hundred steps needs a few dozen distinct conditionings, yet the plain
+    forward recomputes the timestep MLP and every block's adaLN linear for every image at every step. Here each
+    distinct (t, label) is computed once and a forward gathers its rows. Entries are computed in batches of at
+    least :attr:`MIN_ROWS` rows (padded by repetition), where a row's result does not depend on the rows beside it,
+    so the gathered values equal those of a plain forward over any batch of that size or more. The memo empties
+    itself when any conditioning weight changes (storage or in-place version), and beyond :attr:`LIMIT` entries.
+    It serves only frozen conditioning weights and host tensors: the lookup reads the keys on the host.
+    """
+
+    MIN_ROWS = 16
+    LIMIT = 4096
+
+    def __init__(self):
+        self._clear(None)
+
+    def _clear(self, stamp) -> None:
+        self.stamp, self.rows, self.tables = stamp, {}, []
+
+    @staticmethod
+    def _params(dit: "DiT") -> list[torch.Tensor]:
+        mods = [dit.t_embedder, dit.y_embedder, dit.final_layer.adaLN_modulation]
+        mods += [block.adaLN_modulation for block in dit.blocks]
+        return [p for m in mods for p in m.parameters()]
+
+    def applies(self, dit: "DiT", t: torch.Tensor, y: torch.Tensor) -> bool:
+        return (t.device.type == "cpu" and y.device.type == "cpu" and t.dim() == 1
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._params(dit))))
+
+    def modulations(self, dit: "DiT", t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        params = self._params(dit)
+        stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if stamp != self.stamp or len(self.rows) > self.LIMIT:
+            self._clear(stamp)
+        keys = list(zip(t.tolist(), labels.tolist()))
+        new = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        if new:
+            pad = new + new[-1:] * (self.MIN_ROWS - len(new))
+            tt = torch.tensor([k[0] for k in pad], dtype=t.dtype)
+            with torch.no_grad():
+                parts = dit.conditioning(tt, torch.tensor([k[1] for k in pad], dtype=torch.long))
+            parts = [m[: len(new)] for m in parts]
+            self.tables = [torch.cat([a, b]) for a, b in zip(self.tables, parts)] if self.tables else parts
+            self.rows.update(zip(new, range(len(self.rows), len(self.rows) + len(new))))
+        index = torch.tensor([self.rows[k] for k in keys])
+        return [table.index_select(0, index) for table in self.tables]
+
+
 class DiT(nn.Module):
     """DiT with adaLN-Zero blocks. Parameter names follow the original checkpoint layout (SPEC §4)."""
 
@@ -406,6 +464,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(cfg.hidden_size, grid), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
+        self._memo = _ConditioningMemo()
 
     @property
     def num_classes(self) -> int:
@@ -440,10 +499,21 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None):
         """x: (N, C, H, W) latents; t: (N,) timesteps (int or float); y: (N,) class ids, ``num_classes`` = null."""
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        if self.x_embedder.as_matmul and self._memo.applies(self, t, y):  # the CPU forms: see _ConditioningMemo
+            mods = self._memo.modulations(self, t, self.y_embedder.labels(y, drop))
+            for block, mod in zip(self.blocks, mods):
+                h = block(h, None, mod)
+            return self.unpatchify(self.final_layer(h, None, mods[-1]))
         c = self.t_embedder(t) + self.y_embedder(y, drop)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
+
+    def conditioning(self, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """The adaLN outputs of every block, then of the final layer, for timesteps ``t`` and labels after
+        dropout."""
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(labels)
+        return [block.adaLN_modulation(c) for block in self.blocks] + [self.final_layer.adaLN_modulation(c)]
 
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> "DiT":
         """Random weights with non-zero adaLN and output layers, so that every path of the model matters
