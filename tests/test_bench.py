@@ -140,3 +140,21 @@ def test_stage1_timing_scales_the_sampling_and_counts_the_decodes_once(monkeypat
     assert order == ["a", "b"] * 3
     assert totals == [35, 10]  # a per run: 2·10 + 1, 4·10 + 1, 3·10 + 5
     assert inside == [1, 0]
+
+
+@pytest.mark.parametrize("extra, expected", [([], 7), (["--repeats", "2"], 2)])
+def test_bench_repeats_default_to_seven_on_cpu(monkeypatch, extra, expected):
+    """Short runs on a shared CPU swing with its load: the CPU default takes the median of 7 alternating runs."""
+    import cao2_fast.benchmark as benchmark
+    from cao2_fast.cli.main import main
+
+    seen = {}
+
+    def record(*args, repeats, **kwargs):
+        seen["repeats"] = repeats
+        raise SystemExit(0)
+
+    monkeypatch.setattr(benchmark, "run_bench", record)
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "digits", "--device", "cpu", *extra])
+    assert seen == {"repeats": expected}

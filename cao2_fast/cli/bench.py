@@ -60,7 +60,7 @@ def bench(
     steps2: Annotated[int, typer.Option(help="Stage-2 steps timed per latent.", rich_help_panel=HOW)] = 5,
     ref_images: Annotated[int, typer.Option(help="Latents the reference path optimises one at a time.", rich_help_panel=HOW)] = 2,
     batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch.", show_default="largest that fits, halving on OOM", rich_help_panel=HOW)] = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", rich_help_panel=HOW)] = 3,
+    repeats: Annotated[int | None, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", show_default="7 on CPU, where a shared machine's load moves short runs; 3 on CUDA and for the grid", rich_help_panel=HOW)] = None,
     out: Annotated[Path | None, typer.Option(help=f"Folder for the JSON rows and the chart (default: {OUT_DEFAULT}).", rich_help_panel=HOW)] = None,
     early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Also time stage 1 with early rejection (path fast+early): after STEP of 50 sampling steps only the best --early-keep candidates per class finish; 'S1,S2' checks twice.", show_default="off", rich_help_panel=WHAT)] = None,
     early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive each --early-reject check (IPC..K·IPC).", rich_help_panel=WHAT)] = None,
@@ -72,7 +72,7 @@ def bench(
     if model is not None and not random_weights:
         raise UserError("--model builds the architecture only: add --random-weights (or bench a preset)")
     for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
-        if v < 1:
+        if v is not None and v < 1:
             raise UserError(f"{name} must be at least 1")
     early_step, early_keep_ = parse_counts("--early-reject", early_reject), parse_counts("--early-keep", early_keep)
     if early_reject_grid and (early_step, early_keep_) != (None, None):
@@ -83,6 +83,8 @@ def bench(
 
     set_threads(threads)
     dev = resolve_device(device)
+    if repeats is None:  # the grid times many settings: it keeps 3
+        repeats = 3 if dev == "cuda" or early_reject_grid else 7
     name = preset.value if preset else model.value
     t0 = time.perf_counter()
 
