@@ -264,7 +264,6 @@ class _FrozenBlock(torch.autograd.Function):
         del z, s
         ctx.save_for_backward(x, mean1, rstd1, qkv, p, x1, mean2, rstd2, slope, sa, gate_a, sm, gate_m,
                               attn.qkv.weight, attn.proj.weight, mlp.fc1.weight, mlp.fc2.weight)
-        ctx.eps = (block.eps, block.mlp_eps)
         return torch.addcmul(x1, gate_m, f.view(b, n, d))
 
     @staticmethod
