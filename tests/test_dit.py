@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -679,6 +680,20 @@ def test_conditioning_memo_gathers_what_the_plain_forward_computes(monkeypatch):
         torch.manual_seed(11)
         assert close(trained, plain(x, t, y))
         dit.eval()
+    with torch.no_grad():  # more keys over several forwards: the tables grow and keep every earlier row
+        before = len(dit._memo.rows)
+        for lo in (100, 200, 400):
+            tt = torch.arange(lo, lo + 20)
+            assert close(dit(x, tt, y, drop), plain(x, tt, y, drop))
+        now = plain(x, t, y, drop)
+        assert len(dit._memo.rows) == before + 60 and close(dit(x, t, y, drop), now)
+        copied = copy.deepcopy(dit)  # a copy starts empty and fills its own
+        assert not copied._memo.rows and close(copied(x, t, y, drop), now) and copied._memo.rows
+        row_bytes = sum(table[0].nbytes for table in dit._memo.tables)
+        monkeypatch.setattr(_ConditioningMemo, "MAX_BYTES", (len(keys) - 1) * row_bytes)
+        copied._memo.rows.clear()
+        assert close(copied(x, t, y, drop), now)  # more distinct keys than the cap holds: computed without it
+        assert not copied._memo.rows
     dit.t_embedder.requires_grad_(True)  # conditioning gradients wanted: the plain path, with its gradient
     dit._memo.rows.clear()
     out = dit(x, t, y, drop)

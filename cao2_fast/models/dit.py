@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -407,16 +408,26 @@ class _ConditioningMemo:
     forward recomputes the timestep MLP and every block's adaLN linear for every image at every step. Here each
     distinct (t, label) is computed once and a forward gathers its rows. Entries are computed in batches of at
     least :attr:`MIN_ROWS` rows (padded by repetition), where a row's result does not depend on the rows beside it,
-    so the gathered values equal those of a plain forward over any batch of that size or more. The memo empties
-    itself when any conditioning weight changes (storage or in-place version), and beyond :attr:`LIMIT` entries.
-    It serves only frozen conditioning weights and host tensors: the lookup reads the keys on the host.
+    so the gathered values equal those of a plain forward over any batch of that size or more.
+
+    The memo empties itself when any conditioning weight changes (identity, storage or in-place version) and when it
+    would pass :attr:`MAX_BYTES`; a forward with more distinct keys than that holds is computed without it. It serves
+    only frozen conditioning weights and host tensors (the lookup reads the keys on the host). Lookups hold a lock,
+    so threads may share a model; a copy or a pickle of the model starts with an empty memo.
     """
 
     MIN_ROWS = 16
-    LIMIT = 4096
+    MAX_BYTES = 64 << 20
 
     def __init__(self):
+        self._lock = threading.Lock()
         self._clear(None)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def _clear(self, stamp) -> None:
         self.stamp, self.rows, self.tables = stamp, {}, []
@@ -432,23 +443,43 @@ class _ConditioningMemo:
                 and not torch.compiler.is_compiling()
                 and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._params(dit))))
 
-    def modulations(self, dit: "DiT", t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    def modulations(self, dit: "DiT", t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each block's adaLN output, then the final layer's, for every row; None when the batch has more
+        distinct keys than the memo may hold."""
         params = self._params(dit)
-        stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if stamp != self.stamp or len(self.rows) > self.LIMIT:
-            self._clear(stamp)
+        stamp = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
         keys = list(zip(t.tolist(), labels.tolist()))
-        new = [k for k in dict.fromkeys(keys) if k not in self.rows]
-        if new:
-            pad = new + new[-1:] * (self.MIN_ROWS - len(new))
-            tt = torch.tensor([k[0] for k in pad], dtype=t.dtype)
-            with torch.no_grad():
-                parts = dit.conditioning(tt, torch.tensor([k[1] for k in pad], dtype=torch.long))
-            parts = [m[: len(new)] for m in parts]
-            self.tables = [torch.cat([a, b]) for a, b in zip(self.tables, parts)] if self.tables else parts
-            self.rows.update(zip(new, range(len(self.rows), len(self.rows) + len(new))))
-        index = torch.tensor([self.rows[k] for k in keys])
-        return [table.index_select(0, index) for table in self.tables]
+        with self._lock:
+            if stamp != self.stamp:
+                self._clear(stamp)
+            new = [k for k in dict.fromkeys(keys) if k not in self.rows]
+            if new and not self._add(dit, new, t.dtype):
+                return None
+            index = torch.tensor([self.rows[k] for k in keys])
+            return [table.index_select(0, index) for table in self.tables]
+
+    def _add(self, dit: "DiT", new: list, t_dtype: torch.dtype) -> bool:
+        pad = new + new[-1:] * (self.MIN_ROWS - len(new))
+        with torch.no_grad():
+            parts = dit.conditioning(torch.tensor([k[0] for k in pad], dtype=t_dtype),
+                                     torch.tensor([k[1] for k in pad], dtype=torch.long))
+        row_bytes = sum(m.shape[1] * m.element_size() for m in parts)
+        if len(new) * row_bytes > self.MAX_BYTES:
+            return False
+        n = len(self.rows)
+        if (n + len(new)) * row_bytes > self.MAX_BYTES:
+            self._clear(self.stamp)
+            n = 0
+        if not self.tables or n + len(new) > self.tables[0].shape[0]:  # grow by doubling, within the cap
+            rows = min(max(2 * (n + len(new)), self.MIN_ROWS), self.MAX_BYTES // row_bytes)
+            grown = [m.new_empty(rows, m.shape[1]) for m in parts]
+            for old, big in zip(self.tables, grown):
+                big[:n] = old[:n]
+            self.tables = grown
+        for table, m in zip(self.tables, parts):
+            table[n : n + len(new)] = m[: len(new)]
+        self.rows.update(zip(new, range(n, n + len(new))))
+        return True
 
 
 class DiT(nn.Module):
@@ -500,7 +531,8 @@ class DiT(nn.Module):
         """x: (N, C, H, W) latents; t: (N,) timesteps (int or float); y: (N,) class ids, ``num_classes`` = null."""
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         if self.x_embedder.as_matmul and self._memo.applies(self, t, y):  # the CPU forms: see _ConditioningMemo
-            mods = self._memo.modulations(self, t, self.y_embedder.labels(y, drop))
+            labels = self.y_embedder.labels(y, drop)  # dropout drawn once, whichever way the rows are found
+            mods = self._memo.modulations(self, t, labels) or self.conditioning(t, labels)
             for block, mod in zip(self.blocks, mods):
                 h = block(h, None, mod)
             return self._final(h, None, mods[-1])
