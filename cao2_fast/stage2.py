@@ -77,7 +77,8 @@ def per_image_loss(eps: torch.Tensor, eps_hat: torch.Tensor, lam: float) -> torc
 @dataclass(frozen=True)
 class StepOps:
     """The three elementwise pieces of a stage-2 step: noising, loss + dL/dε̂, and the Adam update through a_t.
-    ``triton`` uses the fused kernels of ``cao2_fast.kernels``; ``torch`` their plain PyTorch references."""
+    ``triton`` uses the fused kernels of ``cao2_fast.kernels``; ``torch`` their plain PyTorch references, the loss
+    gradient written out (:func:`~cao2_fast.kernels.latent_loss.latent_loss_grad_eager`, the same bits)."""
 
     name: str
     noise: Fn
@@ -90,7 +91,7 @@ def step_ops(name: str) -> StepOps:
     from cao2_fast import kernels as K
 
     if name == "torch":
-        return StepOps("torch", K.noise_latents_reference, K.latent_loss_grad_reference, K.latent_adam_step_reference)
+        return StepOps("torch", K.noise_latents_reference, K.latent_loss_grad_eager, K.latent_adam_step_reference)
     if name == "triton":
         return StepOps("triton", K.noise_latents, K.latent_loss_grad, K.latent_adam_step_)
     raise ValueError(f"unknown stage-2 step ops {name!r}: torch or triton")

@@ -20,6 +20,7 @@ _EXPORTS = {
     "noise_latents_reference": "noising",
     "latent_loss_grad": "latent_loss",
     "latent_loss_grad_reference": "latent_loss",
+    "latent_loss_grad_eager": "latent_loss",
     "latent_adam_step_": "latent_adam",
     "latent_adam_step_reference": "latent_adam",
     "adam_schedule": "latent_adam",

@@ -21,6 +21,7 @@ from cao2_fast.kernels import (
     latent_adam_step_,
     latent_adam_step_reference,
     latent_loss_grad,
+    latent_loss_grad_eager,
     latent_loss_grad_reference,
     noise_latents,
     noise_latents_reference,
@@ -160,6 +161,18 @@ def test_latent_loss_grad_splits_linf_gradient_among_ties_like_autograd(dtype, g
     for g in (grad, ref_grad):
         assert_close(g.double(), expected.to(g.dtype).double(), rtol=max(out_rtol(dtype), 1e-6))
     assert torch.equal(loss[3], torch.zeros((), device=DEVICE)) and not grad[3].any()
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in SHAPES] + [(2, 4, 8, 8), (2, 4, 32, 32)])
+@pytest.mark.parametrize("eps_dtype,hat_dtype", LOSS_DTYPES)
+@pytest.mark.parametrize("lam", [10.0, 0.3, 0.0])
+def test_latent_loss_grad_eager_is_the_reference_bit_for_bit(shape, eps_dtype, hat_dtype, lam, gen):
+    """The written-out gradient (the CPU step's) repeats autograd's ops in autograd's order: the same bits."""
+    tied = _tied_inputs(hat_dtype, gen)[:2]  # exact ties of max|d|, both signs, and an image with d = 0
+    for eps, eps_hat in ((randn(shape, gen, eps_dtype), randn(shape, gen, hat_dtype)), tied):
+        loss, grad = latent_loss_grad_eager(eps, eps_hat, lam)
+        ref_loss, ref_grad = latent_loss_grad_reference(eps, eps_hat, lam)
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad) and grad.dtype == ref_grad.dtype
 
 
 # ---------------------------------------------------------------------------------------------- Adam
