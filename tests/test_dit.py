@@ -658,7 +658,7 @@ def test_conditioning_memo_gathers_what_the_plain_forward_computes(monkeypatch):
 
     def plain(*args):
         with monkeypatch.context() as m:
-            m.setattr(_ConditioningMemo, "applies", lambda self, dit, t, y: False)
+            m.setattr(_ConditioningMemo, "modulations", lambda self, dit, t, labels: None)
             return dit(*args)
 
     def close(a, b):

@@ -308,11 +308,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.fused = False  # see DiTKernels
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mod: torch.Tensor | None = None) -> torch.Tensor:
-        """``mod``: this block's adaLN output for ``c`` when already at hand (:class:`_ConditioningMemo`)."""
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """``mod``: this block's adaLN output for the conditioning (:meth:`DiT.conditioning`)."""
         d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
-        if mod is None:
-            mod = self.adaLN_modulation(c)
         if self.fused:  # the same sums, one addcmul each (see DiTKernels)
             if self._frozen_node(x, mod):
                 return _FrozenBlock.apply(x, mod, self)
@@ -325,7 +323,6 @@ class DiTBlock(nn.Module):
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
         return x
-
 
     def _frozen_node(self, x: torch.Tensor, mod: torch.Tensor) -> bool:
         """Whether this forward runs as :class:`_FrozenBlock`: gradients wanted for the input only (no weight or
@@ -381,8 +378,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mod: torch.Tensor | None = None) -> torch.Tensor:
-        shift, scale = (self.adaLN_modulation(c) if mod is None else mod).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        shift, scale = mod.chunk(2, dim=1)
         return self.linear(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
 
 
@@ -438,15 +435,15 @@ class _ConditioningMemo:
         mods += [block.adaLN_modulation for block in dit.blocks]
         return [p for m in mods for p in m.parameters()]
 
-    def applies(self, dit: "DiT", t: torch.Tensor, y: torch.Tensor) -> bool:
-        return (t.device.type == "cpu" and y.device.type == "cpu" and t.dim() == 1
-                and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._params(dit))))
-
     def modulations(self, dit: "DiT", t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor] | None:
-        """Each block's adaLN output, then the final layer's, for every row; None when the batch has more
-        distinct keys than the memo may hold."""
+        """Each block's adaLN output, then the final layer's, for every row (as :meth:`DiT.conditioning`); None
+        where the memo does not serve (device tensors, compiling, conditioning weights that want gradients) or the
+        batch has more distinct keys than it may hold."""
+        if t.device.type != "cpu" or labels.device.type != "cpu" or t.dim() != 1 or torch.compiler.is_compiling():
+            return None
         params = self._params(dit)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
         stamp = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
         keys = list(zip(t.tolist(), labels.tolist()))
         with self._lock:
@@ -530,25 +527,21 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None):
         """x: (N, C, H, W) latents; t: (N,) timesteps (int or float); y: (N,) class ids, ``num_classes`` = null."""
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        if self.x_embedder.as_matmul and self._memo.applies(self, t, y):  # the CPU forms: see _ConditioningMemo
-            labels = self.y_embedder.labels(y, drop)  # dropout drawn once, whichever way the rows are found
-            mods = self._memo.modulations(self, t, labels) or self.conditioning(t, labels)
-            for block, mod in zip(self.blocks, mods):
-                h = block(h, None, mod)
-            return self._final(h, None, mods[-1])
-        c = self.t_embedder(t) + self.y_embedder(y, drop)
-        for block in self.blocks:
-            h = block(h, c)
-        return self._final(h, c)
+        labels = self.y_embedder.labels(y, drop)
+        memo = self._memo.modulations(self, t, labels) if self.x_embedder.as_matmul else None  # the CPU forms
+        mods = memo or self.conditioning(t, labels)
+        for block, mod in zip(self.blocks, mods):
+            h = block(h, mod)
+        return self._final(h, mods[-1])
 
-    def _final(self, h: torch.Tensor, c: torch.Tensor | None, mod: torch.Tensor | None = None) -> torch.Tensor:
+    def _final(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """The final layer and unpatchify. In the fused forms (see :class:`DiTKernels`) the modulation is one
         ``addcmul`` and the linear's output features are taken in (channel, row, column) order, so that
         ``pixel_shuffle`` places the patches instead of a 6-d permute copy."""
         final = self.final_layer
         if not self.x_embedder.as_matmul:
-            return self.unpatchify(final(h, c, mod))
-        shift, scale = (final.adaLN_modulation(c) if mod is None else mod).unsqueeze(1).chunk(2, dim=2)
+            return self.unpatchify(final(h, mod))
+        shift, scale = mod.unsqueeze(1).chunk(2, dim=2)
         h = torch.addcmul(shift, F.layer_norm(h, (final.dim,), eps=final.eps), 1 + scale)
         p, co = self.cfg.patch_size, self.cfg.out_channels
         w = final.linear.weight.view(p, p, co, -1).permute(2, 0, 1, 3).reshape(co * p * p, -1)
