@@ -382,6 +382,15 @@ class FinalLayer(nn.Module):
         shift, scale = mod.chunk(2, dim=1)
         return self.linear(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
 
+    def channel_major(self, x: torch.Tensor, mod: torch.Tensor, patch: int) -> torch.Tensor:
+        """The same outputs in the fused forms (modulation as one ``addcmul``), each token's features ordered
+        (channel, row, column) instead of (row, column, channel): ``pixel_shuffle``'s order."""
+        shift, scale = mod.unsqueeze(1).chunk(2, dim=2)
+        h = torch.addcmul(shift, F.layer_norm(x, (self.dim,), eps=self.eps), 1 + scale)
+        w, b = self.linear.weight, self.linear.bias
+        w = w.view(patch, patch, -1, w.shape[1]).permute(2, 0, 1, 3).reshape(w.shape)
+        return F.linear(h, w, b.view(patch, patch, -1).permute(2, 0, 1).reshape(b.shape))
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: DiTConfig):
@@ -535,19 +544,14 @@ class DiT(nn.Module):
         return self._final(h, mods[-1])
 
     def _final(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """The final layer and unpatchify. In the fused forms (see :class:`DiTKernels`) the modulation is one
-        ``addcmul`` and the linear's output features are taken in (channel, row, column) order, so that
-        ``pixel_shuffle`` places the patches instead of a 6-d permute copy."""
-        final = self.final_layer
+        """The final layer and unpatchify; in the fused forms (see :class:`DiTKernels`) ``pixel_shuffle`` places
+        the patches instead of a 6-d permute copy."""
         if not self.x_embedder.as_matmul:
-            return self.unpatchify(final(h, mod))
-        shift, scale = mod.unsqueeze(1).chunk(2, dim=2)
-        h = torch.addcmul(shift, F.layer_norm(h, (final.dim,), eps=final.eps), 1 + scale)
-        p, co = self.cfg.patch_size, self.cfg.out_channels
-        w = final.linear.weight.view(p, p, co, -1).permute(2, 0, 1, 3).reshape(co * p * p, -1)
-        out = F.linear(h, w, final.linear.bias.view(p, p, co).permute(2, 0, 1).reshape(-1))
+            return self.unpatchify(self.final_layer(h, mod))
+        p = self.cfg.patch_size
+        out = self.final_layer.channel_major(h, mod, p)
         side = self.cfg.input_size // p
-        return F.pixel_shuffle(out.transpose(1, 2).reshape(out.shape[0], co * p * p, side, side), p)
+        return F.pixel_shuffle(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side), p)
 
     def conditioning(self, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         """The adaLN outputs of every block, then of the final layer, for timesteps ``t`` and labels after
