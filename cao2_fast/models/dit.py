@@ -119,18 +119,21 @@ class Attention(nn.Module):
         if self.impl == "sdpa":
             x = F.scaled_dot_product_attention(*qkv.unbind(0))
         else:  # softmax(q·kᵀ/√d)·v written out: two batched matmuls, cheaper than the fused CPU kernel for few tokens
-            x = _math_attention(qkv)
+            x = _math_attention(qkv)[0]
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 
-def _math_attention(qkv: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d)·v of a (3, B, H, N, d) view of stacked q, k, v, returned as (B, H, N, d). One copy makes
-    all three contiguous, and the 1/√d scale rides in the first matmul (``baddbmm``'s alpha) instead of a pass over q.
+def _math_attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax(q·kᵀ/√d)·v of a (3, B, H, N, d) view of stacked q, k, v, returned as (B, H, N, d), with what a
+    backward needs: the contiguous (3, B·H, N, d) q, k, v and the probabilities. One copy makes all three
+    contiguous, and the 1/√d scale rides in the first matmul (``baddbmm``'s alpha) instead of a pass over q.
     """
     _, b, h, n, dh = qkv.shape
-    q, k, v = qkv.reshape(3, b * h, n, dh).unbind(0)
+    qkv = qkv.reshape(3, b * h, n, dh)
+    q, k, v = qkv.unbind(0)
     scores = torch.baddbmm(q.new_empty(()).expand(b * h, n, n), q, k.transpose(1, 2), beta=0.0, alpha=dh**-0.5)
-    return torch.bmm(torch.softmax(scores, dim=-1), v).view(b, h, n, dh)
+    p = torch.softmax(scores, dim=-1)
+    return torch.bmm(p, v).view(b, h, n, dh), qkv, p
 
 
 # tanh-GELU through the logistic identity 0.5·(1 + tanh(u)) = σ(2u): gelu(x) = x·σ(x·(A + B·x²)).
@@ -246,12 +249,8 @@ class _FrozenBlock(torch.autograd.Function):
         ln, mean1, rstd1 = torch.native_layer_norm(x, (d,), None, None, block.eps)
         h = torch.addcmul(shift_a, ln, sa, out=ln)  # the normalised copy is not saved: modulate it in place
         qkv = torch.addmm(attn.qkv.bias, h.view(-1, d), attn.qkv.weight.t())
-        qkv = qkv.view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).reshape(3, b * heads, n, dh)
-        q, k, v = qkv.unbind(0)
-        scores = torch.baddbmm(q.new_empty(()).expand(b * heads, n, n), q, k.transpose(1, 2), beta=0.0,
-                               alpha=dh**-0.5)
-        p = torch.softmax(scores, dim=-1)
-        o = torch.bmm(p, v).view(b, heads, n, dh).transpose(1, 2).reshape(b * n, d)
+        o, qkv, p = _math_attention(qkv.view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4))
+        o = o.transpose(1, 2).reshape(b * n, d)
         x1 = torch.addcmul(x, gate_a, torch.addmm(attn.proj.bias, o, attn.proj.weight.t()).view(b, n, d))
         ln, mean2, rstd2 = torch.native_layer_norm(x1, (d,), None, None, block.mlp_eps)
         h = torch.addcmul(shift_m, ln, sm, out=ln)
