@@ -2,7 +2,8 @@
 
 * :mod:`.registry` — one frozen :class:`Backend` per engine and the checks that pick one by name.
 * :mod:`.specs` — the three stage-1 models (DiT under guidance, VAE decode, classifier) as engines see them.
-* :mod:`.cache` — the on-disk cache of exported and built artefacts.
+* :mod:`.cache` — the on-disk cache of exported and built artefacts; ``build=False`` uses it without building.
+* :mod:`.load` — an exported engine loaded by path, without the PyTorch model (``docs/engines.md``).
 * :mod:`.eager`, :mod:`.compiled`, :mod:`.onnx_ort`, :mod:`.trt` — one module per backend, each with ``build``.
 
 Stage 2 differentiates the DiT, so it runs on a backend with ``supports_gradients`` (eager or compile) whatever
@@ -27,28 +28,39 @@ __all__ = ["BACKENDS", "Backend", "Contract", "Engine", "EngineCache", "EngineSe
            "stage1_specs", "stage2_engine"]
 
 
+CACHED = ("onnx", "trt")  # the backends whose artefacts live in the engine cache
+
+
 def build_engine(name: str, spec: ModelSpec, device: str | torch.device = "cpu", precision: str = "float32",
                  cache: EngineCache | None = None, settings: EngineSettings | None = None, batch=None,
-                 role: str = "--engine") -> Engine:
+                 role: str = "--engine", build: bool = True) -> Engine:
     """``spec``'s model on backend ``name``. ``batch`` is the batch range it will serve, ``(min, opt, max)`` or
-    one number N for ``(1, N, N)``; only TensorRT builds for it (the others accept any batch)."""
+    one number N for ``(1, N, N)``; only TensorRT builds for it (the others accept any batch).
+
+    ``build=False`` never exports or builds: an ``onnx``/``trt`` engine missing from the cache (or whose entry would
+    have to be rebuilt) is a one-line ``UserError`` naming the model, the cache folder and the ``cao2-fast export``
+    command that fills it. ``eager`` and ``compile`` have nothing to build ahead of time and ignore it."""
     device = torch.device(device)
     backend = require(name, device, precision, role)
     module = importlib.import_module(f".{backend.module}", __name__)
-    engine = module.build(backend, spec, device, precision, cache or EngineCache(), settings or EngineSettings(), batch)
+    extra = {"build": build} if backend.name in CACHED else {}
+    engine = module.build(backend, spec, device, precision, cache or EngineCache(), settings or EngineSettings(), batch,
+                          **extra)
     engine.prepare = spec.prepare
     return engine
 
 
 def stage1_engines(name: str, dit, vae, classifier, device, precision: str = "float32", dit_batch: int = 64,
                    decode_batch: int = 64, cache_dir: str | Path | None = None,
-                   settings: EngineSettings | None = None) -> dict[str, Engine]:
+                   settings: EngineSettings | None = None, build: bool = True) -> dict[str, Engine]:
     """The three stage-1 models on backend ``name``: ``{"dit", "vae_decode", "classifier"}``. ``dit_batch`` is the
-    largest DiT call (twice the candidates under guidance), ``decode_batch`` the largest decode/classify call."""
+    largest DiT call (twice the candidates under guidance), ``decode_batch`` the largest decode/classify call.
+    ``build=False``: use only what the engine cache holds (see :func:`build_engine`)."""
     cache = EngineCache(cache_dir)
     specs = stage1_specs(dit, vae, classifier)
     batches = {"dit": dit_batch, "vae_decode": decode_batch, "classifier": decode_batch}
-    return {k: build_engine(name, s, device, precision, cache, settings, batches[k]) for k, s in specs.items()}
+    return {k: build_engine(name, s, device, precision, cache, settings, batches[k], build=build)
+            for k, s in specs.items()}
 
 
 def default_stage2(device: str | torch.device) -> str:

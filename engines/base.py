@@ -69,16 +69,17 @@ class Engine:
     prepare: Callable[..., torch.Tensor] | None = None  # the spec's torch pre-processing (e.g. the classifier resize)
     contract: object | None = None  # what it takes and returns, for an engine loaded by path (see .load)
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        """``fn(*args, **kwargs)``; an engine loaded by path also takes its inputs by name (see :mod:`.load`)."""
         self.calls += 1
         if self.prepare is not None:
-            args = (self.prepare(*args),)
-        shape = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+            args, kwargs = (self.prepare(*args, **kwargs),), {}
+        shape = tuple(_shape_key(a) for a in args) + tuple((k, _shape_key(v)) for k, v in kwargs.items())
         if shape in self.first_calls:
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
         synchronize(self.device)
         t0 = time.perf_counter()
-        out = self.fn(*args)
+        out = self.fn(*args, **kwargs)
         synchronize(self.device)
         self.first_calls[shape] = time.perf_counter() - t0
         return out
@@ -95,6 +96,20 @@ class Engine:
                 "build_seconds": round(self.build_seconds, 3), "load_seconds": round(self.load_seconds, 3),
                 "first_call_seconds": None if self.first_call_seconds is None else round(self.first_call_seconds, 3),
                 **self.details}
+
+
+def _shape_key(a):
+    """What tells two calls' inputs apart for first-call timing: a tensor's shape, a number's type (one timestep
+    broadcast over the batch is the same call at every step), else the value (or its type)."""
+    if isinstance(a, torch.Tensor):
+        return tuple(a.shape)
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return type(a).__name__
+    try:
+        hash(a)
+        return a
+    except TypeError:
+        return type(a).__name__
 
 
 def synchronize(device: torch.device) -> None:

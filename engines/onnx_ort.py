@@ -6,6 +6,11 @@ TorchScript exporter is tried only when the dynamo exporter fails, and the metad
 Before the file enters the cache, ONNX Runtime loads it and its output on the trace inputs is compared with PyTorch's,
 so an export that runs but computes something else never gets cached.
 
+The file carries its own identity in the ONNX model's ``metadata_props``: ``cao2_fast.identity`` (model role, weights
+digest, signature with the architecture config, inputs, output) and ``cao2_fast.files`` (size and sha256 of each
+external-data file it references), so a copy loaded on its own (:func:`cao2_fast.engines.load`) keeps the guards
+and the contract of its cache entry and is refused when its weights file changed.
+
 The exported file does not depend on the device that runs it: its cache key holds the weights, the input profile,
 the opset and the library versions, not the GPU. The TensorRT backend builds its engines from this same file.
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import time
 import warnings
@@ -29,7 +35,7 @@ import torch
 
 from ..errors import UserError
 from .base import Engine, EngineSettings
-from .cache import CacheEntry, EngineCache, remove
+from .cache import CacheEntry, EngineCache, file_sha256, never_build, no_space, normalise, remove
 from .specs import FLOAT, ModelSpec
 
 log = logging.getLogger("cao2_fast.engines")
@@ -38,6 +44,7 @@ MODEL_FILE = "model.onnx"
 EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1, so the trace batch is 2; the axis stays dynamic
 MAX_BATCH = 1 << 16
 CHECK_TOLERANCE = 1e-2  # of max(1, |output|): catches a wrong graph, not float rounding
+IDENTITY_KEY, FILES_KEY = "cao2_fast.identity", "cao2_fast.files"  # the ONNX file's metadata_props
 
 
 def library_versions() -> dict:
@@ -65,6 +72,8 @@ def export_onnx(spec: ModelSpec, folder: Path, opset: int | None = None) -> dict
         _export_dynamo(module, args, spec, path, opset)
         info["exporter"] = "dynamo"
     except Exception as e:
+        if no_space(e):  # another exporter would fill the same disk: the cache reports it
+            raise
         reason = f"{type(e).__name__}: {_first_line(e)}"
         log.warning("ONNX export of %s: the dynamo exporter failed (%s); using the TorchScript exporter", spec.name,
                     reason)
@@ -72,16 +81,68 @@ def export_onnx(spec: ModelSpec, folder: Path, opset: int | None = None) -> dict
         try:
             _export_torchscript(module, args, spec, path, opset)
         except Exception as e2:
+            if no_space(e2):
+                raise
             raise UserError(f"ONNX export of {spec.name} failed with both exporters (dynamo: {reason}; torchscript: "
                             f"{type(e2).__name__}: {_first_line(e2)}); run this model with --engine eager or compile"
                             ) from None
         info.update(exporter="torchscript", dynamo_error=reason)
+    proto = _stamp(path, spec)
+    info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    info["check_max_abs_diff"] = _check(path, module, args, spec)  # on the final file, identity included
+    return info
+
+
+def external_files(proto) -> list[str]:
+    """The external-data file names an ONNX model references (its weights stored beside it)."""
+    import onnx
+
+    names = set()
+
+    def tensor(t):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in t.external_data if e.key == "location")
+
+    def nodes(ns):
+        for node in ns:
+            for a in node.attribute:
+                for t in [a.t, *a.tensors] if a.HasField("t") else a.tensors:
+                    tensor(t)
+                for g in [a.g, *a.graphs] if a.HasField("g") else a.graphs:
+                    graph(g)
+
+    def graph(g):
+        for t in g.initializer:
+            tensor(t)
+        for sp in g.sparse_initializer:
+            tensor(sp.values)
+            tensor(sp.indices)
+        nodes(g.node)
+
+    graph(proto.graph)
+    for f in proto.functions:
+        nodes(f.node)
+    return sorted(names)
+
+
+def _stamp(path: Path, spec: ModelSpec):
+    """Write the model identity and the external-data files' sizes and checksums into ``path``'s metadata_props
+    (see the module docstring); returns the model proto without its weights."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    info["check_max_abs_diff"] = _check(path, module, args, spec)
-    return info
+    files = {}
+    for name in external_files(proto):
+        f = path.parent / name
+        files[name] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    props = {IDENTITY_KEY: json.dumps(normalise(spec.identity()), sort_keys=True),
+             FILES_KEY: json.dumps(files, sort_keys=True)}
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        proto.metadata_props.add(key=key, value=value)
+    path.write_bytes(proto.SerializeToString())
+    return proto
 
 
 def _export_dynamo(module, args, spec: ModelSpec, path: Path, opset: int | None) -> None:
@@ -131,7 +192,7 @@ class OrtRunner:
         else:
             providers = ["CPUExecutionProvider"]
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failed call is this module's exception, not stderr text
         if device.type == "cpu":  # the same CPU threads as torch, so engines compare (and share a machine) fairly
             options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -176,16 +237,17 @@ class OrtRunner:
 _NP = {torch.float32: np.float32, torch.int64: np.int64}
 
 
-def onnx_entry(spec: ModelSpec, cache: EngineCache, settings: EngineSettings, load=None):
+def onnx_entry(spec: ModelSpec, cache: EngineCache, settings: EngineSettings, load=None, build: bool = True):
     """Get (or export) the cached ONNX file of ``spec``. ``load(entry)`` turns the entry into what the caller needs;
-    by default the path of the ONNX file."""
+    by default the path of the ONNX file. ``build=False``: never export; a cache miss is a ``UserError``."""
     load = load or (lambda entry: entry.file(MODEL_FILE))
     return cache.get_or_build("onnx", spec.name, onnx_fields(spec, settings),
-                              lambda folder: export_onnx(spec, folder, settings.opset), load)
+                              lambda folder: export_onnx(spec, folder, settings.opset), load,
+                              refuse=None if build else never_build(cache, spec.name, "onnx"))
 
 
 def build(backend, spec: ModelSpec, device: torch.device, precision: str, cache: EngineCache,
-          settings: EngineSettings, batch) -> Engine:
+          settings: EngineSettings, batch, build: bool = True) -> Engine:
     timing = {}
 
     def load(entry: CacheEntry) -> OrtRunner:
@@ -194,7 +256,7 @@ def build(backend, spec: ModelSpec, device: torch.device, precision: str, cache:
         timing["load"] = time.perf_counter() - t0
         return runner
 
-    runner, entry = onnx_entry(spec, cache, settings, load)
+    runner, entry = onnx_entry(spec, cache, settings, load, build)
     return Engine(backend, spec.name, _with_dtype(runner, spec), device, precision,
                   build_seconds=0.0 if entry.hit else entry.meta["build_seconds"], load_seconds=timing["load"],
                   cache_hit=entry.hit, artefact=entry.file(MODEL_FILE),

@@ -40,7 +40,7 @@ COMPILE = Backend("compile", "torch.compile with Inductor (CUDA graphs for fixed
                   ("float32", "bfloat16", "float16"), True, module="compiled")
 ONNX = Backend("onnx", "an ONNX export run by ONNX Runtime", ("cpu", "cuda"), ("float32",), False,
                requires=("onnx", "onnxscript", "onnxruntime"),
-               install="pip install onnx onnxscript onnxruntime (onnxruntime-gpu for CUDA)", module="onnx_ort")
+               install='pip install "cao2-fast[onnx]" (and onnxruntime-gpu for CUDA)', module="onnx_ort")
 TRT = Backend("trt", "a TensorRT engine built from the ONNX export", ("cuda",), ("float32", "float16", "bfloat16"),
               False, requires=("tensorrt", "onnx", "onnxscript", "onnxruntime"),  # built from the ONNX export
               install='pip install "cao2-fast[trt]"', module="trt")

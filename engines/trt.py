@@ -23,8 +23,8 @@ import torch
 from ..errors import UserError
 from .base import Engine, EngineSettings
 from ..fileio import atomic_write
-from .cache import CacheEntry, EngineCache
-from .onnx_ort import onnx_entry, onnx_fields
+from .cache import CacheEntry, EngineCache, never_build
+from .onnx_ort import MODEL_FILE, onnx_entry, onnx_fields
 from .specs import FLOAT, ModelSpec
 
 log = logging.getLogger("cao2_fast.engines")
@@ -75,6 +75,12 @@ def onnx_input(spec: ModelSpec, cache: EngineCache, settings: EngineSettings) ->
     the cache lacks it)."""
     path, _ = onnx_entry(spec, cache, settings)
     return path
+
+
+def onnx_input_path(spec: ModelSpec, cache: EngineCache, settings: EngineSettings) -> Path:
+    """Where :func:`onnx_input` keeps that file, without looking at it (a cached plan does not need it)."""
+    fields = onnx_fields(spec, settings)
+    return cache.entry_path("onnx", spec.name, cache.key(fields)) / MODEL_FILE
 
 
 def timing_cache_path(cache: EngineCache, trt_version: str, gpu: dict) -> Path:
@@ -141,16 +147,22 @@ class TrtRunner:
                   trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32,
                   trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        self.batch_range = plan_batch_range(self.engine, self.inputs[0])
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        n = args[0].shape[0] if args and args[0].dim() else None
+        if self.batch_range is not None and n is not None and not self.batch_range[0] <= n <= self.batch_range[1]:
+            lo, hi = self.batch_range
+            raise UserError(f"{self.spec.name} engine: a batch of {n} is outside the batch range {lo}..{hi} this "
+                            "TensorRT engine was built for; split the call, or rebuild it with a larger --batch")
         stream = torch.cuda.current_stream(self.device)
         keep = []
         for name, t in zip((ts.name for ts in self.spec.inputs), args):
             t = t.to(self.device, self.dtypes[name]).contiguous()
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
-                raise ValueError(f"{self.spec.name}: input {name} of shape {tuple(t.shape)} is outside the engine's "
-                                 "optimisation profile (rebuild with a larger batch range)")
+                raise UserError(f"{self.spec.name} engine: input {name} of shape {tuple(t.shape)} is outside the "
+                                "engine's optimisation profile (rebuild it with a larger batch range)")
             self.context.set_tensor_address(name, t.data_ptr())
         out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.dtypes[self.output],
                           device=self.device)
@@ -160,16 +172,37 @@ class TrtRunner:
         return out  # inputs in ``keep`` are stream-ordered: their memory is reused only after this enqueue
 
 
+def plan_batch_range(engine, name: str) -> tuple[int, int] | None:
+    """(min, max) batch a deserialised engine accepts: its fixed batch, or optimisation profile 0's range for a
+    dynamic one; None when it cannot be read."""
+    try:
+        shape = tuple(engine.get_tensor_shape(name))
+        if not shape:
+            return None
+        if shape[0] >= 0:
+            return int(shape[0]), int(shape[0])
+        lo, _, hi = engine.get_tensor_profile_shape(name, 0)
+        return int(lo[0]), int(hi[0])
+    except Exception:
+        return None
+
+
 def build(backend, spec: ModelSpec, device: torch.device, precision: str, cache: EngineCache,
-          settings: EngineSettings, batch) -> Engine:
+          settings: EngineSettings, batch, build: bool = True) -> Engine:
+    """The plan for ``spec`` from the cache, built (from the cached ONNX export, exported first if need be) on a
+    miss. ``build=False``: a miss is a ``UserError`` and nothing is exported or built; a cached plan is used even
+    when the ONNX file it was built from is gone."""
     trt = _trt()
     if device.type != "cuda" or not torch.cuda.is_available():
         raise UserError("--engine trt needs a CUDA device (none is available)")
     profile = batch_profile(batch)
     fields = trt_fields(spec, settings, precision, profile, gpu_fingerprint(device), trt.__version__)
-    onnx_path = onnx_input(spec, cache, settings)
+    onnx_path = onnx_input_path(spec, cache, settings)
     timing_path = timing_cache_path(cache, trt.__version__, fields["gpu"])
     timing = {}
+
+    def make(folder: Path) -> dict:
+        return build_plan(spec, onnx_input(spec, cache, settings), folder, precision, profile, settings, timing_path)
 
     def load(entry: CacheEntry) -> TrtRunner:
         t0 = time.perf_counter()
@@ -177,9 +210,10 @@ def build(backend, spec: ModelSpec, device: torch.device, precision: str, cache:
         timing["load"] = time.perf_counter() - t0
         return runner
 
-    runner, entry = cache.get_or_build(
-        "trt", spec.name, fields,
-        lambda folder: build_plan(spec, onnx_path, folder, precision, profile, settings, timing_path), load)
+    options = f" --dtype {precision} --device cuda and the --batch (--stage1-batch) that gives a batch range " \
+              f"{profile['min']}..{profile['max']}"
+    runner, entry = cache.get_or_build("trt", spec.name, fields, make, load,
+                                       refuse=None if build else never_build(cache, spec.name, "trt", options))
     first = next(i for i, t in enumerate(spec.inputs) if t.dtype == FLOAT)
 
     def run(*args):

@@ -21,7 +21,7 @@ import torch
 from helpers import run_cli
 from cao2_fast.config import build_config
 from cao2_fast.engines import (BACKENDS, EngineCache, EngineSettings, build_engine, get_backend, onnx_ort, require,
-                               stage1_specs, stage2_engine, trt)
+                               stage1_engines, stage1_specs, stage2_engine, trt)
 from cao2_fast.engines.onnx_ort import onnx_fields
 from cao2_fast.engines.specs import ModelSpec, TensorSpec, classifier_spec, dit_spec
 from cao2_fast.errors import UserError
@@ -371,6 +371,90 @@ def test_a_broken_entry_is_reported_in_one_line_and_rebuilt(damage, tiny, export
     x = torch.randn(5, 6)
     with torch.no_grad():
         assert float((engine(x) - spec.module(x)).abs().max()) <= 1e-5
+
+
+def test_build_false_serves_the_cache_and_refuses_a_miss(models, cache, onnx_engines, tmp_path, exports):
+    got = stage1_engines("onnx", *models, "cpu", cache_dir=cache.root, build=False)
+    assert exports == [] and all(e.cache_hit for e in got.values())
+    offline = tmp_path / "offline"
+    with pytest.raises(UserError) as e:
+        stage1_engines("onnx", *models, "cpu", cache_dir=offline, build=False)
+    msg = str(e.value)
+    assert msg.startswith(f"the engine cache at {offline} has no onnx engine for the dit model") and "\n" not in msg
+    assert f"cao2-fast export --engine onnx --engine-dir {offline} and the same models" in msg
+    assert exports == [] and not offline.exists()  # nothing exported, nothing written
+
+
+def test_build_false_never_rebuilds_a_broken_entry(tiny, exports):
+    spec, cache, first = tiny
+    entry = first.artefact.parent
+    largest = _largest_file(entry)
+    intact = largest.read_bytes()
+    _truncate(entry)
+    before = sorted((f.name, f.stat().st_size) for f in entry.iterdir())
+    try:
+        with pytest.raises(UserError, match=f"its entry {entry.name} would have to be rebuilt: .*truncated.* and "
+                                            "building is off"):
+            build_engine("onnx", spec, "cpu", cache=cache, build=False)
+        assert exports == [] and sorted((f.name, f.stat().st_size) for f in entry.iterdir()) == before  # left alone
+    finally:
+        largest.write_bytes(intact)
+    assert build_engine("onnx", spec, "cpu", cache=cache, build=False).cache_hit is True
+
+
+def _write_artefact(folder):
+    (folder / "model.onnx").write_bytes(b"an artefact")
+
+
+@pytest.mark.parametrize("squatter", ["file", "link"])
+def test_a_file_at_an_entry_name_is_reported_and_replaced(squatter, tmp_path, caplog):
+    # the cache folder is cao2-fast's own: whatever sits at an entry's exact name and is not a sound entry is
+    # replaced by the rebuilt entry (a link to a folder that is no entry: the link is removed, never its target)
+    cache, fields = EngineCache(tmp_path / "engines"), {"model": "tiny"}
+    path, _ = cache.lookup("onnx", "tiny", fields)
+    path.parent.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not the cache's")
+    path.write_text("not an engine") if squatter == "file" else path.symlink_to(elsewhere)
+    with caplog.at_level(logging.WARNING, logger="cao2_fast.engines"):
+        got, entry = cache.get_or_build("onnx", "tiny", fields, _write_artefact, lambda e: e.file("model.onnx"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and str(path) in warned[0] and "rebuilding" in warned[0]
+    assert ("not an entry folder" if squatter == "file" else "no meta.json") in warned[0]
+    assert path.is_dir() and not path.is_symlink() and got.read_bytes() == b"an artefact" and entry.hit is False
+    assert cache.lookup("onnx", "tiny", fields)[1] is None and (elsewhere / "keep.txt").is_file()
+
+
+@pytest.mark.parametrize("when", ["export", "meta.json"])
+def test_a_full_disk_while_building_is_one_line_and_leaves_nothing(when, tmp_path, monkeypatch):
+    import errno
+
+    from cao2_fast.engines import cache as cache_module
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    fallbacks = []
+    root = tmp_path / "engines"
+    with pytest.raises(UserError) as e:
+        if when == "export":  # the exporter's own error, caused by the full disk
+            def dynamo(module, args, spec, path, opset):
+                path.write_bytes(b"half an onnx file")
+                raise RuntimeError("the exporter could not save the model") from full
+
+            monkeypatch.setattr(onnx_ort, "_export_dynamo", dynamo)
+            monkeypatch.setattr(onnx_ort, "_export_torchscript", lambda *a, **k: fallbacks.append(a))
+            build_engine("onnx", tiny_spec(), "cpu", cache=EngineCache(root))
+        else:  # the artefact fitted, its meta.json did not
+            def atomic_write(path, data, mode=0o644):
+                path.write_bytes(data[: len(data) // 2])
+                raise full
+
+            monkeypatch.setattr(cache_module, "atomic_write", atomic_write)
+            EngineCache(root).get_or_build("onnx", "tiny", {"model": "tiny"}, _write_artefact, lambda e: e)
+    msg = str(e.value)
+    assert msg.startswith(f"the engine cache at {root} ran out of space while building the tiny onnx engine")
+    assert "--engine-dir" in msg and "--engine " not in msg and "eager" not in msg and "\n" not in msg
+    assert fallbacks == [] and list(root.iterdir()) == []  # no other exporter tried, nothing half-written left
 
 
 def test_trt_builds_from_the_onnx_file_onnx_runtime_runs(specs, cache, onnx_engines, exports):
