@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from typing import Literal
@@ -152,6 +153,8 @@ class DistillConfig:
     stage1_batch: int = 256  # candidates per DiT call (the guided call runs 2× this)
     stage2_batch: int = 64  # latents optimised together
     dtype: str = "float32"
+    engine: str = "eager"  # the stage-1 engine (Distiller.use_engines sets it): engines round differently
+    stage2_engine: str = "eager"  # the stage-2 DiT's engine, likewise
     models: dict = field(default_factory=dict)  # paths and fingerprints of the weights
 
     @property
@@ -165,6 +168,9 @@ class DistillConfig:
         for off_by_default in ("early_reject_step", "early_reject_keep", "guidance_interval"):
             if d[off_by_default] is None:  # off: the fingerprint of a config from before the field existed
                 d.pop(off_by_default)
+        for name in ("engine", "stage2_engine"):  # another engine can move a pixel by a grey level: another set
+            if d[name] == "eager":
+                d.pop(name)
         d["stage1_group"] = self.classes_per_group  # the grouping of classes into batches does change rounding
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -191,12 +197,15 @@ _NOT_OVERRIDES = ("dataset", "class_ids", "class_names", "ipc", "recipe")  # giv
 def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | None = None,
                  class_names: list[str] | None = None, num_model_classes: int | None = None, **overrides) -> DistillConfig:
     """Resolve dataset preset + recipe + user overrides into a validated config (errors name the fix)."""
-    if recipe not in RECIPES:
+    if not isinstance(recipe, str) or recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    if dataset not in DATASETS and dataset != "custom":
+    if not isinstance(dataset, str) or (dataset not in DATASETS and dataset != "custom"):
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)} or pass --classes")
+    if not _is_int(ipc):
+        raise UserError(f"--ipc must be a whole number (got {ipc!r})")
     if ipc < 1:
         raise UserError(f"--ipc must be at least 1 (got {ipc})")
+    class_ids = None if class_ids is None else check_class_ids(class_ids)
     rec = RECIPES[recipe]
     preset = DATASETS.get(dataset, DatasetPreset("custom", None, k=4, order="desc", t_max=11))
     if class_ids is None:
@@ -218,6 +227,10 @@ def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | Non
     base = dict(k=preset.k, order=preset.order, t_max=preset.t_max, stage2_label=label, stage2_steps=stage2_steps)
     valid = sorted(f.name for f in fields(DistillConfig) if f.name not in _NOT_OVERRIDES)
     unknown = sorted(set(overrides) - set(valid))
+    engines = sorted(set(overrides) & {"engine", "stage2_engine"})
+    if engines:
+        raise UserError(f"{engines[0]} is set by Distiller.use_engines(), which also builds the engines, not as a "
+                        "config override")
     if unknown:
         raise UserError(f"unknown setting {unknown[0]!r}: valid overrides are {', '.join(valid)}")
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -227,24 +240,91 @@ def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | Non
     return cfg
 
 
+def check_class_ids(class_ids) -> list[int]:
+    """``class_ids`` as a list of ints: a non-empty sequence of whole numbers (bools are not class ids), each once."""
+    if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__iter__"):
+        raise UserError(f"class ids must be a list of whole numbers (got {class_ids!r})")
+    ids = list(class_ids)
+    bad = next((c for c in ids if not _is_int(c)), None)
+    if bad is not None:
+        raise UserError(f"class ids must be whole numbers (got {bad!r})")
+    if not ids:
+        raise UserError("the class list is empty: give at least one class")
+    return ids
+
+
+_INT_FIELDS = ("ipc", "k", "seed", "sample_steps", "stage2_steps", "t_max", "stage1_batch", "stage2_batch",
+               "classifier_input_size")
+_FLOAT_FIELDS = {  # name: (option, lowest allowed, whether the lowest itself is allowed)
+    "guidance_scale": ("--guidance", 0.0, True), "lr": ("--lr", 0.0, False), "lam": ("--lam", 0.0, True)}
+_CHOICES = {"selection": ("confident", "el2n", "random"), "order": ("desc", "asc"), "stage2_label": ("null", "true"),
+            "dtype": ("float32", "bfloat16", "float16"), "engine": ("eager", "compile", "onnx", "trt"),
+            "stage2_engine": ("eager", "compile")}
+SCHEDULE_STEPS = 1000  # the DiT's training schedule: stage 1 respaces it, so it can take at most this many steps
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(cfg: DistillConfig) -> None:
+    """Every field has the type and the finite range it must have, whatever built the config (CLI or API): a float
+    that is NaN or infinite would write every class and then fail on the strict-JSON manifest."""
+    for name in _INT_FIELDS:
+        v = getattr(cfg, name)
+        if not _is_int(v):
+            raise UserError(f"{name} must be a whole number (got {v!r})")
+    for name, (option, low, inclusive) in _FLOAT_FIELDS.items():
+        v = getattr(cfg, name)
+        if not _is_number(v) or not math.isfinite(v):
+            raise UserError(f"{option} must be a finite number (got {v!r})")
+        if v < low or (v == low and not inclusive):
+            raise UserError(f"{option} must be {'at least' if inclusive else 'above'} {low:g} (got {v:g})")
+    for name, allowed in _CHOICES.items():
+        v = getattr(cfg, name)
+        if v not in allowed:
+            raise UserError(f"{name} {v!r}: choose one of {', '.join(allowed)}")
+    if not cfg.class_ids:
+        raise UserError("the class list is empty: give at least one class")
+    bad = next((c for c in cfg.class_ids if not _is_int(c)), None)
+    if bad is not None:
+        raise UserError(f"class ids must be whole numbers (got {bad!r})")
+    if len(cfg.class_names) != len(cfg.class_ids) or not all(isinstance(n, str) for n in cfg.class_names):
+        raise UserError("class names must be one string per class id")
+
+
 def validate(cfg: DistillConfig) -> None:
+    _check_types(cfg)
+    if cfg.ipc < 1:
+        raise UserError(f"--ipc must be at least 1 (got {cfg.ipc})")
+    if cfg.sample_steps < 1:
+        raise UserError(f"--sample-steps must be at least 1 (got {cfg.sample_steps})")
+    if cfg.sample_steps > SCHEDULE_STEPS:
+        raise UserError(f"--sample-steps {cfg.sample_steps}: stage 1 respaces the DiT's {SCHEDULE_STEPS}-step "
+                        f"schedule, so it takes at most {SCHEDULE_STEPS} steps")
+    if cfg.stage2_steps < 0:
+        raise UserError(f"--stage2-steps must be 0 or more (got {cfg.stage2_steps})")
+    for name in ("stage1_batch", "stage2_batch", "classifier_input_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.k < 1:
         raise UserError(f"--k must be at least 1 (got {cfg.k})")
     if cfg.t_max < 1:
         raise UserError(f"stage-2 timestep window {{1..{cfg.t_max}}} is empty")
     if cfg.t_max >= cfg.sample_steps:
         raise UserError(f"stage-2 t_max {cfg.t_max} must be below the {cfg.sample_steps} respaced steps")
-    if cfg.stage2_steps < 0 or cfg.sample_steps < 1:
-        raise UserError("step counts must be positive")
-    if cfg.selection == "confident" and cfg.order not in ("desc", "asc"):
-        raise UserError(f"unknown order {cfg.order!r}: desc or asc")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"unknown dtype {cfg.dtype!r}: float32, bfloat16 or float16")
     early_check_list(cfg.early_reject_step, cfg.early_reject_keep, cfg.sample_steps, cfg.ipc, cfg.num_candidates)
     if cfg.guidance_interval is not None:
-        if len(cfg.guidance_interval) != 2:
-            raise UserError(f"guidance interval {cfg.guidance_interval!r}: give two noise levels (lo, hi)")
-        lo, hi = cfg.guidance_interval
+        gi = cfg.guidance_interval
+        if not isinstance(gi, (tuple, list)) or len(gi) != 2 or not all(_is_number(v) for v in gi):
+            raise UserError(f"guidance interval {gi!r}: give two noise levels (lo, hi)")
+        lo, hi = gi
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise UserError(f"--guidance-interval {lo:g},{hi:g}: both noise levels must be finite")
         if not 0 <= lo < hi:
             raise UserError(f"guidance interval ({lo:g}, {hi:g}]: need 0 <= lo < hi (noise levels σ)")
 

@@ -9,27 +9,110 @@ Classes written before the stop are complete on disk, so re-running the same com
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
+from dataclasses import dataclass
 
 from .errors import UserError
 
 DEFAULT_TIMEOUT_S = 1800.0  # ranks get equal shares of groups, so the last one waits about one group's time
 
 
-def world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a class-sharded job."""
+
+    rank: int
+    world: int
 
 
-def join(device: str):
-    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group through accelerate; else None."""
-    if world_size() <= 1:
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
         return None
-    from accelerate import PartialState
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} in the environment is not a whole number (it is set by torchrun / "
+                        "accelerate launch)") from None
 
-    return PartialState(cpu=device == "cpu")
+
+def world_size() -> int:
+    """WORLD_SIZE from the environment (1 when unset)."""
+    world = _env_int("WORLD_SIZE")
+    return 1 if world is None else world
+
+
+def launch_env() -> Rank | None:
+    """The rank and world size a launcher set (None for a single process), checked before anything waits on them:
+    a world without a rank, a rank outside the world, or no rendezvous address are each one line."""
+    world = world_size()
+    if world < 1:
+        raise UserError(f"WORLD_SIZE={world} in the environment: a job has at least one process")
+    if world == 1:
+        return None
+    rank = _env_int("RANK")
+    if rank is None:
+        raise UserError(f"WORLD_SIZE={world} is set but RANK is not: start the ranks with torchrun or accelerate "
+                        "launch (they set both), or unset WORLD_SIZE to run one process")
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world} (ranks are 0..{world - 1})")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={world} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                        "not: start the ranks with torchrun or accelerate launch, or set the rendezvous address")
+    return Rank(rank, world)
+
+
+def join(device: str, timeout: float = DEFAULT_TIMEOUT_S) -> Rank | None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the default process group (gloo on CPU, NCCL on
+    CUDA); else None. The rendezvous is bounded by ``timeout`` seconds: a rank that never comes (rank 0 absent, a
+    rank stopped before the rendezvous) ends this process with one line and exit code 2 instead of a wait without
+    end. (A watchdog thread does it: the rendezvous is a C++ call that cannot be interrupted.)"""
+    me = launch_env()
+    if me is None:
+        return None
+    if not timeout > 0:
+        raise UserError(f"--rank-timeout must be positive (got {timeout:g})")
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return Rank(dist.get_rank(), dist.get_world_size())
+    backend = "gloo"
+    if device == "cuda" or str(device).startswith("cuda"):
+        backend = "nccl"
+        local = _env_int("LOCAL_RANK")
+        torch.cuda.set_device(local if local is not None else me.rank % max(1, torch.cuda.device_count()))
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+
+    def give_up() -> None:
+        sys.stderr.write(f"error: rank {me.rank}: the {me.world} ranks did not all join within {timeout:g} s "
+                         f"(rendezvous at {where}): a rank was not started, stopped, or cannot reach rank 0; complete "
+                         "classes are kept, re-run the same command to finish (--rank-timeout sets the bound)\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout + 5.0, give_up)  # the rendezvous's own timeout normally ends it first
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as e:  # noqa: BLE001  a rendezvous that timed out or could not connect
+        raise UserError(f"rank {me.rank}: could not join the other ranks at {where} within {timeout:g} s "
+                        f"({type(e).__name__}: {_first_line(e)}); check that every rank was started, or raise "
+                        "--rank-timeout") from None
+    finally:
+        watchdog.cancel()
+    return me
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:160] if lines else "no detail"
 
 
 class BoundedBarrier:

@@ -62,3 +62,33 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def _anchors(path: Path) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+    """For each existing folder on ``path`` (itself included): its (device, inode) and the rest of the path below it."""
+    parts = path.parts
+    out = []
+    for i in range(len(parts), 0, -1):
+        try:
+            st = os.stat(Path(*parts[:i]))
+        except OSError:
+            continue
+        out.append(((st.st_dev, st.st_ino), parts[i:]))
+    return out
+
+
+def overlaps(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` are the same folder or one lies inside the other, however they are spelled: paths are
+    compared resolved (``..`` and symbolic links followed), and through the device and inode of every existing folder
+    on them, so a bind mount of a parent is caught too. Neither needs to exist."""
+    ra, rb = Path(os.path.abspath(a)).resolve(), Path(os.path.abspath(b)).resolve()
+    if ra == rb or ra in rb.parents or rb in ra.parents:
+        return True
+    ia, ib = _anchors(ra), _anchors(rb)
+    for id_a, rest_a in ia:
+        for id_b, rest_b in ib:
+            if id_a == id_b:
+                n = min(len(rest_a), len(rest_b))
+                if rest_a[:n] == rest_b[:n]:
+                    return True
+    return False

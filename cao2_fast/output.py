@@ -20,6 +20,7 @@ refused before any work, ``--overwrite`` included. Every JSON file is strict JSO
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -92,6 +93,26 @@ _CLASS_TMP = re.compile(r"^\.((0|[1-9]\d*)\.png|\.complete\.json)\.\w+\.tmp$")
 _INDEX_PNG = re.compile(r"^(0|[1-9]\d*)\.png$")
 
 
+_INT, _NUM = (int,), (int, float)
+PICK_FIELDS = {"class_id": _INT, "candidate_index": _INT, "prob_before": _NUM + (type(None),),
+               "stage1_candidate_accuracy": _NUM + (type(None),)}  # a stage-1 pick's record
+IMAGE_FIELDS = {**PICK_FIELDS, "prob_after": _NUM + (type(None),), "loss_first": _NUM + (type(None),),
+                "loss_last": _NUM + (type(None),), "stage2_steps": _INT, "stage2_status": (str,),
+                "stage1_nonfinite_candidates": _INT, "noise_bank_index": _INT + (type(None),)}  # a distilled image's
+
+
+def records_problem(records: list, fields: dict) -> str | None:
+    """Why the per-image records of a marker cannot be used (a field missing or of the wrong type), else None."""
+    for i, rec in enumerate(records):
+        for key, types in fields.items():
+            if key not in rec:
+                return f"image {i}: no {key!r}"
+            v = rec[key]
+            if isinstance(v, bool) or not isinstance(v, types):
+                return f"image {i}: {key!r} is {type(v).__name__}"
+    return None
+
+
 def parse_marker(path: Path) -> dict | None:
     """A class marker as written by :func:`write_class`, or None if it is unreadable or malformed."""
     try:
@@ -140,9 +161,10 @@ class ClassFolder:
                 foreign.append(f)
         return cls(path, part, has_marker, ours, foreign)
 
-    def problem(self, fingerprint: str, ipc: int) -> str | None:
+    def problem(self, fingerprint: str, ipc: int, fields: dict = IMAGE_FIELDS) -> str | None:
         """None if the class is complete under ``fingerprint``: an intact marker of this config recording exactly
-        ``ipc`` images, each present with its checksum, and nothing else in the folder. Else what is wrong."""
+        ``ipc`` images, each present with its checksum and every per-image field of ``fields`` (of its type), and
+        nothing else in the folder. Else what is wrong."""
         if not self.has_marker:
             return "no marker"
         if self.part is None:
@@ -151,6 +173,9 @@ class ClassFolder:
             return "other config"
         if self.part["class_name"] != self.path.name or len(self.part["images"]) != ipc:
             return "marker does not match the class"
+        bad = records_problem(self.part["images"], fields)
+        if bad is not None:
+            return f"damaged marker ({bad})"
         if self.foreign:
             return "foreign files"
         if len(self.ours) != ipc + 1:
@@ -243,7 +268,37 @@ def scan(out: Path, class_names, ipc: int) -> Scan:
     return Scan(classes, partial, files, foreign, manifest_fp)
 
 
-def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwrite: bool, act: bool = True) -> Scan:
+def check_out_path(out, what: str = "--out") -> Path:
+    """``out`` as a Path a run can create and fill, or one ``UserError`` line: it must be a non-empty path (an empty
+    one would silently mean the working directory), not a symbolic link that dangles or loops, with no component
+    longer than the file system allows."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise UserError(f"{what} must be a folder path (got {type(out).__name__})")
+    if not str(os.fspath(out)).strip():
+        raise UserError(f"{what} is empty: name the output folder (use . for the working directory)")
+    out = Path(out).expanduser()
+    for p in (out, *out.parents):
+        try:
+            os.stat(p)
+            break
+        except FileNotFoundError:
+            if p.is_symlink():
+                raise UserError(f"{p}: is a symbolic link to nothing (its target {os.readlink(p)} does not exist); "
+                                f"pass the real folder as {what}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"{p}: symbolic links loop there; pass a real folder as {what}") from None
+            if e.errno == errno.ENAMETOOLONG:
+                raise UserError(f"{what} {str(out)[:60]}…: a name in it is longer than the file system allows") \
+                    from None
+            if e.errno != errno.ENOTDIR:
+                raise UserError(f"{p}: cannot use it as {what} ({e.strerror or e})") from None
+            break
+    return out
+
+
+def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwrite: bool, act: bool = True,
+                     engines: dict | None = None) -> Scan:
     """Make ``out`` ready for a run: refuse a folder holding anything cao2-fast did not write, refuse one made with
     another config unless ``overwrite`` (which removes only our files), drop the temporaries an interrupted run
     left, and check the folder is writable. With ``act`` False it only refuses (deletes nothing), so a caller with
@@ -261,8 +316,15 @@ def check_output_dir(out: Path, fingerprint: str, class_names, ipc: int, overwri
                         f"files, so move them away or choose another --out")
     other = found.other_fingerprints(fingerprint, set(class_names))
     if other and not overwrite:
+        made = {json.dumps(c.part.get("engines"), sort_keys=True) for c in found.classes.values()
+                if c.part is not None and c.part["fingerprint"] != fingerprint and c.part.get("engines")}
+        why = ""
+        if engines is not None and made and json.dumps(engines, sort_keys=True) not in made:
+            was = json.loads(sorted(made)[0])
+            why = (f": it was made with engines stage 1 {was.get('stage1')}, stage 2 {was.get('stage2')}, this run "
+                   f"uses {engines.get('stage1')}, {engines.get('stage2')}, and one set holds one engine's bytes")
         raise UserError(f"{out}: holds a distilled set made with a different config (fingerprint "
-                        f"{sorted(other)[0]}, this run {fingerprint}); pass --overwrite to replace it or choose "
+                        f"{sorted(other)[0]}, this run {fingerprint}){why}; pass --overwrite to replace it or choose "
                         f"another --out")
     parent = out if out.exists() else _existing_parent(out)
     try:  # a real write, not os.access: permissions, read-only mounts and a file in the path all show up here
@@ -339,15 +401,16 @@ def _remove_staging(staging: Path) -> None:
         raise UserError(f"{staging}: holds files cao2-fast did not write ({left.foreign[0].name}); move them away")
 
 
-def read_complete(out: Path, class_name: str, fingerprint: str, ipc: int) -> dict | None:
-    """The class's manifest part if the class is complete under ``fingerprint`` (see :meth:`ClassFolder.problem`),
-    else None."""
+def read_complete(out: Path, class_name: str, fingerprint: str, ipc: int, fields: dict = IMAGE_FIELDS) -> dict | None:
+    """The class's manifest part if the class is complete under ``fingerprint`` (see :meth:`ClassFolder.problem`;
+    ``fields``: the per-image record fields, :data:`IMAGE_FIELDS` for a distilled set, :data:`PICK_FIELDS` for a
+    stage-1 tree), else None."""
     folder = out / class_name
     if not folder.is_dir() or folder.is_symlink():
         return None
     try:
         f = ClassFolder.scan(folder, ipc)
-        return f.part if f.problem(fingerprint, ipc) is None else None
+        return f.part if f.problem(fingerprint, ipc, fields) is None else None
     except OSError:
         return None
 
@@ -368,14 +431,31 @@ def _fsync_dir(path: Path) -> None:
 # -- locks ---------------------------------------------------------------------------------------------------------
 
 
+CLAIM_BYTE = 1 << 30  # byte ranges of the lock file beyond every class index: the folder's claim ...
+LIVE_BYTE = CLAIM_BYTE + 1  # ... and the runs alive on it (each holds a shared lock on this byte)
+
+
 class FolderLock:
-    """Advisory locks on the classes of one output folder, so two runs on the same folder share the work instead of
-    both doing it. One lock file per folder (``.cao2-lock``, left in place: deleting a lock file another process
-    waits on would split the lock); class i of the config is byte i of it (POSIX record locks, ``lockf``). Record
-    locks belong to the process and closing any descriptor of the file drops them all, so a run keeps this one
-    descriptor open until :meth:`close`. Where ``fcntl`` is missing (not POSIX), locking is a no-op."""
+    """Advisory locks on one output folder, so that runs on the same folder share the work and never mix configs.
+
+    One lock file per folder (``.cao2-lock``); POSIX record locks (``lockf``) on its bytes:
+
+    * class i of the config is byte i: a class is written under its byte's exclusive lock, so two runs of one config
+      do different classes instead of both doing each;
+    * every run alive on the folder holds a shared lock on :data:`LIVE_BYTE`, and the file's content names the
+      config fingerprint those runs write. :func:`claim` reads and sets both under the exclusive lock on
+      :data:`CLAIM_BYTE`, so the check "which config owns this folder" and the claim are one step: a run of another
+      config is refused while a run is alive, and the folder is prepared (refusals, ``--overwrite``'s deletions)
+      only by a run that holds the claim.
+
+    Record locks belong to the process and closing any descriptor of the file drops them all, so a run keeps this
+    one descriptor open until :meth:`close`. The file is removed only by :meth:`retire`, under the claim lock and when
+    no other run is alive; a run that opened it before that notices (:meth:`begin_claim`) and opens the new one.
+    Where ``fcntl`` is missing (not POSIX), locking is a no-op."""
 
     def __init__(self, out: Path, class_names):
+        self.root = out
+        self.path = out / LOCK_FILE
         self.index = {n: i for i, n in enumerate(class_names)}
         try:
             import fcntl
@@ -383,7 +463,15 @@ class FolderLock:
             self.fcntl, self.fh = None, None
             return
         self.fcntl = fcntl
-        self.fh = open(out / LOCK_FILE, "a")
+        self.fh = open(self.path, "a+")
+
+    def _lock(self, cmd: int, start: int, wait: bool = False) -> bool:
+        flags = cmd if wait or cmd == self.fcntl.LOCK_UN else cmd | self.fcntl.LOCK_NB
+        try:
+            self.fcntl.lockf(self.fh, flags, 1, start)
+        except OSError:
+            return False
+        return True
 
     def try_acquire(self, names) -> bool:
         """Lock every class of ``names`` without waiting; all or none."""
@@ -391,9 +479,7 @@ class FolderLock:
             return True
         taken = []
         for name in names:
-            try:
-                self.fcntl.lockf(self.fh, self.fcntl.LOCK_EX | self.fcntl.LOCK_NB, 1, self.index[name])
-            except OSError:
+            if not self._lock(self.fcntl.LOCK_EX, self.index[name]):
                 self.release(taken)
                 return False
             taken.append(name)
@@ -403,7 +489,67 @@ class FolderLock:
         if self.fh is None:
             return
         for name in names:
-            self.fcntl.lockf(self.fh, self.fcntl.LOCK_UN, 1, self.index[name])
+            self._lock(self.fcntl.LOCK_UN, self.index[name])
+
+    # -- the folder's claim (see claim()) --
+
+    def begin_claim(self) -> None:
+        """Take the claim lock, waiting for another run's claim step (a moment); reopen the lock file if a run that
+        finished the set removed it meanwhile."""
+        if self.fh is None:
+            return
+        while True:
+            self._lock(self.fcntl.LOCK_EX, CLAIM_BYTE, wait=True)
+            try:
+                same = os.path.samestat(os.fstat(self.fh.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return
+            self.fh.close()
+            self.fh = open(self.path, "a+")
+
+    def end_claim(self) -> None:
+        if self.fh is not None:
+            self._lock(self.fcntl.LOCK_UN, CLAIM_BYTE)
+
+    def others_alive(self) -> bool:
+        """Whether another run holds the folder (call under the claim lock). When none does, this run keeps the live
+        byte exclusively until :meth:`go_live` shares it."""
+        return self.fh is not None and not self._lock(self.fcntl.LOCK_EX, LIVE_BYTE)
+
+    def recorded(self) -> str | None:
+        """The fingerprint the folder's live runs write (None if unreadable)."""
+        if self.fh is None:
+            return None
+        self.fh.seek(0)
+        try:
+            value = json.loads(self.fh.read() or "null")
+        except ValueError:
+            return None
+        return value.get("fingerprint") if isinstance(value, dict) else None
+
+    def go_live(self, fingerprint: str) -> None:
+        """Record ``fingerprint`` as the folder's config and hold the live byte shared, as every live run does."""
+        if self.fh is None:
+            return
+        if self.recorded() != fingerprint:
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.fh.write(json.dumps({"fingerprint": fingerprint}))
+            self.fh.flush()
+        self._lock(self.fcntl.LOCK_SH, LIVE_BYTE, wait=True)
+
+    def retire(self) -> None:
+        """The set is complete: remove the lock file if no other run is alive (it would still be waiting on it)."""
+        if self.fh is None:
+            return
+        self.begin_claim()
+        try:
+            if self._lock(self.fcntl.LOCK_EX, LIVE_BYTE):
+                self.path.unlink(missing_ok=True)
+        finally:
+            self.end_claim()
 
     def close(self) -> None:
         if self.fh is not None:
@@ -415,6 +561,35 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def claim(locks: list[FolderLock], fingerprint: str, prepare=None) -> None:
+    """Make this run one of the runs writing ``fingerprint`` into the folders of ``locks`` (the set and, with
+    ``--save-stage1``, its stage-1 tree), or refuse: while a run of another config is alive on one of them, this run
+    stops with one line, ``--overwrite`` included. ``prepare(lock, alone)`` is called for each folder while all the
+    claim locks are held (``alone``: no other run is alive there, so deleting our files of another config cannot pull
+    them from under a live run). Claim locks are taken in the order of the folders' paths, so two runs that share
+    two folders cannot wait on each other."""
+    ordered = sorted(locks, key=lambda lock: str(lock.path))
+    for lock in ordered:
+        lock.begin_claim()
+    try:
+        alone = {}
+        for lock in locks:
+            alone[id(lock)] = not lock.others_alive()
+            other = None if alone[id(lock)] else lock.recorded()
+            if other is not None and other != fingerprint:
+                raise UserError(f"{lock.root}: another cao2-fast run is writing a distilled set of a different config "
+                                f"there (fingerprint {other}, this run {fingerprint}); wait for it to finish, or choose "
+                                "another --out (--overwrite does not replace a set while its run is alive)")
+        if prepare is not None:
+            for lock in locks:
+                prepare(lock, alone[id(lock)])
+        for lock in locks:
+            lock.go_live(fingerprint)
+    finally:
+        for lock in ordered:
+            lock.end_claim()
 
 
 SHEET_CLASSES = 25  # a sheet of 1000 classes would be too tall to look at; the first ones stand for the set

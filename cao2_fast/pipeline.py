@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -22,14 +24,15 @@ import numpy as np
 import torch
 
 from . import numerics, output, stage1, stage2
-from .config import NOISE_BANK_SIZE, DistillConfig, build_config
+from .config import NOISE_BANK_SIZE, DistillConfig, build_config, check_class_ids
 from .diffusion import Diffusion, guided_steps
 from .errors import UserError
+from .fileio import overlaps
 from .identity import weights_id
 from .models.classifier import Classifier, load_classifier, parse_spec
 from .models.dit import DiT, fast_kernels, load_dit
 from .models.vae import VAE, load_vae
-from .progress import Plan, Progress, as_progress
+from .progress import Plan, Progress, as_progress, clock_text
 
 LOCK_POLL_S = 0.5  # how often a run waiting for another run's classes looks again
 
@@ -86,6 +89,8 @@ class ClassOutput:
     records: per image, the fields of ``manifest.json`` (candidate index, p(class) before/after, losses, status…)
         except the file name and checksum, which only exist on disk.
     failure: None, or why the class could not be distilled (then the image fields are None).
+
+    :meth:`as_item` gives the same as a dict that a ``DataLoader`` can collate.
     """
 
     class_id: int
@@ -95,6 +100,44 @@ class ClassOutput:
     stage1_images: torch.Tensor | None
     records: list[dict]
     failure: str | None = None
+
+    # Record fields by type: a column keeps its dtype whichever values one class happens to have.
+    _INT_FIELDS = ("class_id", "candidate_index", "stage2_steps", "stage1_nonfinite_candidates", "noise_bank_index")
+    _FLOAT_FIELDS = ("prob_before", "prob_after", "loss_first", "loss_last", "stage1_candidate_accuracy")
+
+    def as_item(self) -> dict:
+        """This class as one training item: tensors, ints and strings only, no ``None`` anywhere, so torch's
+        ``default_collate`` (a ``DataLoader`` at any ``batch_size``, ``accelerate``) takes it::
+
+            {"images": float32 (IPC, 3, H, W) in [-1, 1], "labels": int64 (IPC,) (the class id of each image),
+             "images_uint8": uint8 (IPC, H, W, 3), "stage1_images": float32 (IPC, 3, H, W),
+             "class_id": int, "class_name": str, "records": {field: column of IPC values}}
+
+        The images come first: tools that read the batch size off the first tensor (``accelerate``) then see IPC.
+
+        A record column is an int64 tensor for whole numbers (-1 where there is none: ``noise_bank_index`` when
+        the recipe draws no noise bank), a float64 tensor for measurements (NaN where unknown: a loss that was
+        not finite) and a list of str for text (``stage2_status``). A failed class has no images, so it is no
+        item: one ``UserError`` naming the class and why."""
+        if self.failure is not None or self.images is None:
+            why = (self.failure or "no images").splitlines()[0]
+            raise UserError(f"class {self.class_id} ({self.class_name}) cannot be a training item, it failed: {why}")
+        columns: dict = {}
+        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        for k in keys:
+            values = [r.get(k) for r in self.records]
+            known = [v for v in values if v is not None]
+            if k in self._INT_FIELDS or known and all(isinstance(v, int) and not isinstance(v, bool) for v in known):
+                columns[k] = torch.tensor([-1 if v is None else int(v) for v in values], dtype=torch.int64)
+            elif k in self._FLOAT_FIELDS or known and all(isinstance(v, (int, float)) for v in known):
+                columns[k] = torch.tensor([float("nan") if v is None else float(v) for v in values],
+                                          dtype=torch.float64)
+            else:
+                columns[k] = ["" if v is None else v if isinstance(v, str) else json.dumps(v) for v in values]
+        labels = torch.full((len(self.images),), int(self.class_id), dtype=torch.int64)
+        return {"images": self.images, "labels": labels,
+                "images_uint8": self.images_uint8, "stage1_images": self.stage1_images,
+                "class_id": int(self.class_id), "class_name": str(self.class_name), "records": columns}
 
 
 class Distiller:
@@ -106,15 +149,15 @@ class Distiller:
     the sigmoid-form GELU and written-out attention; the same maths to float rounding).
     """
 
-    def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "cpu",
+    def __init__(self, dit: DiT, vae: VAE, classifier: Classifier, config: DistillConfig, device: str = "auto",
                  progress: bool | Progress = False):
         self.dit, self.vae, self.classifier, self.config = dit, vae, classifier, config
         self.device = _check_device(device)
         self.dtype = DTYPES[config.dtype]
         self.progress = progress
         self.log: Callable[[str], None] = _log.info  # notes (a halved stage-2 batch, a waiting run); run(log=) sets it
-        self.engines = {"stage1": "eager", "stage2": "eager"}  # recorded in each class marker (use_engines sets it)
         self.stage1_out: Path | None = None  # where ``run`` also writes the stage-1 picks, if asked
+        self.engine_dir: Path | None = None  # the engine cache stage 1 uses, if its engines have files (use_engines)
         self.last_run: dict = {}  # what the last ``run`` did in this process (see ``run``)
         self.diffusion = Diffusion.create(respacing=config.sample_steps)
         self.latent_shape = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
@@ -125,17 +168,19 @@ class Distiller:
         self.stage1_decode: Callable = vae.decode
         self.stage1_classify: Callable = classifier
         self._target_index = self._classifier_targets()
+        self._check_fits()
         self.to(device)  # ready on the device it names, in the config's dtype
 
     # -- construction --------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str = "digits", ipc: int = 10, recipe: str = "official", device: str = "cpu",
+    def from_preset(cls, name: str = "digits", ipc: int = 10, recipe: str = "official", device: str = "auto",
                     progress: bool = False, class_ids: list[int] | None = None, **overrides) -> "Distiller":
         """The embedded digits preset (SPEC §6)."""
         meta = read_preset(name)
         names = meta["class_names"]
-        ids = list(range(len(names))) if class_ids is None else list(class_ids)
+        _check_ipc(ipc)
+        ids = list(range(len(names))) if class_ids is None else check_class_ids(class_ids)
         bad = [c for c in ids if not 0 <= c < len(names)]
         if bad:
             raise UserError(f"class id {bad[0]} is not in the {name} preset (valid: 0..{len(names) - 1})")
@@ -159,9 +204,11 @@ class Distiller:
 
     @classmethod
     def from_paths(cls, dit: str | Path, vae: str | Path, classifier: str, dataset: str = "imagenet-1k", ipc: int = 10,
-                   recipe: str = "official", class_ids: list[int] | None = None, device: str = "cpu",
+                   recipe: str = "official", class_ids: list[int] | None = None, device: str = "auto",
                    progress: bool = False, classifier_input_size: int = 224, **overrides) -> "Distiller":
         """Real checkpoints on disk: an original/diffusers DiT, a diffusers VAE dir, a timm ``name[:ckpt]``."""
+        _check_ipc(ipc)
+        class_ids = None if class_ids is None else check_class_ids(class_ids)
         dit_m = load_dit(dit)
         vae_m = load_vae(vae)
         name, ckpt = parse_spec(classifier)
@@ -190,6 +237,25 @@ class Distiller:
         self.classifier.to(self.device, self.dtype)
         return self
 
+    def stage1_group_bytes(self) -> int:
+        """Host memory one stage-1 group holds at once: every candidate's pre-drawn noise (initial and per step) and
+        its decoded image, in float32."""
+        cfg = self.config
+        n = cfg.classes_per_group * cfg.num_candidates
+        latent = math.prod(self.latent_shape)
+        image = 3 * latent // self.latent_shape[0] * self.vae.downsample ** 2
+        return 4 * n * ((cfg.sample_steps + 1) * latent + image)
+
+    def _check_fits(self) -> None:
+        """Refuse, before any work, a config whose stage-1 group cannot fit this machine's memory (an IPC or K
+        typed with too many digits), in one line instead of an allocation error minutes later."""
+        need, have = self.stage1_group_bytes(), _host_memory()
+        if have and need > have:
+            cfg = self.config
+            raise UserError(f"--ipc {cfg.ipc} with --k {cfg.k}: one class's {cfg.num_candidates} stage-1 candidates "
+                            f"need about {need / 1e9:.3g} GB of host memory (their pre-drawn noise and decoded "
+                            f"images), more than this machine's {have / 1e9:.3g} GB; lower --ipc or --k")
+
     def _classifier_targets(self) -> dict[int, int]:
         n = self.classifier.num_classes
         ids = self.config.class_ids
@@ -200,25 +266,40 @@ class Distiller:
         raise UserError(f"the classifier has {n} classes, but the DiT has {self.dit.num_classes} and the class list "
                         f"{len(ids)}: its head must match one of them")
 
+    @property
+    def engines(self) -> dict:
+        """The engines of the two stages, as the config records them (see :meth:`use_engines`)."""
+        return {"stage1": self.config.engine, "stage2": self.config.stage2_engine}
+
     def _dit_call(self, x, t, y, drop=None):
         return self.dit(x, t, y, drop)
 
     def use_engines(self, engine: str = "eager", stage2: str | None = None, cache_dir: str | Path | None = None,
-                    settings=None) -> dict:
+                    settings=None, build: bool = True) -> dict:
         """Run the stage-1 models on ``engine`` (eager, compile, onnx, trt; built or loaded from the engine cache in
         ``cache_dir``) and the stage-2 DiT on ``stage2`` (eager or compile: it needs gradients; default compile on
-        CUDA, eager on CPU). Call after :meth:`to`. Returns the engines by model name, plus ``"stage2"``."""
-        from .engines import check_engines, stage1_engines, stage2_engine
+        CUDA, eager on CPU). Call after :meth:`to`. Returns the engines by model name, plus ``"stage2"``.
+
+        ``build=False`` never exports or builds an engine: one missing from the cache is a ``UserError`` (for
+        machines that must only load what ``cao2-fast export`` made). The engines enter the config (``engine``,
+        ``stage2_engine``) and so its fingerprint, unless both are eager: another engine can round a pixel
+        differently, and one set is made by one engine's bytes."""
+        from .config import with_overrides
+        from .engines import EngineCache, check_engines, stage1_engines, stage2_engine
 
         cfg = self.config
         check_engines(engine, stage2, self.device, cfg.dtype)
         built = stage1_engines(engine, self.dit, self.vae, self.classifier, self.device, cfg.dtype,
                                dit_batch=cfg.stage1_batch * (1 if cfg.guidance_scale == 1.0 else 2),
-                               decode_batch=cfg.decode_batch, cache_dir=cache_dir, settings=settings)
+                               decode_batch=cfg.decode_batch, cache_dir=cache_dir, settings=settings, build=build)
         built["stage2"] = stage2_engine(stage2, self.dit, self.device, cfg.dtype, settings)
         self.stage1_dit, self.stage1_decode, self.stage1_classify = built["dit"], built["vae_decode"], built["classifier"]
+        self.engine_dir = EngineCache(cache_dir).root if any(e.artefact for e in built.values()) else None
         self._dit_call = built["stage2"]
-        self.engines = {"stage1": engine, "stage2": built["stage2"].backend.name}
+        self.config = with_overrides(cfg, engine=engine, stage2_engine=built["stage2"].backend.name)
+        _log.info("engines: stage 1 %s, stage 2 %s (%s)", engine, self.engines["stage2"],
+                  ", ".join(f"{k} {'cache hit' if e.cache_hit else 'built'}" for k, e in built.items()
+                            if e.cache_hit is not None) or "nothing to build")
         return built
 
     # -- the stages on tensors -------------------------------------------------------------------------------------
@@ -240,8 +321,9 @@ class Distiller:
         indices, their stage-1 images and probabilities, and the candidates' accuracy. With early rejection
         (``early_reject_step``) only the candidates that survive the check finish sampling, and the accuracy and
         the selection are over those survivors."""
+        self._check_classes(class_ids)
         with self._numerics():
-            return self._stage1(class_ids, bar)
+            return self._stage1(list(class_ids), bar)
 
     def _stage1(self, class_ids: list[int], bar=None) -> dict[int, dict]:
         cfg = self.config
@@ -389,11 +471,23 @@ class Distiller:
                                      ("latents", "loss_first", "loss_last", "steps_done", "finite")))
 
     def distill(self, class_ids: list[int] | None = None, bars=None) -> list[ClassResult]:
-        """Both stages for ``class_ids`` (default: the config's), in memory."""
+        """Both stages for ``class_ids`` (default: the config's), in memory. Progress goes to the Distiller's
+        ``progress`` (``bars`` are a caller's own callbacks, as ``run`` and ``stream`` pass them)."""
         cfg = self.config
+        self._check_classes(class_ids)
         class_ids = list(cfg.class_ids if class_ids is None else class_ids)
+        if bars is None:
+            wanted = set(class_ids)
+            bars = self._bars(self._plan([[c for c in g if c in wanted] for g in self.groups()]))
+            try:
+                results = self.distill(class_ids, bars)
+                if "classes" in bars:
+                    bars["classes"].update(len(class_ids))
+                return results
+            finally:
+                for b in bars.values():
+                    b.close()
         class_order = list(class_ids)
-        bars = bars or {}
         s1 = {}
         for g in self.groups():  # stage-1 batches never straddle a group, however many groups are asked for
             part = [c for c in g if c in set(class_ids)]
@@ -447,25 +541,37 @@ class Distiller:
         block. A class that fails (see ``run``) is yielded with ``failure`` set and no images,
         and logged; the others go on. Nothing is written to disk."""
         wanted = self._check_classes(class_ids)
-        for block in self.blocks():
-            if not wanted.intersection(block):
+        blocks = [b for b in self.blocks() if wanted.intersection(b)]
+        plan = self._plan([g for g in self.groups() if any(set(g) <= set(b) for b in blocks)])
+        bars, clock = self._bars(plan), _BlockClock(plan.todo)
+        try:
+            for block in blocks:
+                yield from self._stream_block(block, wanted, bars)
+                clock.done(block, self.config)
+                if "classes" in bars:
+                    bars["classes"].update(len(block))
+        finally:
+            for b in bars.values():
+                b.close()
+
+    def _stream_block(self, block: list[int], wanted: set[int], bars: dict) -> Iterator[ClassOutput]:
+        for r in self.distill(block, bars):
+            if r.class_id not in wanted:
                 continue
-            for r in self.distill(block):
-                if r.class_id not in wanted:
-                    continue
-                if r.failure is not None:
-                    _log.warning("class %s (%s) failed: %s", r.class_id, r.class_name, r.failure)
-                    yield ClassOutput(r.class_id, r.class_name, None, None, None, r.records, r.failure)
-                    continue
-                for rec in r.records:
-                    rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
-                yield ClassOutput(r.class_id, r.class_name, torch.from_numpy(output.to_uint8(r.images)),
-                                  r.images.clamp(-1, 1), r.stage1_images.clamp(-1, 1), r.records)
+            if r.failure is not None:
+                _log.warning("class %s (%s) failed: %s", r.class_id, r.class_name, r.failure)
+                yield ClassOutput(r.class_id, r.class_name, None, None, None, r.records, r.failure)
+                continue
+            for rec in r.records:
+                rec["stage1_candidate_accuracy"] = round(r.candidate_accuracy, 6)
+            yield ClassOutput(r.class_id, r.class_name, torch.from_numpy(output.to_uint8(r.images)),
+                              r.images.clamp(-1, 1), r.stage1_images.clamp(-1, 1), r.records)
 
     def _check_classes(self, class_ids) -> set[int]:
         cfg = self.config
         if class_ids is None:
             return set(cfg.class_ids)
+        class_ids = check_class_ids(class_ids)
         unknown = [c for c in class_ids if c not in set(cfg.class_ids)]
         if unknown:
             shown = ", ".join(map(str, cfg.class_ids[:10])) + (", …" if len(cfg.class_ids) > 10 else "")
@@ -510,13 +616,7 @@ class Distiller:
         there, with the same staging, checksums and resume; it must lie outside ``out`` (and ``out`` outside it),
         and a class counts as complete only when both trees hold it.
         """
-        out = Path(out)
-        self.stage1_out = None if stage1_out is None else Path(stage1_out)
-        if self.stage1_out is not None:
-            a, b = out.absolute(), self.stage1_out.absolute()
-            if a == b or a in b.parents or b in a.parents:
-                raise UserError(f"{self.stage1_out}: the stage-1 folder must lie beside --out {out}, not inside it "
-                                "(or around it): the main root holds only the distilled class folders")
+        out, self.stage1_out = self._check_paths(out, stage1_out)
         try:
             return self._run(out, overwrite, rank, world_size, barrier, log)
         except BaseException as e:
@@ -524,50 +624,78 @@ class Distiller:
                 barrier.fail(f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e))
             raise
 
+    def _check_paths(self, out, stage1_out) -> tuple[Path, Path | None]:
+        out = output.check_out_path(out, "--out")
+        stage1_out = None if stage1_out is None else output.check_out_path(stage1_out, "--stage1-out")
+        if stage1_out is not None and overlaps(out, stage1_out):
+            raise UserError(f"{stage1_out}: the stage-1 folder must lie beside --out {out}, not inside it (or around "
+                            "it, or be it under another name): the main root holds only the distilled class folders")
+        if self.engine_dir is not None:
+            for root in [out, stage1_out]:
+                if root is not None and overlaps(self.engine_dir, root):
+                    raise UserError(f"{self.engine_dir}: the engine cache must lie outside the output folder {root} "
+                                    "(engine files are not part of a distilled set); pass another --engine-dir")
+        return out, stage1_out
+
+    def check_folders(self, out: str | Path, overwrite: bool = False, stage1_out: str | Path | None = None,
+                      engine: str | None = None, stage2_engine: str | None = None) -> None:
+        """Raise the refusal :meth:`run` would raise for these folders, writing nothing, for a config that runs on
+        ``engine``/``stage2_engine`` (default: the current ones): a caller checks before it spends minutes building
+        engines for a folder that is then refused."""
+        from .config import with_overrides
+
+        out, stage1_out = self._check_paths(out, stage1_out)
+        cfg = with_overrides(self.config, engine=engine or self.config.engine,
+                             stage2_engine=stage2_engine or self.config.stage2_engine)
+        for root in [out] if stage1_out is None else [out, stage1_out]:
+            output.check_output_dir(root, cfg.fingerprint(), cfg.class_names, cfg.ipc, overwrite, act=False,
+                                    engines={"stage1": cfg.engine, "stage2": cfg.stage2_engine})
+
     def _run(self, out: Path, overwrite: bool, rank: int, world_size: int, barrier, log) -> dict | None:
         cfg = self.config
         fp = cfg.fingerprint()
         if log is not None:
             self.log = log
-        if rank == 0:
-            for act in (False, True):  # every refusal before any deletion, in either tree
-                for root in self._roots(out):
-                    output.check_output_dir(root, fp, cfg.class_names, cfg.ipc, overwrite, act=act)
-            for root in self._roots(out):
-                root.mkdir(parents=True, exist_ok=True)
-        if barrier is not None:
-            barrier()
+        roots = self._roots(out)
+
+        def prepare(lock: output.FolderLock, alone: bool) -> None:
+            # under the folders' claim: refusals again (the folder may have changed since the first check), and
+            # --overwrite's deletions only while no other run is alive there
+            output.check_output_dir(lock.root, fp, cfg.class_names, cfg.ipc, overwrite, act=alone,
+                                    engines=self.engines)
+
+        with contextlib.ExitStack() as stack:
+            if rank == 0:
+                for root in roots:  # every refusal before anything is written or deleted, in either tree
+                    output.check_output_dir(root, fp, cfg.class_names, cfg.ipc, overwrite, act=False,
+                                            engines=self.engines)
+                for root in roots:
+                    root.mkdir(parents=True, exist_ok=True)
+                locks = [stack.enter_context(output.FolderLock(root, cfg.class_names)) for root in roots]
+                output.claim(locks, fp, prepare)
+            if barrier is not None:
+                barrier()
+            if rank != 0:  # rank 0 holds the claim: the other ranks join it
+                locks = [stack.enter_context(output.FolderLock(root, cfg.class_names)) for root in roots]
+                output.claim(locks, fp)
+            return self._work(out, locks, rank, world_size, barrier)
+
+    def _work(self, out: Path, locks: list, rank: int, world_size: int, barrier) -> dict | None:
+        """This rank's share of the blocks, each under its classes' locks, then (rank 0) the merge."""
+        cfg = self.config
+        fp = cfg.fingerprint()
         names = dict(zip(cfg.class_ids, cfg.class_names))
+        complete = {c for c in cfg.class_ids if self._complete(out, [c])}  # read once: checksums every image
         mine = [b for i, b in enumerate(self.blocks()) if i % world_size == rank]
-        todo = [g for g in mine if not self._complete(out, g)]
+        todo = [b for b in mine if not complete.issuperset(b)]
         self.last_run = {"distilled": 0, "already_complete": sum(map(len, mine)) - sum(map(len, todo))}
         failed: dict[int, str] = {}
         t0 = time.perf_counter()
-        bars = self._bars(out, fp, names, [g for g in self.groups() if any(set(g) <= set(b) for b in todo)])
+        plan = self._plan([g for g in self.groups() if any(set(g) <= set(b) for b in todo)], len(complete), rank,
+                          world_size, job_todo=len(cfg.class_ids) - len(complete))
+        bars = self._bars(plan, out)
         try:
-            with output.FolderLock(out, cfg.class_names) as lock:
-                pending, said = list(todo), False
-                while pending:
-                    progressed = False
-                    for group in list(pending):
-                        group_names = [names[c] for c in group]
-                        if not lock.try_acquire(group_names):
-                            continue
-                        try:
-                            pending.remove(group)
-                            progressed = True
-                            if self._complete(out, group):  # finished meanwhile by another run on this folder
-                                self.last_run["already_complete"] += len(group)
-                                continue
-                            self._write_group(out, group, fp, bars, failed)
-                        finally:
-                            lock.release(group_names)
-                    if pending and not progressed:
-                        if not said and self.log:
-                            busy = ", ".join(names[c] for g in pending for c in g)
-                            self.log(f"another cao2-fast run is working on classes {busy} in {out}; waiting for it")
-                            said = True
-                        time.sleep(LOCK_POLL_S)
+            self._take_blocks(out, locks[0], todo, fp, bars, failed)
         finally:
             for b in bars.values():
                 b.close()
@@ -583,7 +711,38 @@ class Distiller:
                             + "; the other classes are written, re-run the same command after fixing it")
         if rank != 0:
             return None
-        return self.merge(out)
+        manifest = self.merge(out)
+        for lock in locks:
+            lock.retire()  # the set is complete: nothing left to share
+        return manifest
+
+    def _take_blocks(self, out: Path, lock, todo: list[list[int]], fp: str, bars: dict, failed: dict) -> None:
+        """Distill and write each block of ``todo`` under its classes' locks: a block another run on this folder
+        holds is left for later (and skipped if that run completes it), so two runs of one config share the work."""
+        names = dict(zip(self.config.class_ids, self.config.class_names))
+        pending, said, clock = list(todo), False, _BlockClock(sum(map(len, todo)))
+        while pending:
+            progressed = False
+            for block in list(pending):
+                block_names = [names[c] for c in block]
+                if not lock.try_acquire(block_names):
+                    continue
+                try:
+                    pending.remove(block)
+                    progressed = True
+                    if self._complete(out, block):  # finished meanwhile by another run on this folder
+                        self.last_run["already_complete"] += len(block)
+                        continue
+                    self._write_group(out, block, fp, bars, failed)
+                    clock.done(block, self.config)
+                finally:
+                    lock.release(block_names)
+            if pending and not progressed:
+                if not said and self.log:
+                    busy = ", ".join(names[c] for b in pending for c in b)
+                    self.log(f"another cao2-fast run is working on classes {busy} in {out}; waiting for it")
+                    said = True
+                time.sleep(LOCK_POLL_S)
 
     def _roots(self, out: Path) -> list[Path]:
         """The folders a run writes: ``out``, and the stage-1 tree when asked for."""
@@ -592,8 +751,12 @@ class Distiller:
     def _complete(self, out: Path, group: list[int]) -> bool:
         cfg = self.config
         names = dict(zip(cfg.class_ids, cfg.class_names))
-        return all(output.read_complete(root, names[c], cfg.fingerprint(), cfg.ipc) is not None
-                   for root in self._roots(out) for c in group)
+        return all(output.read_complete(root, names[c], cfg.fingerprint(), cfg.ipc, self._fields(root, out))
+                   is not None for root in self._roots(out) for c in group)
+
+    def _fields(self, root: Path, out: Path) -> dict:
+        """The per-image record fields a class marker in ``root`` must hold (a stage-1 tree records the picks only)."""
+        return output.IMAGE_FIELDS if root == out else output.PICK_FIELDS
 
     def _write_group(self, out: Path, group: list[int], fp: str, bars: dict, failed: dict[int, str]) -> None:
         for r in self.distill(group, bars):
@@ -612,7 +775,7 @@ class Distiller:
                 writes.insert(0, (self.stage1_out, stage1_images, picks))
             wrote = False
             for root, images, records in writes:
-                if output.read_complete(root, r.class_name, fp, self.config.ipc) is not None:
+                if output.read_complete(root, r.class_name, fp, self.config.ipc, self._fields(root, out)) is not None:
                     continue  # complete already; it shared its group's batches with a class that was not
                 wrote = True
                 try:
@@ -637,7 +800,7 @@ class Distiller:
             for root, into in ((out, parts), (stage1_out, stage1_parts)):
                 if root is None:
                     continue
-                part = output.read_complete(root, name, fp, cfg.ipc)
+                part = output.read_complete(root, name, fp, cfg.ipc, self._fields(root, out))
                 if part is None:
                     raise UserError(f"{root / name}: class {c} is not complete; re-run the same command to finish it")
                 into.append(part)
@@ -666,30 +829,54 @@ class Distiller:
                     stage1_parts)
             manifest = output.write_manifest(out, header, parts)
             output.contact_sheet(parts, out)
-            (out / output.LOCK_FILE).unlink(missing_ok=True)  # the set is complete: nothing left to share
         except OSError as e:
             raise UserError(f"{out}: cannot write the manifest ({e.strerror or e}); all classes are complete, "
                             "re-run the same command to merge") from None
         return manifest
 
-    def _bars(self, out: Path, fp: str, names: dict, todo: list[list[int]]) -> dict:
-        """The run's progress callbacks, reporting to ``self.progress`` (see :mod:`cao2_fast.progress`), which is
-        told the plan first; empty when progress is off."""
-        reporter = as_progress(self.progress)
-        if reporter is None:
-            return {}
+    def _plan(self, todo: list[list[int]], done: int = 0, rank: int = 0, world: int = 1,
+              job_todo: int | None = None) -> Plan:
+        """What a call is about to do: ``todo`` lists the classes it samples, as stage 1 batches them (per group);
+        ``done`` classes of the job are complete already; a rank of a sharded run also names the job's share."""
         cfg = self.config
-        done = sum(output.read_complete(out, n, fp, cfg.ipc) is not None for n in cfg.class_names)
+        todo = [g for g in todo if g]
         n_todo = sum(map(len, todo))
         flop = self.dit.cfg.flops_per_forward() * (n_todo * self.stage1_forwards()
                                                    + n_todo * cfg.ipc * cfg.stage2_steps * 2)
-        reporter.start(Plan(classes=len(cfg.class_ids), already_complete=done, todo=n_todo,
-                            candidates=n_todo * cfg.num_candidates, sample_steps=cfg.sample_steps,
-                            batch_steps=_batch_steps(todo, cfg), latents=n_todo * cfg.ipc,
-                            latent_steps=cfg.stage2_steps * cfg.ipc * n_todo, engines=dict(self.engines),
-                            dit_tflop=flop / 1e12))
-        return {"classes": _ClassBar(reporter, "classes", out, done), "stage1": _Bar(reporter, "stage1"),
-                "stage2": _Bar(reporter, "stage2")}
+        return Plan(classes=len(cfg.class_ids), already_complete=done, todo=n_todo,
+                    candidates=n_todo * cfg.num_candidates, sample_steps=cfg.sample_steps,
+                    batch_steps=_batch_steps(todo, cfg), latents=n_todo * cfg.ipc,
+                    latent_steps=cfg.stage2_steps * cfg.ipc * n_todo, engines=dict(self.engines),
+                    dit_tflop=flop / 1e12, rank=rank, world=world, job_todo=n_todo if job_todo is None else job_todo)
+
+    def _bars(self, plan: Plan, out: Path | None = None) -> dict:
+        """The progress callbacks of one call, reporting to ``self.progress`` (see :mod:`cao2_fast.progress`), which
+        is told ``plan`` first; empty when progress is off. The plan is also logged (INFO, logger ``cao2_fast``).
+        With ``out``, the class count is read from the classes complete there (all ranks' work)."""
+        _log.info("%s", plan.describe())
+        reporter = as_progress(self.progress)
+        if reporter is None:
+            return {}
+        reporter.start(plan)
+        return {"classes": _ClassBar(reporter, "classes", out, plan.already_complete),
+                "stage1": _Bar(reporter, "stage1"), "stage2": _Bar(reporter, "stage2")}
+
+
+class _BlockClock:
+    """Logs (INFO) each block as it is done, with the rate so far and the time left for ``total`` classes."""
+
+    def __init__(self, total: int):
+        self.total, self.done_classes, self.blocks, self.t0 = total, 0, 0, time.perf_counter()
+
+    def done(self, block: list[int], cfg: DistillConfig) -> None:
+        self.blocks += 1
+        self.done_classes += len(block)
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done_classes * cfg.ipc / max(elapsed, 1e-9)
+        left = (self.total - self.done_classes) * cfg.ipc / rate if rate > 0 else None
+        _log.info("block %d done (classes %s): %d/%d classes in %s, %.3g images/s, ETA %s", self.blocks,
+                  ", ".join(map(str, block)), self.done_classes, self.total, clock_text(elapsed), rate,
+                  clock_text(max(left, 0.0)) if left is not None else "?")
 
 
 class _Bar:
@@ -730,19 +917,38 @@ class _Ticks:
 class _ClassBar(_Bar):
     """Counts complete classes on disk, so rank 0 reports the progress of all ranks; closing it ends the report."""
 
-    def __init__(self, reporter: Progress, stage: str, out: Path, done: int):
+    def __init__(self, reporter: Progress, stage: str, out: Path | None, done: int):
         super().__init__(reporter, stage)
         self.out, self.n = out, done
 
     def update(self, n):
-        self.n = max(self.n + n, len(list(self.out.glob(f"*/{output.MARKER}"))))
+        on_disk = len(list(self.out.glob(f"*/{output.MARKER}"))) if self.out is not None else 0
+        self.n = max(self.n + n, on_disk)
         self.reporter.classes_done(self.n)
 
     def close(self):
         self.reporter.close()
 
 
+def _host_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_ipc(ipc) -> None:
+    if isinstance(ipc, bool) or not isinstance(ipc, int):
+        raise UserError(f"--ipc must be a whole number (got {ipc!r})")
+    if ipc < 1:
+        raise UserError(f"--ipc must be at least 1 (got {ipc})")
+
+
 def _check_device(device) -> torch.device:
+    """``device`` as a torch device that is there; ``auto`` picks CUDA when present (as the CLI's default does)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

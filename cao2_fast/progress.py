@@ -30,10 +30,18 @@ class Plan:
     latents: int  # stage-2 latents (todo × IPC)
     latent_steps: int  # stage-2 ticks: latents × Adam steps
     engines: dict = field(default_factory=dict)
-    dit_tflop: float | None = None  # DiT work of both stages (SPEC §5 count)
+    dit_tflop: float | None = None  # DiT work of both stages (this process's share)
+    rank: int = 0  # this process in a class-sharded run ...
+    world: int = 1  # ... of this many processes
+    job_todo: int | None = None  # classes the whole job (all ranks) has left to distill
 
     def describe(self) -> str:
-        head = f"{self.todo} of {self.classes} classes to distill"
+        if self.world > 1:
+            left = self.todo if self.job_todo is None else self.job_todo
+            head = (f"{left} of {self.classes} classes to distill over {self.world} ranks, {self.todo} of them on "
+                    f"rank {self.rank}")
+        else:
+            head = f"{self.todo} of {self.classes} classes to distill"
         if self.already_complete:
             head += f" ({self.already_complete} already complete)"
         engines = ", ".join(f"{k} {v}" for k, v in self.engines.items())
@@ -113,7 +121,11 @@ def clock_text(seconds: float | None) -> str:
 
 class LogLines(_Tracker):
     """A few plain lines for logs: the plan, an estimate once the first DiT batch is through, then one line every
-    ``every`` seconds (stage, classes done, work done, rate, time left), and a last line at the end."""
+    ``every`` seconds (stage, classes done, work done, rate, time left), and a last line at the end.
+
+    Not a tqdm bar on purpose: tqdm redraws one line with carriage returns, which a log file (CI, Slurm, ``2> log``)
+    keeps as thousands of fragments; these are whole lines, and their time left weighs both stages by their DiT
+    work, which a bar over one counter cannot."""
 
     def __init__(self, write: Callable[[str], None] | None = None, every: float = 30.0,
                  clock: Callable[[], float] = time.monotonic):

@@ -117,15 +117,18 @@ def test_entry_point_runs_as_a_module():
     assert proc.returncode == 0 and "Examples" in proc.stdout and "--recipe" in proc.stdout
 
 
-def test_rerun_into_a_complete_folder_says_nothing_was_done_and_the_manifest_names_the_engines(ckpts, tmp_path,
+def test_rerun_into_a_complete_folder_says_nothing_was_done_and_another_engine_is_another_set(ckpts, tmp_path,
                                                                                              capsys):
     out = tmp_path / "o"
     code, stdout, _ = run_cli(real_args(ckpts, out, "--classes", "1,3", "--ipc", "1"), capsys)
     assert code == 0 and "wrote 2 images of 2 classes" in stdout
     before = (out / "manifest.json").read_bytes()
-    code, stdout, _ = run_cli(real_args(ckpts, out, "--classes", "1,3", "--ipc", "1", "--engine", "compile"), capsys)
+    code, stdout, _ = run_cli(real_args(ckpts, out, "--classes", "1,3", "--ipc", "1"), capsys)
     assert code == 0 and "2 classes already complete" in stdout and "nothing to do" in stdout
     assert "wrote" not in stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["engines"] == [{"stage1": "eager", "stage2": "eager"}]  # what made the classes, not this run
+    assert manifest["engines"] == [{"stage1": "eager", "stage2": "eager"}]
+    # an engine rounds its own way: a folder made by another one is another config's, not one to add classes to
+    code, stdout, err = run_cli(real_args(ckpts, out, "--classes", "1,3", "--ipc", "1", "--engine", "compile"), capsys)
+    assert code == 2 and "made with engines stage 1 eager, stage 2 eager, this run uses compile, eager" in err
     assert (out / "manifest.json").read_bytes() == before

@@ -29,7 +29,7 @@ def quick_preset(tmp_path_factory):
 def test_quick_run_writes_every_file_and_no_temporaries(quick_preset):
     out, meta = quick_preset
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["classifier.safetensors", "dit.safetensors", "preset.json", "vae"]
+    assert names == [".cao2-preset", "classifier.safetensors", "dit.safetensors", "preset.json", "vae"]
     assert sorted(p.name for p in (out / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     on_disk = json.loads((out / "preset.json").read_text())
     assert on_disk == json.loads(json.dumps(meta))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from enum import Enum
@@ -12,7 +13,8 @@ from typing import Annotated
 import typer
 
 from .. import distributed
-from ..errors import UserError
+from ..errors import UserError, require_file
+from ..fileio import overlaps
 from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, make_progress,
                      parse_counts, resolve_device, set_threads)
 from .main import app
@@ -24,6 +26,11 @@ class Dataset(str, Enum):
     imagenette = "imagenette"
     imagewoof = "imagewoof"
     imagenet_100 = "imagenet-100"
+
+
+class EngineBuild(str, Enum):
+    auto = "auto"
+    never = "never"
 
 
 class SelectionRule(str, Enum):
@@ -67,9 +74,7 @@ def parse_classes(text: str) -> list[int]:
     """``1,2,5-9`` or ``@file`` (one id per line) -> class ids. Only ASCII digits count (no ``1_0``, no other
     scripts' digits), a range must not run backwards, and at most ``MAX_CLASS_IDS`` ids are built."""
     if text.startswith("@"):
-        path = Path(text[1:])
-        if not path.is_file():
-            raise UserError(f"{path}: no such class list file (expected one class id per line)")
+        path = require_file(text[1:], "a class list file, one class id per line")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
@@ -111,7 +116,7 @@ def distill(
     classes: Annotated[str | None, typer.Option(help="Your own class ids: '1,7,100-109' or '@file'.", rich_help_panel=MODELS)] = None,
     dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
     vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
-    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
+    classifier: Annotated[str | None, typer.Option(help="timm NAME:CHECKPOINT (local weights, e.g. resnet18:resnet18.pth), a pretrained NAME (resnet18.tv_in1k, hf-hub:timm/..., from the Hugging Face cache) or random:NAME (random weights, for tests).", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
     ipc: Annotated[int, typer.Option(help="Images per class.", rich_help_panel=RECIPE)] = 10,
     recipe: Annotated[RecipeName, typer.Option(help="official: the released code's behaviour; consistent: its quirks fixed.", rich_help_panel=RECIPE)] = RecipeName.official,
     seed: Annotated[int, typer.Option("--seed", help="Master seed; a class's randomness depends on (seed, class id) only.", rich_help_panel=RECIPE)] = 0,
@@ -130,10 +135,10 @@ def distill(
     t_max: Annotated[int | None, typer.Option(help="Timesteps uniform over {1..t_max}.", show_default="11; imagenet-100 5", rich_help_panel=STAGE2)] = None,
     stage2_label: Annotated[Label | None, typer.Option(help="Condition: the true class or the null class.", show_default="official null, consistent true", rich_help_panel=STAGE2)] = None,
     stage2_batch: Annotated[int, typer.Option(help="Latents optimised together.", rich_help_panel=STAGE2)] = 64,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder.", show_default="cao2-out/DATASET-ipcIPC, plus -consistent for that recipe", rich_help_panel=OUTPUT)] = None,
+    out: Annotated[str | None, typer.Option("--out", metavar="PATH", help="Output folder.", show_default="cao2-out/DATASET-ipcIPC, plus -consistent for that recipe", rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output folder made with a different config.", rich_help_panel=OUTPUT)] = False,
     save_stage1: Annotated[bool, typer.Option("--save-stage1", help="Also write the stage-1 picks (before stage 2) as their own ImageFolder tree beside --out (OUT-stage1, or --stage1-out).", rich_help_panel=OUTPUT)] = False,
-    stage1_out: Annotated[Path | None, typer.Option(help="Folder for --save-stage1's tree (implies --save-stage1).", show_default="OUT-stage1 beside OUT", rich_help_panel=OUTPUT)] = None,
+    stage1_out: Annotated[str | None, typer.Option(metavar="PATH", help="Folder for --save-stage1's tree (implies --save-stage1).", show_default="OUT-stage1 beside OUT", rich_help_panel=OUTPUT)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the config and the plan; write nothing.", rich_help_panel=OUTPUT)] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress report (also CAO2_FAST_NO_PROGRESS=1). Bars are drawn on a terminal only, otherwise a few log lines.", rich_help_panel=OUTPUT)] = False,
     device: Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.", rich_help_panel=RUNTIME)] = Device.auto,
@@ -142,24 +147,20 @@ def distill(
     stage2_engine: Annotated[Stage2EngineName | None, typer.Option("--stage2-engine", help="Stage-2 DiT engine (it needs gradients).", show_default="compile on CUDA, eager on CPU", rich_help_panel=RUNTIME)] = None,
     engine_dir: Annotated[Path | None, typer.Option("--engine-dir", help=f"Engine cache folder (default: {ENGINE_DIR_DEFAULT}).", rich_help_panel=RUNTIME)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is fastest for tiny models on a busy machine).", show_default="torch's", rich_help_panel=RUNTIME)] = None,
+    engine_build: Annotated[EngineBuild, typer.Option("--engine-build", help="auto: export/build a stage-1 engine missing from the engine cache; never: fail on a cache miss instead (offline clusters, engines exported ahead with `cao2-fast export`).", rich_help_panel=RUNTIME)] = EngineBuild.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result (folders, fingerprint, summary) as JSON on stdout; with --dry-run the plan is JSON anyway.", rich_help_panel=OUTPUT)] = False,
     rank_timeout: Annotated[float, typer.Option(help="Seconds a rank waits at a barrier for the others before it stops naming the missing ranks (torchrun).", rich_help_panel=RUNTIME)] = 1800.0,
 ) -> None:
     """Distill a dataset into IPC synthetic images per class (stage 1: sample + select, stage 2: optimise latents)."""
-    from ..engines import check_engines
-    from ..pipeline import Distiller
+    from .. import output
+    from ..engines import check_engines, default_stage2
 
-    if ipc < 1:
-        raise UserError(f"--ipc must be at least 1 (got {ipc})")
-    for name, value in (("--stage1-batch", stage1_batch), ("--stage2-batch", stage2_batch)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1 (got {value})")
-    if not rank_timeout > 0:
-        raise UserError(f"--rank-timeout must be positive (got {rank_timeout:g})")
     set_threads(threads)
     dev = resolve_device(device)
     check_engines(engine.value, stage2_engine.value if stage2_engine else None, dev, dtype.value)
-    state = distributed.join(dev)
-    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    out_given = output.check_out_path(out) if out is not None else None
+    s1_given = output.check_out_path(stage1_out, "--stage1-out") if stage1_out is not None else None
+    class_ids = parse_classes(classes) if classes is not None else None
     overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
                      sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
                      stage2_label=stage2_label.value if stage2_label else None, seed=seed, dtype=dtype.value,
@@ -167,10 +168,36 @@ def distill(
                      early_reject_step=parse_counts("--early-reject", early_reject),
                      early_reject_keep=parse_counts("--early-keep", early_keep),
                      guidance_interval=_interval(guidance_interval))
-    overrides = {k_: v for k_, v in overrides.items() if v is not None}
-    class_ids = parse_classes(classes) if classes else None
+    state = distributed.join(dev, rank_timeout)  # after every cheap check: bad input never waits on a rendezvous
+    rank, world = (state.rank, state.world) if state else (0, 1)
+    distiller = _distiller(dataset.value if dataset else None, dit, vae, classifier, class_ids, ipc, recipe.value,
+                           dev, make_progress(no_progress), {k_: v for k_, v in overrides.items() if v is not None})
+    out_dir, s1_dir = _folders(distiller.config, out_given, s1_given, save_stage1, engine.value, engine_dir)
+    if dry_run:
+        if rank == 0:
+            _print_plan(distiller, out_dir, rank, world)
+        return
+    if dev == "cpu":
+        from ..cpu import keep_freed_memory
+
+        keep_freed_memory()
+    stage2 = stage2_engine.value if stage2_engine else default_stage2(dev)
+    if rank == 0:  # a folder that would be refused is refused before any engine is built for it
+        distiller.check_folders(out_dir, overwrite, s1_dir, engine=engine.value, stage2_engine=stage2)
+    distiller.use_engines(engine.value, stage2, engine_dir, build=engine_build == EngineBuild.auto)
+    barrier = distributed.BoundedBarrier(rank_timeout) if state else None
+    manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
+                             stage1_out=s1_dir,
+                             log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
+    if manifest is not None:
+        _report(manifest, distiller, out_dir, s1_dir, world, as_json)
+
+
+def _distiller(ds, dit, vae, classifier, class_ids, ipc, recipe, dev, progress, overrides):
+    """The Distiller for the models given: real checkpoints (all three), or the digits preset."""
+    from ..pipeline import Distiller
+
     real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
-    ds = dataset.value if dataset else None
     if real:
         if len(real) < 3:
             missing = sorted({"--dit", "--vae", "--classifier"} - set(real))
@@ -179,43 +206,49 @@ def distill(
             raise UserError("--dataset digits uses the embedded preset models; drop --dit/--vae/--classifier or pick "
                             "an ImageNet dataset")
         ds = ds or ("custom" if class_ids else "imagenet-1k")
-        distiller = Distiller.from_paths(dit, vae, classifier, dataset=ds, ipc=ipc, recipe=recipe.value,
-                                         class_ids=class_ids, device=dev, progress=make_progress(no_progress),
-                                         **overrides)
-    else:
-        if ds not in (None, "digits"):
-            raise UserError(f"--dataset {ds} needs real checkpoints: --dit, --vae and --classifier")
-        distiller = Distiller.from_preset("digits", ipc=ipc, recipe=recipe.value, device=dev,
-                                          progress=make_progress(no_progress), class_ids=class_ids, **overrides)
-    cfg = distiller.config
-    suffix = "" if cfg.recipe.name == "official" else f"-{cfg.recipe.name}"
-    out_dir = out or Path("cao2-out") / f"{cfg.dataset}-ipc{cfg.ipc}{suffix}"
-    s1_dir = stage1_out or (out_dir.parent / f"{out_dir.name}-stage1" if save_stage1 else None)
-    if dry_run:
-        if rank == 0:
-            _print_plan(distiller, out_dir, world)
-        return
-    if dev == "cpu":
-        from ..cpu import keep_freed_memory
+        return Distiller.from_paths(dit, vae, classifier, dataset=ds, ipc=ipc, recipe=recipe, class_ids=class_ids,
+                                    device=dev, progress=progress, **overrides)
+    if ds not in (None, "digits"):
+        raise UserError(f"--dataset {ds} needs real checkpoints: --dit, --vae and --classifier")
+    return Distiller.from_preset("digits", ipc=ipc, recipe=recipe, device=dev, progress=progress,
+                                 class_ids=class_ids, **overrides)
 
-        keep_freed_memory()
-    distiller.to(dev)
-    distiller.use_engines(engine.value, stage2_engine.value if stage2_engine else None, engine_dir)
-    barrier = distributed.BoundedBarrier(rank_timeout) if state and world > 1 else None
-    manifest = distiller.run(out_dir, overwrite=overwrite, rank=rank, world_size=world, barrier=barrier,
-                             stage1_out=s1_dir,
-                             log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
-    if manifest is not None:
-        s = manifest["summary"]
-        done = distiller.last_run.get("distilled", 0)
-        if world == 1 and done == 0:
-            head = f"{s['classes']} classes already complete in {out_dir}, nothing to do"
-        else:
-            head = f"wrote {s['images']} images of {s['classes']} classes to {out_dir}"
-        print(f"{head} (stage-1 candidate accuracy {_fmt(s['stage1_candidate_accuracy'])}, "
-              f"p(class) {_fmt(s['mean_prob_before'])} -> {_fmt(s['mean_prob_after'])})")
-        if s1_dir is not None:
-            print(f"stage-1 picks (before stage 2) in {s1_dir}")
+
+def _folders(cfg, out: Path | None, stage1_out: Path | None, save_stage1: bool, engine: str,
+             engine_dir: Path | None) -> tuple[Path, Path | None]:
+    """The set's folder (named after the config unless given) and the stage-1 tree's, if asked for; the engine
+    cache, where stage 1 writes files, must lie outside both."""
+    from ..engines import EngineCache
+
+    suffix = "" if cfg.recipe.name == "official" else f"-{cfg.recipe.name}"
+    out = out if out is not None else Path("cao2-out") / f"{cfg.dataset}-ipc{cfg.ipc}{suffix}"
+    if stage1_out is None and save_stage1:  # named after the folder itself, also for `--out .`
+        whole = Path(os.path.abspath(out))
+        stage1_out = whole.parent / f"{whole.name}-stage1"
+    cache = EngineCache(engine_dir).root
+    for root in (out, stage1_out):
+        if root is not None and engine in ("onnx", "trt") and overlaps(cache, root):
+            raise UserError(f"{cache}: the engine cache must lie outside the output folder {root} (engine files are "
+                            "not part of a distilled set); pass another --engine-dir")
+    return out, stage1_out
+
+
+def _report(manifest: dict, distiller, out_dir: Path, s1_dir: Path | None, world: int, as_json: bool) -> None:
+    s = manifest["summary"]
+    done = distiller.last_run.get("distilled", 0)
+    if as_json:
+        print(json.dumps({"out": str(out_dir), "stage1_out": None if s1_dir is None else str(s1_dir),
+                          "fingerprint": manifest["config"]["fingerprint"], "distilled_by_this_process": done,
+                          "engines": manifest["engines"], "summary": s}, indent=1))
+        return
+    if world == 1 and done == 0:
+        head = f"{s['classes']} classes already complete in {out_dir}, nothing to do"
+    else:
+        head = f"wrote {s['images']} images of {s['classes']} classes to {out_dir}"
+    print(f"{head} (stage-1 candidate accuracy {_fmt(s['stage1_candidate_accuracy'])}, "
+          f"p(class) {_fmt(s['mean_prob_before'])} -> {_fmt(s['mean_prob_after'])})")
+    if s1_dir is not None:
+        print(f"stage-1 picks (before stage 2) in {s1_dir}")
 
 
 def _interval(text: str | None) -> tuple[float, float] | None:
@@ -232,12 +265,13 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _print_plan(distiller, out_dir: Path, world: int) -> None:
+def _print_plan(distiller, out_dir: Path, rank: int, world: int) -> None:
     cfg = distiller.config
     dcfg = distiller.dit.cfg
     n_cand = len(cfg.class_ids) * cfg.num_candidates
     n_lat = len(cfg.class_ids) * cfg.ipc
     f = dcfg.flops_per_forward()
+    blocks = distiller.blocks()
     plan = {
         "out": str(out_dir),
         "fingerprint": cfg.fingerprint(),
@@ -245,7 +279,9 @@ def _print_plan(distiller, out_dir: Path, world: int) -> None:
         "candidates": n_cand,
         "latents": n_lat,
         "groups": len(distiller.groups()),
+        "blocks": len(blocks),
         "ranks": world,
+        "classes_per_rank": [sum(len(b) for b in blocks[r::world]) for r in range(world)],
         "dit_tflop_stage1": round(len(cfg.class_ids) * distiller.stage1_forwards() * f / 1e12, 3),
         "dit_tflop_stage2": round(n_lat * cfg.stage2_steps * 2 * f / 1e12, 3),
         "config": cfg.to_json(),

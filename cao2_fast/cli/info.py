@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from ..fileio import overlaps
 from .common import EngineDirOpt, bars_enabled
 from .main import app
 
@@ -28,8 +29,8 @@ def gather_info(engine_dir: Path | None = None) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
-    info["optional"] = {m: importlib.util.find_spec(m) is not None
-                        for m in ("onnxruntime", "tensorrt", "triton", "accelerate")}
+    info["optional"] = {m: importlib.util.find_spec(m) is not None  # engines, launchers, then `convert`'s formats
+                        for m in ("onnxruntime", "tensorrt", "triton", "accelerate", "webdataset", "datasets")}
     d = preset_dir("digits")
     info["presets"] = {"digits": str(d) if (d / "preset.json").is_file() else "missing"}
     cache = EngineCache(engine_dir)
@@ -149,8 +150,13 @@ def train_preset(
     if out is None and not replace_shipped:
         raise UserError(f"train-preset needs --out DIR; to overwrite the shipped {name.value} preset in {shipped} "
                         "(what every later `distill` uses) pass --replace-shipped instead")
-    if out is not None and out.expanduser().resolve() == shipped.resolve():
-        raise UserError(f"--out {out} is the shipped preset folder: pass --replace-shipped to overwrite it")
+    if out is not None and overlaps(out.expanduser(), shipped):
+        raise UserError(f"--out {out} is the shipped preset folder (or inside it, or around it, under another name): "
+                        "pass --replace-shipped to overwrite the shipped preset, or choose another --out")
+    if out is not None:
+        from ..presets.train_digits import prepare_out_dir
+
+        prepare_out_dir(out.expanduser())  # refusals (foreign files, not writable) before minutes of training
     from ..presets.train_digits import train_digits
 
     target = shipped if replace_shipped else out.expanduser()

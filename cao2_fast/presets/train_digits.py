@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -382,6 +383,42 @@ def _atomic_save_dir(path: Path, save) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+OWN_MARKER = ".cao2-preset"  # written first into a folder this trainer fills: what is in it by our names is ours
+OUTPUT_FILES = ("preset.json", "dit.safetensors", "classifier.safetensors")
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+_OUR_TEMPORARY = re.compile(r"^\.(preset\.json\.\w+\.tmp|(dit|classifier)\.safetensors\.tmp\d+|vae\.(tmp|old)\d+)$")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Make ``out`` ready for a training run, or refuse in one line before any training: the folder must be new or
+    empty, or hold what an earlier run of this trainer wrote (it marks its folders with ``.cao2-preset`` first),
+    and be writable. The trainer replaces only its own files, so a folder holding anything else is refused."""
+    from ..errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (train-preset --out takes a folder)")
+    ours = (out / OWN_MARKER).is_file()
+    foreign = []
+    for e in sorted(out.iterdir()) if out.is_dir() else []:
+        if e.name == OWN_MARKER or ours and (e.name in OUTPUT_FILES and e.is_file() and not e.is_symlink()
+                                             or _OUR_TEMPORARY.match(e.name)):
+            continue
+        if ours and e.name == "vae" and e.is_dir() and not e.is_symlink():
+            foreign += [f for f in sorted(e.rglob("*")) if f.parent != e or f.name not in VAE_FILES or not f.is_file()]
+            continue
+        foreign.append(e)
+    if foreign:
+        shown = ", ".join(str(f.relative_to(out)) for f in foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{out}: holds files train-preset did not write ({shown}); it replaces only its own files, so "
+                        "move them away or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / OWN_MARKER, b"a digits preset written by cao2-fast train-preset\n")
+    except OSError as e:
+        raise UserError(f"{out}: cannot write there ({e.strerror or e}); choose a writable --out") from None
+
+
 def recommended_scale(check: dict, target: float = RECOMMEND_ACCURACY) -> float:
     """The smallest checked scale whose samples are recognised (normalised input) at ``target`` or better, else the
     most accurate one. Less guidance keeps more variety, and leaves stage-1 selection something to select."""
@@ -403,8 +440,13 @@ def train_digits(out_dir: Path, seed: int = 0, quick: bool = False, threads: int
     """
     from safetensors.torch import save_file
 
+    from ..pipeline import preset_dir
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.resolve() == preset_dir("digits").resolve():
+        out_dir.mkdir(parents=True, exist_ok=True)  # the installed preset, replaced on purpose (--replace-shipped)
+    else:
+        prepare_out_dir(out_dir)
     sched = Schedule.quick() if quick else Schedule.full()
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
