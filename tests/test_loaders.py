@@ -140,7 +140,7 @@ def test_load_classifier_layouts(resnet, tmp_path, layout):
         ref = resnet(x)
     assert out.shape == (3, 10)
     assert torch.allclose(out, ref, atol=1e-5)
-    fresh = load_classifier("resnet18", input_size=32, num_classes=10)
+    fresh = load_classifier("random:resnet18", input_size=32, num_classes=10)
     with torch.no_grad():
         assert (fresh(x) - ref).abs().max() > 1e-3
 
@@ -190,8 +190,12 @@ def test_load_classifier_truncated(resnet, tmp_path):
 def test_parse_spec():
     assert parse_spec("resnet18") == ("resnet18", None)
     assert parse_spec("resnet18:/m/r.pth") == ("resnet18", "/m/r.pth")
-    with pytest.raises(UserError):
-        parse_spec(":/m/r.pth")
+    assert parse_spec("random:resnet18") == ("random:resnet18", None)
+    assert parse_spec("hf-hub:timm/resnet18.a1_in1k") == ("hf-hub:timm/resnet18.a1_in1k", None)
+    assert parse_spec("hf-hub:timm/resnet18.a1_in1k:/m/r.pth") == ("hf-hub:timm/resnet18.a1_in1k", "/m/r.pth")
+    for bad in (":/m/r.pth", "random:", "random:resnet18:/m/r.pth", "hf-hub:"):
+        with pytest.raises(UserError):
+            parse_spec(bad)
 
 
 def _recorder(num_classes=10):

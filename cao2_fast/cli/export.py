@@ -52,7 +52,7 @@ def export(
     preset: Annotated[PresetName | None, typer.Option(help="Embedded preset whose models to export.", show_default="digits without --dit/--vae/--classifier", rich_help_panel=MODELS)] = None,
     dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.", rich_help_panel=MODELS)] = None,
     vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.", rich_help_panel=MODELS)] = None,
-    classifier: Annotated[str | None, typer.Option(help="timm NAME[:CHECKPOINT], e.g. resnet18:resnet18.pth.", rich_help_panel=MODELS)] = None,
+    classifier: Annotated[str | None, typer.Option(help="timm NAME:CHECKPOINT (local weights), a pretrained NAME (resnet18.tv_in1k, from the Hugging Face cache) or random:NAME.", rich_help_panel=MODELS)] = None,
     recipe: Annotated[RecipeName, typer.Option(help="It decides the classifier's input normalisation, part of its graph.", rich_help_panel=MODELS)] = RecipeName.official,
     ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.", rich_help_panel=MODELS)] = 10,
 ) -> None:

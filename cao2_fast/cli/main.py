@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from typing import Annotated
 
 import typer
@@ -67,7 +68,18 @@ def _register() -> None:
     from . import eval as eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line: line breaks and other control characters (a newline in a path, a terminal
+    escape) are written as their backslash escapes, so an error stays one line whatever a path holds."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+                   else ch for ch in text)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if os.environ.get("WORLD_SIZE", "1") != "1" and not os.environ.get("CAO2_FAST_DEBUG"):
+        # ranks that lose each other turn it into one line; torch's C++ side would first log every failed connect
+        # with a backtrace (before torch is imported, or it is too late to ask)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     _register()
     try:
         code = app(args=argv, standalone_mode=False)
@@ -76,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if os.environ.get("CAO2_FAST_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -88,6 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # a usage error (bad option or value)
             # typer words a refused choice "Value error, 'x' is not one of ..."; the first two words add nothing
-            print(f"error: {e.format_message().replace('Value error, ', '')}", file=sys.stderr)
+            print(f"error: {one_line(e.format_message().replace('Value error, ', ''))}", file=sys.stderr)
             sys.exit(2)
         raise

@@ -16,19 +16,17 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, load_classifier, parse_spec
+from ..models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, load_classifier
 from .data import to_float
 
 
 def load_teacher(spec: str, num_classes: int, input_size: int, normalize: bool = True, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, device: str = "cpu") -> Classifier:
-    """``NAME:CHECKPOINT`` -> a frozen ``Classifier`` (images in [−1, 1]) with ``num_classes`` outputs."""
-    _, ckpt = parse_spec(spec)
-    if ckpt is None:
-        raise UserError(f"teacher {spec!r}: a teacher needs trained weights, give NAME:CHECKPOINT "
-                        f"(e.g. resnet18:imagenette_resnet18.pth)")
+    """A frozen ``Classifier`` (images in [−1, 1]) with ``num_classes`` outputs: ``NAME:CHECKPOINT`` (trained
+    weights on disk), ``NAME`` (timm's pretrained weights, whose head must already have ``num_classes`` outputs) or
+    ``random:NAME`` (random weights, for tests and timing)."""
     teacher = load_classifier(spec, input_size=input_size, normalize=normalize, num_classes=num_classes, mean=mean,
-                              std=std, device=device)
+                              std=std, device=device, what="teacher")
     check_num_classes(teacher, num_classes)
     return teacher
 

@@ -11,6 +11,7 @@ Differences from the two reference implementations, all output-preserving:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from .weights import load_checked, read_diffusers_config, read_weights
+from ..errors import UserError, require_file
+from .weights import (check_fits, config_int, config_number, first_line, held_values, load_checked,
+                      read_diffusers_config, read_weights)
 
 NAMED_SIZES = {  # (depth, hidden, heads), SPEC §4
     "XL": (28, 1152, 16),
@@ -576,20 +578,92 @@ def infer_config(sd: dict, **overrides) -> DiTConfig:
     try:
         w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
         hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        depth = 1 + max(_block_index(k, "blocks.") for k in sd if k.startswith("blocks."))
         num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
         out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
         mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, ValueError, IndexError, AttributeError) as e:
+    except (KeyError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
         raise UserError(f"not an original-layout DiT state dict (missing or malformed {e})") from None
-    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
+    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd and sd["pos_embed"].dim() == 3 else None
     heads = overrides.pop("num_heads", None) or _heads_for(hidden)
     input_size = overrides.pop("input_size", None) or (int(round(tokens**0.5)) * patch if tokens else 32)
     return DiTConfig(
         input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
-        num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
+        num_heads=heads, mlp_ratio=mlp_hidden / hidden if hidden else 0.0, num_classes=num_classes,
         learn_sigma=out_ch == 2 * in_ch, **overrides,
     )
+
+
+def _block_index(key: str, prefix: str) -> int:
+    """The block number in ``blocks.<n>.…``: ASCII digits only (``int`` would take ``-1``, ``1_0`` or other
+    scripts' digits)."""
+    part = key[len(prefix):].split(".", 1)[0]
+    if not (part.isascii() and part.isdigit()):
+        raise ValueError(f"block key {key!r}")
+    return int(part)
+
+
+def param_count(cfg: DiTConfig) -> int:
+    """Parameters of ``DiT(cfg)``, from the config alone (nothing is built): what a file must hold to fill it."""
+    d, c, p, o = cfg.hidden_size, cfg.in_channels, cfg.patch_size, cfg.out_channels
+    h = int(d * cfg.mlp_ratio)
+    embed = (d * c * p * p + d) + (256 * d + d + d * d + d) + (cfg.num_classes + 1) * d
+    block = (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d) + (6 * d * d + 6 * d)
+    final = (2 * d * d + 2 * d) + (d * p * p * o + p * p * o)
+    return embed + cfg.depth * block + final
+
+
+_INT_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+               "freq_shift")
+_FLOAT_FIELDS = ("mlp_ratio", "class_dropout_prob", "norm_eps")
+
+
+def check_config(cfg: DiTConfig, where) -> None:
+    """Refuse a DiTConfig no DiT can be built from (one line naming ``where``): sizes below 1, a hidden size the
+    heads or the 2-D position table cannot split, a latent side the patch does not divide."""
+    def bad(text: str):
+        raise UserError(f"{where}: DiT config {text}")
+
+    for name in _INT_FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            bad(f"{name} is {v!r}, expected an integer")
+        if v < (0 if name == "freq_shift" else 1):
+            bad(f"{name} is {v}, expected at least {0 if name == 'freq_shift' else 1}")
+    for name in _FLOAT_FIELDS + ("mlp_norm_eps",):
+        v = getattr(cfg, name)
+        if v is None and name == "mlp_norm_eps":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            bad(f"{name} is {v!r}, expected a finite number")
+    if not isinstance(cfg.learn_sigma, bool):
+        bad(f"learn_sigma is {cfg.learn_sigma!r}, expected true or false")
+    if cfg.freq_shift not in (0, 1):
+        bad(f"freq_shift is {cfg.freq_shift}, expected 0 (original) or 1 (diffusers)")
+    if cfg.hidden_size % cfg.num_heads:
+        bad(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.hidden_size % 4:
+        bad(f"hidden_size {cfg.hidden_size} is not a multiple of 4 (the 2-D sin-cos position table)")
+    if cfg.input_size % cfg.patch_size:
+        bad(f"input_size {cfg.input_size} is not divisible by patch_size {cfg.patch_size}")
+    if not (cfg.mlp_ratio > 0 and int(cfg.hidden_size * cfg.mlp_ratio) >= 1):
+        bad(f"mlp_ratio is {cfg.mlp_ratio}, expected a positive ratio")
+    if not 0 <= cfg.class_dropout_prob <= 1:
+        bad(f"class_dropout_prob is {cfg.class_dropout_prob}, expected 0..1")
+    if cfg.norm_eps <= 0 or (cfg.mlp_norm_eps is not None and cfg.mlp_norm_eps <= 0):
+        bad("norm_eps must be above 0")
+
+
+def _check_buildable(cfg: DiTConfig, sd: dict, where) -> None:
+    """``check_config``, then refuse a config that needs more parameters than the file's tensors hold (or a
+    position table larger than that): the file, not its metadata or key names, bounds what is allocated."""
+    check_config(cfg, where)
+    held = held_values(sd)
+    check_fits(param_count(cfg), held, where, f"DiT (depth {cfg.depth}, hidden size {cfg.hidden_size})")
+    table = cfg.num_tokens * cfg.hidden_size
+    if table > max(held, 1 << 20):
+        raise UserError(f"{where}: declares a {cfg.input_size}x{cfg.input_size} latent, whose position table "
+                        f"({table:,} values) is larger than the weights ({held:,} values); refusing to build it")
 
 
 def _heads_for(hidden: int) -> int:
@@ -610,8 +684,9 @@ def diffusers_to_original(sd: dict, depth: int) -> dict:
         "final_layer.linear.bias": sd["proj_out_2.bias"],
     }
     emb = "transformer_blocks.0.norm1.emb."
+    emb_keys = [k for k in sd if k.startswith(emb)]
     for b in range(1, depth):  # diffusers stores one copy of the conditioning embedders per block
-        for k in (k for k in sd if k.startswith(emb)):
+        for k in emb_keys:
             other = sd[k.replace("transformer_blocks.0.", f"transformer_blocks.{b}.", 1)]
             if not torch.equal(other, sd[k]):
                 raise UserError(f"block {b}'s copy of {k[len(emb):]} differs from block 0's: the lean DiT computes the "
@@ -638,7 +713,9 @@ def load_dit(path: str | Path, freq_shift: int | None = None, dtype: torch.dtype
 
     Accepts a diffusers pipeline root (uses its ``transformer/``), a ``transformer/`` directory, or a weights file.
     ``freq_shift`` defaults to the convention of the weights' source (0 original, 1 diffusers). Returns the model in
-    eval mode with frozen weights.
+    eval mode with frozen weights. Every failure is one ``UserError`` line naming the file; a config (saved
+    metadata, key names, config.json) that declares a larger model than the weights hold is refused before
+    anything is built.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -646,21 +723,35 @@ def load_dit(path: str | Path, freq_shift: int | None = None, dtype: torch.dtype
     if p.is_dir():
         model = _load_diffusers_dir(p, freq_shift)
     else:
+        p = require_file(p, "a DiT checkpoint: .pt, .safetensors or a diffusers transformer dir")
+        saved = _saved_config(p)  # checked against the file's tensor sizes before any tensor is read
         sd = read_weights(p)
         if "pos_embed.proj.weight" in sd:  # diffusers layout saved as a single file
-            depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-            sd = diffusers_to_original(sd, depth)
+            try:
+                depth = 1 + max((_block_index(k, "transformer_blocks.") for k in sd
+                                 if k.startswith("transformer_blocks.")), default=-1)
+                if depth > len(sd):  # each block has a dozen tensors: a larger index is no real block
+                    raise ValueError(f"block index {depth - 1} among {len(sd)} tensors")
+                sd = diffusers_to_original(sd, depth)
+            except UserError as e:  # differing copies of the conditioning embedders
+                raise UserError(f"{p}: {e}") from None
+            except (KeyError, ValueError, RuntimeError) as e:  # a missing key, a bad index, q/k/v that do not stack
+                raise UserError(f"{p}: not diffusers DiT transformer weights (missing or malformed "
+                                f"{first_line(str(e), 120)})") from None
             source_shift = 1
         else:
             source_shift = 0
         if "x_embedder.proj.weight" not in sd:
             raise UserError(f"{p}: not a DiT checkpoint (no 'x_embedder.proj.weight'; is it a VAE or classifier?)")
-        saved = _saved_config(p)
         if saved is not None:  # written by save_dit: the exact config travels with the weights
             cfg = saved if freq_shift is None else replace(saved, freq_shift=freq_shift)
         else:
-            cfg = infer_config(sd, freq_shift=source_shift if freq_shift is None else freq_shift,
-                               mlp_norm_eps=None if source_shift == 0 else 1e-5)
+            try:
+                cfg = infer_config(sd, freq_shift=source_shift if freq_shift is None else freq_shift,
+                                   mlp_norm_eps=None if source_shift == 0 else 1e-5)
+            except UserError as e:
+                raise UserError(f"{p}: {e}") from None
+        _check_buildable(cfg, sd, p)
         model = DiT(cfg)
         _load_into(model, sd, p)
     model.requires_grad_(False)
@@ -672,30 +763,45 @@ def _load_into(model: DiT, sd: dict, where: Path) -> None:
     load_checked(model, sd, where, "DiT")
 
 
+_DIFFUSERS_REQUIRED = ("num_layers", "num_attention_heads", "attention_head_dim", "sample_size", "patch_size",
+                       "in_channels", "num_embeds_ada_norm")
+
+
 def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
     p, dc = read_diffusers_config(p, "transformer", "DiTTransformer2DModel")
+    cfg_file = p / "config.json"
     if dc.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
-        raise UserError(f"{p / 'config.json'}: is a {dc.get('_class_name')}, not a DiT transformer")
+        raise UserError(f"{cfg_file}: is a {dc.get('_class_name')!r}, not a DiT transformer")
     weights = [p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
     wfile = next((w for w in weights if w.exists()), None)
     if wfile is None:
         raise UserError(f"{p}: no diffusion_pytorch_model.safetensors or .bin (expected DiT transformer weights)")
+    size = {k: config_int(dc, k, cfg_file) for k in _DIFFUSERS_REQUIRED}
+    out_channels = config_int(dc, "out_channels", cfg_file, default=size["in_channels"])
+    norm_eps = config_number(dc, "norm_eps", cfg_file, default=1e-5)
     sd = read_weights(wfile)
-    depth = dc["num_layers"]
-    heads = dc["num_attention_heads"]
-    hidden = heads * dc["attention_head_dim"]
+    depth, heads = size["num_layers"], size["num_attention_heads"]
+    hidden = heads * size["attention_head_dim"]
+    try:
+        mlp_hidden = sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    except (KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"{wfile}: not DiT transformer weights (missing {e})") from None
     cfg = DiTConfig(
-        input_size=dc["sample_size"], patch_size=dc["patch_size"], in_channels=dc["in_channels"],
-        hidden_size=hidden, depth=depth, num_heads=heads, num_classes=dc["num_embeds_ada_norm"],
-        learn_sigma=dc.get("out_channels", dc["in_channels"]) == 2 * dc["in_channels"],
-        norm_eps=1e-6, mlp_norm_eps=dc.get("norm_eps", 1e-5), freq_shift=1 if freq_shift is None else freq_shift,
-        mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+        input_size=size["sample_size"], patch_size=size["patch_size"], in_channels=size["in_channels"],
+        hidden_size=hidden, depth=depth, num_heads=heads, num_classes=size["num_embeds_ada_norm"],
+        learn_sigma=out_channels == 2 * size["in_channels"], norm_eps=1e-6, mlp_norm_eps=norm_eps,
+        freq_shift=1 if freq_shift is None else freq_shift, mlp_ratio=mlp_hidden / hidden,
     )
-    model = DiT(cfg)
+    _check_buildable(cfg, sd, cfg_file)
     try:
         osd = diffusers_to_original(sd, depth)
+    except UserError as e:
+        raise UserError(f"{wfile}: {e}") from None
     except KeyError as e:
         raise UserError(f"{wfile}: not DiT transformer weights (missing {e})") from None
+    except RuntimeError as e:  # q, k and v that do not stack
+        raise UserError(f"{wfile}: not DiT transformer weights ({first_line(str(e), 120)})") from None
+    model = DiT(cfg)
     _load_into(model, osd, wfile)
     return model
 
@@ -709,13 +815,46 @@ def save_dit(model: DiT, path: str | Path) -> None:
 
 
 def _saved_config(p: Path) -> DiTConfig | None:
+    """The config ``save_dit`` wrote into the safetensors metadata, checked key by key (bad JSON, unknown keys and
+    values of the wrong type are one line naming the file), or None when there is none. The parameters it needs are
+    checked against the values the file's header says its tensors hold, before any tensor is read."""
     if p.suffix != ".safetensors":
         return None
     from safetensors import safe_open
 
-    with safe_open(str(p), "pt") as f:
-        meta = f.metadata() or {}
-    return DiTConfig(**json.loads(meta["dit_config"])) if "dit_config" in meta else None
+    try:
+        with safe_open(str(p), "pt") as f:  # reads the header only
+            meta = f.metadata() or {}
+            held = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:
+        raise UserError(f"{p}: cannot read weights ({type(e).__name__}: {first_line(str(e))})") from None
+    if "dit_config" not in meta:
+        return None
+    where = f"{p}: dit_config metadata"
+    try:
+        raw = json.loads(meta["dit_config"])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{where} is not valid JSON ({first_line(str(e))})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} is not a JSON object of DiT config fields")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(k for k in raw if k not in fields)
+    if unknown:
+        raise UserError(f"{where} has unknown keys {unknown[:4]} (expected some of {', '.join(sorted(fields))})")
+    for name in _INT_FIELDS:
+        if name in raw:
+            config_int(raw, name, where, minimum=0)
+    for name in _FLOAT_FIELDS:
+        if name in raw:
+            config_number(raw, name, where, positive=False)
+    if raw.get("mlp_norm_eps") is not None:
+        config_number(raw, "mlp_norm_eps", where)
+    if "learn_sigma" in raw and not isinstance(raw["learn_sigma"], bool):
+        raise UserError(f"{where}: 'learn_sigma' is {raw['learn_sigma']!r}, expected true or false")
+    cfg = DiTConfig(**raw)
+    check_config(cfg, p)
+    check_fits(param_count(cfg), held, p, f"DiT (depth {cfg.depth}, hidden size {cfg.hidden_size})")
+    return cfg
 
 
 def random_dit(cfg: DiTConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> DiT:
