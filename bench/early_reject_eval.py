@@ -103,7 +103,7 @@ def main(argv=None) -> int:
               f"{shared / (10 * args.ipc):.2f}", file=sys.stderr)
         for name, p in todo:
             rec = evaluate(sets[name], protocol=p, dataset="digits", repeats=1, seed=seed)
-            results["evals"][f"{tag}|{name}|{p}|{seed}"] = {"top1": rec["top1"][0], "seconds": rec["seconds"]}
+            results["evals"][f"{tag}|{name}|{p}|{seed}"] = {"top1": rec["top1"][0], "seconds": rec["seconds_total"]}
             print(f"  {p:4s} {name:24s} {rec['top1'][0]:.1f}%", file=sys.stderr)
             save()
     table: dict = {}

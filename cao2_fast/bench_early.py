@@ -26,7 +26,8 @@ from dataclasses import replace
 import torch
 
 from . import stage1
-from .benchmark import PEAK_TFLOPS, _commit, _device_name, _timed
+from .benchmark import (PEAK_TFLOPS, _commit, _device_name, _timed, busy_warning, is_busy, load_summary,
+                        machine_load, spread)
 from .config import validate
 
 STEPS = (5, 10, 15, 20, 25)
@@ -90,9 +91,9 @@ def _counted(d) -> tuple[dict, dict]:
     return res, counts
 
 
-def _timed_counted(d, repeats: int) -> tuple[dict, dict, float]:
-    """:func:`_counted`, timed, then ``repeats`` − 1 more timed runs: (result, counts, median seconds). Counting adds
-    one integer sum per call, nothing a timer sees."""
+def _timed_counted(d, repeats: int) -> tuple[dict, dict, list[float]]:
+    """:func:`_counted`, timed, then ``repeats`` − 1 more timed runs: (result, counts, seconds of each run).
+    Counting adds one integer sum per call, nothing a timer sees."""
     out: list = []
 
     def once():
@@ -100,7 +101,7 @@ def _timed_counted(d, repeats: int) -> tuple[dict, dict, float]:
 
     times = [_timed(once, d.device)]
     times += [_timed(lambda: _stage1_all(d), d.device) for _ in range(repeats - 1)]
-    return out[0], out[1], statistics.median(times)
+    return out[0], out[1], times
 
 
 def agreement(exact: dict, other: dict) -> tuple[float, float | None]:
@@ -117,14 +118,32 @@ def agreement(exact: dict, other: dict) -> tuple[float, float | None]:
     return shared / total, diff
 
 
+def _settings(k: int, g: float, order: str, ipc: int, steps, intervals, progressive: bool) -> list[tuple]:
+    """The grid's settings of one (K, guidance, order) cell as (kind, checks, interval)."""
+    settings = [("early_reject", [(s, m)], None) for s in steps for m in keeps_for(k, ipc)]
+    if progressive:  # two checks: a loose cut early, the final cut later
+        n = k * ipc
+        settings += [("early_reject", [(s, min(n, max(ipc, round(m * ipc)))) for s, m in pair], None)
+                     for pair in PROGRESSIVE.get(k, [])]
+    if g != 1.0 and order == "desc":
+        settings += [("guidance_interval", [], iv) for iv in intervals]
+    return settings
+
+
 def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 10,
                    seed: int = 0, repeats: int = 1, intervals=INTERVALS, progressive: bool = True,
-                   device: str = "cpu", log=print) -> list[dict]:
+                   device: str = "cpu", log=print, warn=None) -> list[dict]:
     """The grid's JSON rows: per (K, guidance, order) cell one ``exact`` row, one ``early_reject`` row per (STEP, M)
-    and per progressive pair, and at guidance ≠ 1 in the desc order one ``guidance_interval`` row per interval."""
+    and per progressive pair, and at guidance ≠ 1 in the desc order one ``guidance_interval`` row per interval.
+    Timed settings carry their runs' spread (``seconds_runs``, ``seconds_spread``); every row the machine's load
+    before and after the grid (``warn``, default ``log``, hears when it was busy)."""
     from .pipeline import Distiller
 
+    warn = warn or (lambda m: log(f"warning: {m}"))
     threads = torch.get_num_threads()
+    load = machine_load(1 if str(device).startswith("cuda") else threads)
+    if is_busy(load, bench_ran=False):
+        warn(busy_warning(load, "before"))
     base = {"device": None, "model": preset, "torch": torch.__version__, "commit": _commit(),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "threads": threads,
             "repeats": repeats, "ipc": ipc, "seed": seed}
@@ -163,13 +182,7 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
 
         rows.append(row("exact", c0, None, None, exact, step=None, keep=None, checks=None, interval=None))
         exact_times = []
-        settings = [("early_reject", [(s, m)], None) for s in steps for m in keeps_for(k, ipc)]
-        if progressive:  # two checks: a loose cut early, the final cut later
-            n = k * ipc
-            settings += [("early_reject", [(s, min(n, max(ipc, round(m * ipc)))) for s, m in pair], None)
-                         for pair in PROGRESSIVE.get(k, [])]
-        if g != 1.0 and order == "desc":
-            settings += [("guidance_interval", [], iv) for iv in intervals]
+        settings = _settings(k, g, order, ipc, steps, intervals, progressive)
         # the exact run is timed at least 3 times among the settings (a machine drifting during the grid shows as
         # spread there, not as a saving), and at least `repeats` times
         stride = max(1, -(-len(settings) // max(repeats, 3)))
@@ -183,10 +196,10 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
             new = replace(cfg, early_reject_step=step, early_reject_keep=keep, guidance_interval=iv)
             validate(new)
             d = Distiller(d0.dit, d0.vae, d0.classifier, new, device=d0.device)
-            res, counts, t = _timed_counted(d, repeats)
-            r = row(kind, counts, t, None, res, step=step if len(checks) == 1 else None,
+            res, counts, runs = _timed_counted(d, repeats)
+            r = row(kind, counts, statistics.median(runs), None, res, step=step if len(checks) == 1 else None,
                     keep=keep if len(checks) == 1 else None, checks=[list(c) for c in checks] or None,
-                    interval=list(iv) if iv else None)
+                    interval=list(iv) if iv else None, seconds_runs=runs, seconds_spread=spread(runs))
             rows.append(r)
             what = f"checks {checks}" if checks else f"interval {iv}"
             log(f"K={k} guidance={g} {order} {what}: DiT FLOPs saved {100 * r['dit_flop_saved']:.1f} %, "
@@ -194,10 +207,14 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
                 f"{r['candidate_accuracy']:.3f} (exact {exact_acc:.3f})")
         t_exact = statistics.median(exact_times)
         rows[len(rows) - len(settings) - 1]["seconds_exact_runs"] = exact_times
+        rows[len(rows) - len(settings) - 1]["seconds_spread"] = spread(exact_times)
         for r in rows[len(rows) - len(settings) - 1:]:  # this (K, guidance)'s rows, its exact row first
             r["seconds_exact"] = t_exact
             r["time_ratio"] = (r["seconds"] or t_exact) / t_exact
         rows[len(rows) - len(settings) - 1]["seconds"] = t_exact
+    summary = load_summary(load, warn)
+    for r in rows:
+        r["machine_load"] = summary
     return rows
 
 
@@ -331,15 +348,15 @@ def projections(rows: list[dict]) -> list[dict]:
     pick = recommend(rows).get((4, 2.7, "desc"))
     if pick is not None:
         todo.append(([tuple(c) for c in pick["checks"]], None))
-    return [dict(head, kind="projection", job="ImageNet-1K IPC10, official recipe", **imagenet_projection(c, iv))
-            for c, iv in todo]
+    return [dict(head, kind="projection", projected=True, job="ImageNet-1K IPC10, official recipe",
+                 **imagenet_projection(c, iv)) for c, iv in todo]
 
 
-def run_and_write(preset: str, out_dir, repeats: int = 1, device: str = "cpu", log=print) -> tuple:
+def run_and_write(preset: str, out_dir, repeats: int = 1, device: str = "cpu", log=print, warn=None) -> tuple:
     """The whole ``--early-reject-grid`` mode: the grid, the recommendation and the ImageNet-1K projection of the
     K = 4, guidance 2.7 pick (a ``projection`` row), written as ``early_reject_<preset>_cpu-<threads>t.json`` (or
     ``_cuda``) with its chart. Returns (rows, json path, chart path)."""
-    rows = run_early_grid(preset, repeats=repeats, device=device, log=log)
+    rows = run_early_grid(preset, repeats=repeats, device=device, log=log, warn=warn)
     rows += projections(rows)
     dev = "cuda" if torch.cuda.is_available() and "cpu" not in rows[0]["device"] else f"cpu-{torch.get_num_threads()}t"
     jpath, ppath = write(rows, out_dir, f"early_reject_{preset}_{dev}")

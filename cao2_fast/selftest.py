@@ -13,6 +13,10 @@ Each check compares a fast path with its reference on the same inputs and says p
 Tolerances: fp32 engines 1e-4 (max abs, outputs of order 1; TF32 is off during the checks), VAE images 1e-3 (a
 deeper graph), classifier logits 1e-3 and equal argmax; fused kernels and CUDA-graph replay 1e-4 after 5 steps; bf16
 stage 2 within 10 % of fp32's movement (bf16 keeps 8 bits of mantissa in the DiT; x0, loss and Adam stay fp32).
+
+Each check's ``figure`` is the line a reader sees; its numbers are kept as numbers too: ``metric`` (what was
+measured: ``max_abs_diff``, ``relative_error`` or ``throughput``), ``value``, ``tol`` (the bound it must stay
+within, None for a throughput) and ``unit``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class Check:
     result: str  # "pass", "fail" or "skip"
     figure: str = ""
     reason: str = ""  # why it was skipped or failed, and what to do
+    metric: str | None = None  # "max_abs_diff", "relative_error" or "throughput"; None when nothing was measured
+    value: float | None = None
+    tol: float | None = None
+    unit: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -68,6 +76,13 @@ class _Runner:
 
 def skip(reason: str) -> Check:
     return Check("", "skip", "", reason)
+
+
+def measured(ok: bool, figure: str, reason: str, metric: str, value: float, tol: float | None = None,
+             unit: str | None = None) -> Check:
+    """A check that measured ``value`` (of ``metric``, against ``tol``): its line and its numbers."""
+    return Check("", "pass" if ok else "fail", figure, reason, metric, float(value),
+                 None if tol is None else float(tol), unit)
 
 
 def run_checks(device: str = "cpu", model: str = "tiny", with_compile: bool | None = None,
@@ -138,7 +153,8 @@ def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: b
                 out = build_engine(engine_name, spec, on, cache=cache, batch=(1, 2, 2))(*inputs[m])
                 d = _max_diff(out, ref[m])
                 ok = d <= TOL[m] and (m != "classifier" or torch.equal(out.argmax(1).cpu(), ref[m].argmax(1).cpu()))
-                return ok, f"max |diff| {d:.1e} (tol {TOL[m]:.0e})", "" if ok else f"differs from eager; {fix}"
+                return measured(ok, f"max |diff| {d:.1e} (tol {TOL[m]:.0e})",
+                                "" if ok else f"differs from eager; {fix}", "max_abs_diff", d, TOL[m])
             r.run(f"{label}: {m}", one)
 
     if with_compile:
@@ -204,8 +220,9 @@ def _stage2_checks(r: _Runner, dit, dev: torch.device) -> None:
         a = run(dit, ops="triton")
         b = run(dit, ops="torch")
         d = _max_diff(a.latents, b.latents)
-        return d <= 1e-4, f"max |diff| {d:.1e} after 5 steps", "" if d <= 1e-4 else \
-            "fused kernels differ from their references; report it with this output"
+        return measured(d <= 1e-4, f"max |diff| {d:.1e} after 5 steps", "" if d <= 1e-4 else
+                        "fused kernels differ from their references; report it with this output", "max_abs_diff", d,
+                        1e-4)
 
     def graph():
         if dev.type != "cuda":
@@ -215,8 +232,8 @@ def _stage2_checks(r: _Runner, dit, dev: torch.device) -> None:
             a = run(dit, cuda_graph=True)
         b = run(dit, cuda_graph=False)
         d = _max_diff(a.latents, b.latents)
-        return d <= 1e-4, f"max |diff| {d:.1e} after 5 steps", "" if d <= 1e-4 else \
-            "the captured step differs from the plain one; report it"
+        return measured(d <= 1e-4, f"max |diff| {d:.1e} after 5 steps", "" if d <= 1e-4 else
+                        "the captured step differs from the plain one; report it", "max_abs_diff", d, 1e-4)
 
     def bf16():
         ref = run(dit)
@@ -224,8 +241,10 @@ def _stage2_checks(r: _Runner, dit, dev: torch.device) -> None:
         moved = float((ref.latents - x0).flatten(1).norm(dim=1).min())
         err = float((low.latents - ref.latents).flatten(1).norm(dim=1).max())
         ok = moved > 0 and err <= 0.1 * moved and bool(low.finite.all())
-        return ok, f"{100 * err / moved:.1f} % of the movement (tol 10 %)", "" if ok else \
-            "bf16 stage 2 strays from fp32; run with --dtype float32"
+        rel = err / moved if moved > 0 else float("inf")
+        return measured(ok, f"{100 * rel:.1f} % of the movement (tol 10 %)", "" if ok else
+                        "bf16 stage 2 strays from fp32; run with --dtype float32", "relative_error", rel, 0.1,
+                        "fraction of the fp32 movement")
 
     r.run("stage-2 Triton kernels vs references", kernels)
     r.run("stage-2 step in a CUDA graph vs uncaptured", graph)
@@ -258,7 +277,8 @@ def _throughput(r: _Runner, s, dit, vae, clf, dev: torch.device) -> None:
         go()
         _sync(dev)
         per = (time.perf_counter() - t0) / n * 50 / 3  # one candidate, 50 steps
-        return True, f"{1 / per:.2f} candidates/s (fp32, eager, batch {n})", ""
+        return measured(True, f"{1 / per:.2f} candidates/s (fp32, eager, batch {n})", "", "throughput", 1 / per,
+                        unit="candidates/s")
 
     def stage2_rate():
         _, run = _stage2_problem(dit, dev, b=n, steps=3)
@@ -267,7 +287,9 @@ def _throughput(r: _Runner, s, dit, vae, clf, dev: torch.device) -> None:
         t0 = time.perf_counter()
         run(dit)
         _sync(dev)
-        return True, f"{n * 3 / (time.perf_counter() - t0):.1f} latent-steps/s (fp32, batch {n})", ""
+        rate = n * 3 / (time.perf_counter() - t0)
+        return measured(True, f"{rate:.1f} latent-steps/s (fp32, batch {n})", "", "throughput", rate,
+                        unit="latent-steps/s")
 
     r.run("throughput stage 1", stage1_rate)
     r.run("throughput stage 2", stage2_rate)

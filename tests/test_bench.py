@@ -1,49 +1,141 @@
-"""``cao2-fast bench``: the rows it writes, their arithmetic, the chart, and bad input."""
+"""``cao2-fast bench``: the rows it writes, their arithmetic and spread, the chart, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import statistics
 
 import pytest
 import torch
 
 from helpers import run_cli
 
-REQUIRED = {"device", "torch", "triton", "commit", "dtype", "batch", "stage", "path", "unit", "throughput",
-            "seconds_per_item", "flop_per_item", "tflops", "mfu", "peak_mem_gib", "ratio", "repeats"}
+COMMON = {"device", "torch", "triton", "commit", "dtype", "stage", "path", "projected", "unit", "throughput",
+          "seconds_per_item", "seconds_per_item_runs", "flop_per_item", "ratio", "repeats", "spread", "machine_load"}
+MEASURED = COMMON | {"batch", "tflops", "mfu", "peak_mem_gib", "mem_measure"}
+MEASURED_ONLY = {"batch", "tflops", "mfu", "peak_mem_gib", "mem_measure"}
+REPEATS = 4  # the least count with quartiles
 
 
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory):
+    """One tiny bench run with --json: (out folder, rows from the file, stdout, stderr)."""
     out = tmp_path_factory.mktemp("bench")
     before = torch.get_num_threads()
     from cao2_fast.cli.main import main
 
+    stdout, stderr = io.StringIO(), io.StringIO()
     try:
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
-                  "--steps2", "2", "--ref-images", "1", "--repeats", "1", "--out", str(out),
+                  "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
                   "--early-reject", "25", "--early-keep", "2"])  # tiny: K 2, IPC 2, so 4 candidates per class
             raise SystemExit(0)
     finally:
         torch.set_num_threads(before)
-    assert exc.value.code == 0
-    return out, json.loads((out / "bench_tiny_cpu-1t.json").read_text())
+    assert exc.value.code == 0, stderr.getvalue()
+    return out, json.loads((out / "bench_tiny_cpu-1t.json").read_text()), stdout.getvalue(), stderr.getvalue()
 
 
 def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):
-    out, rows = tiny_rows
+    out, rows, _, _ = tiny_rows
     assert (out / "bench_tiny_cpu-1t.png").stat().st_size > 1000
     assert {(r["stage"], r["path"]) for r in rows} == ({(s, p) for s in ("1", "2", "e2e") for p in ("reference", "fast")}
                                                      | {("1", "fast+early"), ("e2e", "fast+early")})
     for r in rows:
-        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert (MEASURED if r["stage"] != "e2e" else COMMON) <= set(r), MEASURED - set(r)
         assert r["device"].startswith("cpu") and "1 threads" in r["device"]
         assert r["throughput"] > 0 and r["seconds_per_item"] > 0
 
 
+def test_projected_rows_are_marked_and_carry_no_measured_looking_fields(tiny_rows):
+    _, rows, _, _ = tiny_rows
+    for r in rows:
+        assert r["projected"] is (r["stage"] == "e2e")
+        if r["projected"]:
+            assert not MEASURED_ONLY & set(r), MEASURED_ONLY & set(r)
+            assert r["projected_from"] == [f"stage 1 {r['path']}", f"stage 2 {r['path'].split('+')[0]}"]
+        else:
+            assert r["peak_mem_gib"] >= 0 and "RSS" in r["mem_measure"]
+
+
+def test_every_figure_carries_the_spread_of_its_runs(tiny_rows):
+    _, rows, _, _ = tiny_rows
+    by = {(r["stage"], r["path"]): r for r in rows}
+    for r in rows:
+        runs = r["seconds_per_item_runs"]
+        assert len(runs) == REPEATS
+        if not r["projected"]:  # a projection is made of the stage medians; its runs are those of each round
+            assert r["seconds_per_item"] == pytest.approx(statistics.median(runs))
+        ref_runs = by[r["stage"], "reference"]["seconds_per_item_runs"]
+        ratio = r["spread"]["ratio"]
+        assert (ratio["min"], ratio["max"]) == pytest.approx((min(a / b for a, b in zip(ref_runs, runs)),
+                                                              max(a / b for a, b in zip(ref_runs, runs))))
+        key = "projected_minutes" if r["projected"] else "throughput"
+        sp = r["spread"][key]
+        assert sp["n"] == REPEATS and sp["min"] <= sp["q1"] <= sp["q3"] <= sp["max"]
+        if r["projected"]:
+            assert (sp["min"], sp["max"]) == pytest.approx((min(runs) / 60, max(runs) / 60))
+        else:
+            assert (sp["min"], sp["max"]) == pytest.approx((1 / max(runs), 1 / min(runs)))
+            assert r["spread"]["mfu"]["max"] == pytest.approx(r["spread"]["tflops"]["max"] / r["peak_tflops"])
+            assert sp["min"] <= r["throughput"] <= sp["max"]
+
+
+def test_json_goes_to_stdout_the_table_to_stderr(tiny_rows):
+    _, rows, stdout, stderr = tiny_rows
+    assert json.loads(stdout) == rows
+    assert "min–max" in stderr and "IQR" in stderr and "min (projected)" in stderr and "wrote " in stderr
+
+
+def test_the_machine_load_is_recorded_before_and_after(tiny_rows):
+    _, rows, _, _ = tiny_rows
+    import os
+
+    load = rows[0]["machine_load"]
+    assert all(r["machine_load"] == load for r in rows)
+    for when in ("before", "after"):
+        snap = load[when]
+        assert len(snap["loadavg"]) == 3 and all(x >= 0 for x in snap["loadavg"])
+        assert snap["cpus"] == os.cpu_count() and snap["bench_threads"] == 1
+    assert isinstance(load["busy_before"], bool) and isinstance(load["busy_during"], bool)
+
+
+def test_the_table_marks_projections_and_prints_ranges(tiny_rows):
+    from cao2_fast.benchmark import format_table
+
+    _, rows, _, _ = tiny_rows
+    lines = format_table(rows).splitlines()
+    fast2 = next(x for x in lines if x.split()[:2] == ["2", "fast"])
+    r = next(x for x in rows if (x["stage"], x["path"]) == ("2", "fast"))
+    lo, hi = r["spread"]["throughput"]["min"], r["spread"]["throughput"]["max"]
+    assert f"{lo:,.0f}–{hi:,.0f}" in fast2 or f"{lo:.4g}" in fast2.replace(",", "")
+    for line in (x for x in lines if x.split()[:1] == ["e2e"]):
+        assert "min (projected)" in line and line.split()[3] == "-"  # no batch
+    assert any(x.startswith("median of 4 timed runs") for x in lines)
+    assert any(x.startswith("machine: 1-minute load average") for x in lines)
+
+
+def test_the_chart_draws_the_ranges_as_error_bars(tiny_rows, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.container import ErrorbarContainer
+
+    from cao2_fast.benchmark import chart_png
+
+    _, rows, _, _ = tiny_rows
+    seen = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **kw: (seen.append(fig), real(fig, *a, **kw))[1])
+    assert chart_png(rows)[:4] == b"\x89PNG"
+    axes = seen[0].axes
+    assert len(axes) == 4 and all(any(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in axes)
+
+
 def test_bench_rows_are_consistent(tiny_rows):
-    _, rows = tiny_rows
+    _, rows, _, _ = tiny_rows
     by = {(r["stage"], r["path"]): r for r in rows}
     for stage, path in (("1", "fast"), ("2", "fast"), ("e2e", "fast"), ("1", "fast+early"), ("e2e", "fast+early")):
         ref, fast = by[stage, "reference"], by[stage, path]
@@ -51,8 +143,9 @@ def test_bench_rows_are_consistent(tiny_rows):
         assert fast["ratio"] == pytest.approx(ref["seconds_per_item"] / fast["seconds_per_item"])
         for r in (ref, fast):
             assert r["throughput"] == pytest.approx((3600 if stage == "e2e" else 1) / r["seconds_per_item"])
-            assert r["tflops"] == pytest.approx(r["flop_per_item"] / r["seconds_per_item"] / 1e12)
-            assert r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"])
+            if stage != "e2e":
+                assert r["tflops"] == pytest.approx(r["flop_per_item"] / r["seconds_per_item"] / 1e12)
+                assert r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"])
     assert by["2", "reference"]["batch"] == 1 and by["2", "fast"]["batch"] > 1
     e2e = by["e2e", "fast"]
     job = e2e["job"]
@@ -63,7 +156,7 @@ def test_bench_rows_are_consistent(tiny_rows):
 def test_early_rejection_is_timed_on_whole_steps_and_counted(tiny_rows):
     """--early-reject 25 --early-keep 2 on 4 candidates per class: a check halfway needs an even step count (--steps1
     1 is raised to 2), and the DiT runs 25 guided steps on 4 candidates and 25 on 2: 3/4 of the exact forwards."""
-    _, rows = tiny_rows
+    _, rows, _, _ = tiny_rows
     by = {(r["stage"], r["path"]): r for r in rows}
     early, fast = by["1", "fast+early"], by["1", "fast"]
     assert early["steps_timed"] == fast["steps_timed"] == by["1", "reference"]["steps_timed"] == 2
@@ -85,6 +178,8 @@ def test_early_rejection_is_timed_on_whole_steps_and_counted(tiny_rows):
     (["--model", "dit-xl-2-256"], "--random-weights"),
     (["--preset", "digits", "--threads", "0"], "--threads must be at least 1"),
     (["--preset", "digits", "--repeats", "0"], "--repeats must be at least 1"),
+    (["--preset", "digits", "--batch", "0"], "--batch must be at least 1 (got 0)"),
+    (["--preset", "digits", "--batch", "-4"], "--batch must be at least 1 (got -4)"),
     (["--preset", "digits", "--ops", "cuda"], "'cuda' is not one of 'torch', 'triton'"),
     (["--preset", "digits", "--dtype", "fp8"], "'fp8' is not one of"),
 ])
@@ -111,7 +206,8 @@ def test_paths_are_timed_alternately_and_the_medians_reported(monkeypatch):
 
     t_ref, t_fast = benchmark._timed_pair(path("ref"), path("fast"), "cpu", 3)
     assert order == ["ref", "fast"] * 3
-    assert (t_ref, t_fast) == (3.0, 0.4)
+    assert (t_ref, t_fast) == (fake["ref"], fake["fast"])  # run by run, so each round pairs up
+    assert (statistics.median(t_ref), statistics.median(t_fast)) == (3.0, 0.4)
 
 
 def test_stage1_timing_scales_the_sampling_and_counts_the_decodes_once(monkeypatch):
@@ -138,8 +234,8 @@ def test_stage1_timing_scales_the_sampling_and_counts_the_decodes_once(monkeypat
     totals, inside = benchmark._timed_scaled([path("a", [2, 4, 3], [1, 1, 5]), path("b", [1, 1, 1], [0, 0, 0])],
                                              "cpu", 3, scale=10)
     assert order == ["a", "b"] * 3
-    assert totals == [35, 10]  # a per run: 2·10 + 1, 4·10 + 1, 3·10 + 5
-    assert inside == [1, 0]
+    assert totals == [[21, 41, 35], [10, 10, 10]]  # a per run: 2·10 + 1, 4·10 + 1, 3·10 + 5
+    assert inside == [[1, 1, 5], [0, 0, 0]]
 
 
 @pytest.mark.parametrize("extra, expected", [([], 7), (["--repeats", "2"], 2)])
@@ -158,3 +254,66 @@ def test_bench_repeats_default_to_seven_on_cpu(monkeypatch, extra, expected):
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "digits", "--device", "cpu", *extra])
     assert seen == {"repeats": expected}
+
+
+def test_spread_gives_quartiles_from_four_runs():
+    from cao2_fast.benchmark import spread
+
+    assert spread([3.0, 1.0, 2.0]) == {"min": 1.0, "max": 3.0, "q1": None, "q3": None, "n": 3}
+    sp = spread([4.0, 1.0, 3.0, 2.0, 10.0])
+    assert (sp["min"], sp["max"], sp["q1"], sp["q3"], sp["n"]) == (1.0, 10.0, 2.0, 4.0, 5)
+
+
+def test_cpu_memory_is_the_growth_during_the_run_not_the_lifetime_peak():
+    """A run that allocates and touches 64 MiB grows the resident set by about that much; a run that allocates
+    nothing reads near 0, although the process peaked far higher before it (ru_maxrss would report that peak)."""
+    from cao2_fast.benchmark import _RssSampler, rss_growth
+
+    big = bytearray(256 << 20)  # the process's lifetime peak goes up by 256 MiB, then comes down
+    del big
+    none, how = rss_growth(lambda: None)
+    held = []
+    grown, _ = rss_growth(lambda: held.append(torch.ones(64 << 20, dtype=torch.uint8)))  # written: resident
+    assert none < 16 / 1024 and "RSS" in how
+    assert 60 / 1024 <= grown <= 100 / 1024
+    with _RssSampler() as s:  # where the peak mark cannot be reset: sampled
+        base = s.peak_kib
+        held.append(torch.ones(32 << 20, dtype=torch.uint8))
+    assert s.peak_kib - base >= 30 << 10
+
+
+def test_a_busy_machine_gets_a_warning_line(monkeypatch, capsys, tmp_path):
+    import os
+
+    from cao2_fast import benchmark
+    from cao2_fast.errors import UserError
+
+    def stop(*a, **kw):
+        raise UserError("stopped after the load check")
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 60.0, 50.0))
+    monkeypatch.setattr(benchmark, "build_setup", stop)
+    code, out, err = run_cli(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1",
+                              "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and err.splitlines()[-1] == "error: stopped after the load check"
+    warning = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert len(warning) == 1 and "busy before the bench (1-minute load average 64.00" in warning[0]
+    quiet = {"loadavg": [0.1, 0.1, 0.1], "cpus": 2, "bench_threads": 1}
+    assert not benchmark.is_busy(quiet, bench_ran=False)
+    assert benchmark.is_busy(dict(quiet, loadavg=[1.5, 1, 1]), bench_ran=False)  # 1.5 others > 2 − 1 free
+    assert not benchmark.is_busy(dict(quiet, loadavg=[1.5, 1, 1]), bench_ran=True)  # 1 of it was the bench
+
+
+@pytest.mark.parametrize("case", ["foreign-json", "foreign-png", "out-is-a-file"])
+def test_bench_never_overwrites_what_it_did_not_write(case, capsys, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    target = {"foreign-json": out / "bench_tiny_cpu-1t.json", "foreign-png": out / "bench_tiny_cpu-1t.png",
+              "out-is-a-file": tmp_path / "file"}[case]
+    target.write_bytes(b"my notes")
+    where = target if case == "out-is-a-file" else out
+    code, _, err = run_cli(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1",
+                            "--out", str(where)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {target}:"), err
+    assert target.read_bytes() == b"my notes" and len(list(out.iterdir())) == (0 if case == "out-is-a-file" else 1)

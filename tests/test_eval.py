@@ -313,17 +313,33 @@ def test_cli_writes_the_record_beside_the_distilled_set(folders, capsys):
     assert rec["protocol"] == "hard" and rec["student"] == "test_resnet" and rec["teacher"] is None
     assert rec["repeats"] == 2 and len(rec["top1"]) == 2 and rec["seeds"] == [5, 6] and rec["epochs"] == 2
     assert rec["mean"] == pytest.approx(statistics.fmean(rec["top1"]))
-    assert rec["std"] == pytest.approx(statistics.pstdev(rec["top1"]))
+    assert rec["std"] == pytest.approx(statistics.stdev(rec["top1"])) and rec["std_ddof"] == 1  # sample std
+    assert rec["final_mean"] == pytest.approx(statistics.fmean(rec["final_top1"]))
+    assert rec["final_std"] == pytest.approx(statistics.stdev(rec["final_top1"]))
+    assert rec["seconds_mean"] == pytest.approx(statistics.fmean(rec["seconds_per_repeat"]), abs=0.01)
+    assert rec["seconds_total"] >= sum(rec["seconds_per_repeat"]) - 0.02 and "seconds" not in rec
+    assert rec["kind"] == "cao2-fast eval record" and "RDED" in rec["statistics"]["top1"]
     assert all(0 <= t <= 100 for t in rec["top1"])
     hp = rec["hyperparameters"]
     assert (hp["batch_size"], hp["image_size"], hp["optimizer"], hp["norm"], hp["lr"]) == (4, 16, "sgd", "instance", 0.01)
     assert rec["distilled_dir"] == str(distilled.resolve()) and rec["val_dir"] == str(val.resolve())
     assert "torch" in rec["versions"] and "timm" in rec["versions"]
-    assert "mean ± std" in out
+    assert "mean ± std" in out and "RDED" in out
+    assert "sample std (ddof 1)" in " ".join(out.split())  # the footnote names the statistics
+    last = next(x for x in out.splitlines() if "mean ± std" in x)
+    assert f"{rec['seconds_mean']:.1f}" in last and f"{rec['std']:.2f}" in last
 
     code, _, err = run_cli(args, capsys)
     assert code == 0 and "already holds this evaluation" in err
     assert json.loads(path.read_text())["timestamp"] == rec["timestamp"]
+
+    old = dict(rec, std=statistics.pstdev(rec["top1"]), std_ddof=0, seconds=rec["seconds_total"])  # an older record
+    for k in ("kind", "seconds_total", "seconds_mean", "final_mean", "final_std", "statistics"):
+        old.pop(k)
+    path.write_text(json.dumps(old))
+    code, _, err = run_cli(args, capsys)  # reused, its statistics brought up to date, not retrained
+    assert code == 0 and "already holds this evaluation" in err
+    assert json.loads(path.read_text()) == rec
 
 
 def test_cli_soft_protocol_with_a_checkpoint_teacher(folders, tmp_path, capsys):

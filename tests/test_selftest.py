@@ -21,6 +21,18 @@ def test_selftest_on_cpu_passes_and_explains_every_skip(tmp_path, capsys):
     assert checks["stage 2 bf16 vs fp32"]["result"] == "pass"
     assert "candidates/s" in checks["throughput stage 1"]["figure"]
     assert "latent-steps/s" in checks["throughput stage 2"]["figure"]
+    # the numbers behind each figure, as numbers
+    for m in ("dit", "vae_decode", "classifier"):
+        c = checks[f"engine onnx (CPU provider): {m}"]
+        assert c["metric"] == "max_abs_diff" and isinstance(c["value"], float) and isinstance(c["tol"], float)
+        assert 0 <= c["value"] <= c["tol"] == selftest.TOL[m] and f"{c['value']:.1e}" in c["figure"]
+    bf16 = checks["stage 2 bf16 vs fp32"]
+    assert (bf16["metric"], bf16["tol"]) == ("relative_error", 0.1) and 0 <= bf16["value"] <= 0.1
+    for stage, unit in (("1", "candidates/s"), ("2", "latent-steps/s")):
+        c = checks[f"throughput stage {stage}"]
+        assert (c["metric"], c["unit"], c["tol"]) == ("throughput", unit, None) and c["value"] > 0
+    assert all(c["value"] is None for c in record["checks"] if c["result"] == "skip")
+    assert record["kind"] == "cao2-fast selftest"
     assert all(c["reason"] for c in record["checks"] if c["result"] != "pass")
     assert stdout.strip().splitlines()[-1] == f"{sum(c['result'] == 'pass' for c in record['checks'])} passed, " \
         f"0 failed, {sum(c['result'] == 'skip' for c in record['checks'])} skipped"

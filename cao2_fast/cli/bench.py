@@ -65,21 +65,25 @@ def bench(
     early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Also time stage 1 with early rejection (path fast+early): after STEP of 50 sampling steps only the best --early-keep candidates per class finish; 'S1,S2' checks twice.", show_default="off", rich_help_panel=WHAT)] = None,
     early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive each --early-reject check (IPC..K·IPC).", rich_help_panel=WHAT)] = None,
     early_reject_grid: Annotated[bool, typer.Option("--early-reject-grid", help="Instead: stage 1 with early rejection (a grid of check step and survivors) and with guidance intervals against the exact stage 1, at K 2 and 4, guidance 2.7 and 1.0: FLOPs saved, pick agreement, wall-time ratio (--repeats timed runs each), and the ImageNet-1K projection. Needs --preset.", rich_help_panel=WHAT)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result rows as JSON on stdout (the table goes to stderr).", rich_help_panel=HOW)] = False,
 ) -> None:
-    """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths."""
+    """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths: medians of the timed
+    runs with their min–max range (and IQR from 4 runs), the projected job marked as such, and a warning when the
+    machine is busy."""
     if (preset is None) == (model is None):
         raise UserError("choose one of --preset digits or --model dit-xl-2-256 --random-weights")
     if model is not None and not random_weights:
         raise UserError("--model builds the architecture only: add --random-weights (or bench a preset)")
-    for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats)):
+    for name, v in (("--steps1", steps1), ("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats),
+                    ("--batch", batch)):
         if v is not None and v < 1:
-            raise UserError(f"{name} must be at least 1")
+            raise UserError(f"{name} must be at least 1 (got {v})")
     early_step, early_keep_ = parse_counts("--early-reject", early_reject), parse_counts("--early-keep", early_keep)
     if early_reject_grid and (early_step, early_keep_) != (None, None):
         raise UserError("--early-reject-grid runs its own grid of checks: drop --early-reject/--early-keep")
     import torch
 
-    from ..benchmark import format_table, run_bench, write_results
+    from ..benchmark import check_destination, format_table, run_bench, write_results
 
     set_threads(threads)
     dev = resolve_device(device)
@@ -91,22 +95,39 @@ def bench(
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - t0:5.0f} s] {message}", file=sys.stderr, flush=True)
 
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    out_dir = out if out is not None else user_cache_dir() / "bench"
     if early_reject_grid:
         if preset is None:
             raise UserError("--early-reject-grid runs on a preset's real models: add --preset digits")
         from ..bench_early import format_rows, run_and_write
 
-        rows, jpath, ppath = run_and_write(name, out if out is not None else user_cache_dir() / "bench", repeats,
-                                           dev, log)
-        print(format_rows(rows))
-        print(f"wrote {jpath} and {ppath}")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"{out_dir}: is a file, not a folder; pass --out with a folder for the bench results")
+        rows, jpath, ppath = run_and_write(name, out_dir, repeats, dev, log, warn=warn)
+        _report(format_rows(rows), rows, f"{jpath} and {ppath}", as_json)
         return
 
-    rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
-                     ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats,
-                     early_step=early_step, early_keep=early_keep_, log=log)
-    print(format_table(rows))
     where = "cuda" if dev == "cuda" else f"cpu-{torch.get_num_threads()}t"  # CPU results depend on the thread count
     tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}"
-    jpath, ppath = write_results(rows, out if out is not None else user_cache_dir() / "bench", tag)
-    print(f"wrote {jpath} and {ppath}")
+    check_destination(out_dir, tag)  # before the run: a refused destination costs no bench time
+    rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
+                     ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats,
+                     early_step=early_step, early_keep=early_keep_, log=log, warn=warn)
+    jpath, ppath = write_results(rows, out_dir, tag)
+    _report(format_table(rows), rows, f"{jpath} and {ppath}", as_json)
+
+
+def _report(table: str, rows: list[dict], written: str, as_json: bool) -> None:
+    """The table on stdout, or with --json the rows as JSON on stdout and the table on stderr."""
+    if as_json:
+        from ..fileio import json_bytes
+
+        print(table, file=sys.stderr)
+        print(f"wrote {written}", file=sys.stderr)
+        print(json_bytes(rows, indent=1).decode())
+    else:
+        print(table)
+        print(f"wrote {written}")

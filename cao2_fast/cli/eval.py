@@ -82,14 +82,16 @@ def eval_command(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for training (default: torch's; digits on CPU: 1, see DIGITS_CPU_THREADS).")] = None,
     class_check: Annotated[bool, typer.Option("--class-check/--no-class-check", help="Check the teacher's class order on real images first.")] = True,
     check_per_class: Annotated[int, typer.Option("--check-per-class", help="Real images per class for the class-order check.")] = 5,
-    out: Annotated[Path | None, typer.Option("--out", help="JSON result file (default: <distilled>/../<name>-eval-<protocol>-<student>.json).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="JSON result file (default: <distilled>/../<name>-eval-<protocol>-<student>.json). Never inside the distilled set; an existing file is replaced only if it holds an eval record, a JSON object whose \"kind\" is \"cao2-fast eval record\" (what eval writes).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run even if the JSON file already holds this exact evaluation.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the data, check the teacher, print the settings; train nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON instead of a table.")] = False,
     no_progress: NoProgressOpt = False,
 ) -> None:
-    """Train students on a distilled ImageFolder and report real top-1 (mean ± std over --repeats) plus a JSON record."""
-    from ..eval.api import default_json_path, prepare, read_record, run, write_record
+    """Train students on a distilled ImageFolder and report real top-1 plus a JSON record: per repeat the best top-1
+    over the periodic checks on the held-out set (RDED's convention) and the final-epoch top-1, their mean ± sample
+    std (ddof 1) over --repeats, and the mean seconds per repeat."""
+    from ..eval.api import check_record_path, default_json_path, prepare, reusable, run, write_record
 
     if distilled is None:
         raise UserError("--distilled DIR is required (the distilled ImageFolder to evaluate)")
@@ -100,6 +102,12 @@ def eval_command(
     if protocol == "hard" and teacher is not None:
         typer.echo("note: the hard-label protocol does not use --teacher; ignoring it", err=True)
         teacher = None
+    from ..models.classifier import check_student, split_spec
+
+    if student is not None:  # a checkpoint, or an hf-hub: name with no network and no cached config, fails here
+        student = check_student(student)
+    if teacher is not None:
+        split_spec(teacher, "teacher")  # a malformed spec fails before any data is read
     dev = resolve_device(device)
     overrides = {
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum,
@@ -111,21 +119,26 @@ def eval_command(
     }
     if check_per_class < 1:
         raise UserError(f"--check-per-class must be at least 1 (got {check_per_class})")
+    if out is not None:  # before any data is read or student trained
+        check_record_path(out, distilled)
     job = prepare(distilled, val, protocol, student=student, teacher=teacher, train=train, dataset=dataset,
                   repeats=repeats, seed=seed, device=dev, class_check=class_check, check_per_class=check_per_class,
                   teacher_size=teacher_size, teacher_normalize=teacher_normalize, threads=threads, **overrides)
-    path = out or default_json_path(Path(distilled).resolve(), protocol, job.cfg.student)
+    path = check_record_path(out or default_json_path(Path(distilled).resolve(), protocol, job.cfg.student),
+                             distilled)
     if dry_run:
         _print_plan(job, path)
         return
-    old = None if force else read_record(path)
-    if old and old.get("key") == job.key and "top1" in old:
+    old = None if force else reusable(path, job.key)
+    if old is not None:
         typer.echo(f"{path}: already holds this evaluation (use --force to run it again)", err=True)
         record = old
+        if json.loads(path.read_text()) != json.loads(json.dumps(old)):  # statistics of an older format updated
+            write_record(record, path, distilled)
     else:
         record = run(job, progress=bars_enabled(no_progress),
                      log=(lambda m: print(m, file=sys.stderr, flush=True)) if progress_enabled(no_progress) else None)
-        write_record(record, path)
+        write_record(record, path, distilled)
     if as_json:
         print(json.dumps(record, indent=1))
     else:
@@ -158,16 +171,28 @@ def _print_result(record: dict, path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    hp = record.get("hyperparameters") or {}
     table = Table(title=f"{record['protocol']}-label protocol, student {record['student']}, "
-                        f"{record['num_classes']} classes, IPC {record['ipc']}, {record['epochs']} epochs")
-    for col in ("repeat", "seed", "top-1 (best) %", "at epoch", "final top-1 %", "seconds"):
+                        f"{record['num_classes']} classes, IPC {record['ipc']}, {record['epochs']} epochs",
+                  caption=("best top-1: the best of the periodic checks on the held-out set (every "
+                           f"{hp.get('eval_every', '?')} epochs from {hp.get('eval_from', '?')} of the run, and the "
+                           "last epoch), the RDED convention; final top-1: after the last epoch; ± is the sample "
+                           "std (ddof 1) over the repeats; seconds: per repeat, the mean on the last line"),
+                  caption_justify="left")
+    for col in ("repeat", "seed", "best top-1 % (RDED)", "at epoch", "final top-1 %", "seconds"):
         table.add_column(col, justify="right")
     for i, seed in enumerate(record["seeds"]):
         table.add_row(str(i + 1), str(seed), f"{record['top1'][i]:.2f}", str(record["best_epoch"][i]),
                       f"{record['final_top1'][i]:.2f}", f"{record['seconds_per_repeat'][i]:.1f}")
     table.add_section()
-    spread = "n/a (one repeat)" if record.get("std") is None else f"{record['std']:.2f}"
-    table.add_row("mean ± std", "", f"{record['mean']:.2f} ± {spread}", "", "", f"{record['seconds']:.1f}")
+
+    def pm(mean, std) -> str:
+        return f"{mean:.2f} ± " + ("n/a (one repeat)" if std is None else f"{std:.2f}")
+
+    final_mean = record.get("final_mean")
+    table.add_row("mean ± std", "", pm(record["mean"], record.get("std")), "",
+                  "" if final_mean is None else pm(final_mean, record.get("final_std")),
+                  "" if record.get("seconds_mean") is None else f"{record['seconds_mean']:.1f}")
     console = Console()
     console.print(table)
     console.print(f"record: {path}")

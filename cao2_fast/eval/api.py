@@ -3,13 +3,18 @@
 Inputs are ImageFolder trees or in-memory sets; ``dataset="digits"`` takes the real held-out split and the teacher
 from the embedded digits preset (SPEC §6), and shortens the schedules so that a whole protocol runs in about a minute
 on two CPU cores (``DIGITS_SETTINGS``).
+
+The record names its statistics (``statistics``): ``top1`` is, per repeat, the best top-1 over the periodic checks
+on the held-out set (RDED's convention), ``final_top1`` the top-1 after the last epoch; ``std`` and ``final_std`` are
+sample standard deviations (``std_ddof``: 1; None for one repeat); ``seconds_mean`` is the mean wall time of a
+repeat and ``seconds_total`` that of all of them. A record is a JSON object whose ``kind`` is :data:`RECORD_KIND`;
+an existing file is replaced only if it holds one (:func:`is_eval_record`), and never inside the distilled set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import json_bytes
+from ..fileio import json_bytes, overlaps
 from .data import ImageSet, load_image_folder
 from .protocols import Protocol, TrainConfig, TrainResult, build_student, default_config, fit_student
 from .teacher import ClassOrderReport, check_class_order, check_num_classes, load_teacher
@@ -44,6 +49,17 @@ DIGITS_SETTINGS: dict[str, dict] = {
 # thread and 110–160 s on two, on the same busy machine.
 DIGITS_CPU_THREADS = 1
 DATASETS = ("folder", "digits")
+RECORD_KIND = "cao2-fast eval record"
+STATISTICS = {
+    "top1": "per repeat, the best top-1 (percent) over the periodic checks on the held-out set (every eval_every "
+            "epochs from eval_from of the run, and the last epoch): the RDED convention",
+    "final_top1": "per repeat, the top-1 (percent) on the held-out set after the last epoch",
+    "mean": "mean of top1 over the repeats", "final_mean": "mean of final_top1 over the repeats",
+    "std": "sample standard deviation (ddof 1) of top1 over the repeats; null for one repeat",
+    "final_std": "sample standard deviation (ddof 1) of final_top1; null for one repeat",
+    "seconds_mean": "mean wall seconds of one repeat (training and checks)",
+    "seconds_total": "wall seconds of all repeats together",
+}
 
 
 def versions() -> dict:
@@ -202,7 +218,7 @@ def prepare(distilled, val=None, protocol: str = "soft", *, student: str | None 
                                   teacher_std or IMAGENET_STD, device)
             name, ckpt = parse_spec(teacher)
             teacher_info = {"spec": teacher, "model": name, "input_size": size, "normalize": teacher_normalize,
-                            "weights": weights_id(Path(ckpt))}
+                            "weights": weights_id(Path(ckpt)) if ckpt else None}
         else:
             tmodel = teacher.to(device).eval()
             teacher_info = {"spec": type(teacher).__name__, "model": type(getattr(teacher, "model", teacher)).__name__}
@@ -264,35 +280,104 @@ def run(job: EvalJob, progress: bool = False, log=None) -> dict:
                     f"at epoch {res.best_epoch}, {res.seconds:.0f} s")
     finally:
         torch.set_num_threads(saved_threads)
-    top1 = [res.best_top1 for res in results]
     record = dict(job.record)
     record.update({
-        "top1": top1, "mean": statistics.fmean(top1), "std": statistics.pstdev(top1) if len(top1) > 1 else None,
-        "std_ddof": 0,
-        "final_top1": [res.final_top1 for res in results], "best_epoch": [res.best_epoch for res in results],
+        "kind": RECORD_KIND,
+        "top1": [res.best_top1 for res in results], "final_top1": [res.final_top1 for res in results],
+        "best_epoch": [res.best_epoch for res in results],
         "evals": [res.evals for res in results], "seconds_per_repeat": [round(res.seconds, 2) for res in results],
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds_total": round(time.perf_counter() - t0, 2),
         "device": torch.cuda.get_device_name(job.device) if job.device.startswith("cuda") else job.device,
         "cpu_threads": job.threads or saved_threads,
         "versions": versions(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "top1_unit": "percent",
     })
+    return summarise(record)
+
+
+def summarise(record: dict) -> dict:
+    """Fill in ``record``'s statistics from its per-repeat lists (see :data:`STATISTICS`), in place, and return
+    it. A record written before these fields existed (population std, a ``seconds`` total) is brought up to date."""
+    top1, final = record["top1"], record.get("final_top1") or []
+    per = record.get("seconds_per_repeat") or []
+    if "seconds" in record and "seconds_total" not in record:
+        record["seconds_total"] = record.pop("seconds")
+    record.update({
+        "kind": RECORD_KIND,
+        "mean": statistics.fmean(top1), "std": statistics.stdev(top1) if len(top1) > 1 else None, "std_ddof": 1,
+        "final_mean": statistics.fmean(final) if final else None,
+        "final_std": statistics.stdev(final) if len(final) > 1 else None,
+        "seconds_mean": round(statistics.fmean(per), 2) if per else None,
+        "statistics": STATISTICS,
+    })
     return record
 
 
-def write_record(record: dict, path: Path) -> Path:
-    """Write atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(json_bytes(record, status_key="status") + b"\n")
-    tmp.replace(path)
+def is_eval_record(obj) -> bool:
+    """Whether ``obj`` (parsed JSON) is a record ``eval`` wrote: an object whose ``kind`` is :data:`RECORD_KIND`,
+    or one from before that field (``key``, ``protocol``, ``top1``, ``seeds``, ``hyperparameters`` and the cao2_fast
+    version)."""
+    if not isinstance(obj, dict):
+        return False
+    if obj.get("kind") == RECORD_KIND:
+        return True
+    return ({"key", "protocol", "top1", "seeds", "hyperparameters"} <= set(obj)
+            and isinstance(obj.get("versions"), dict) and "cao2_fast" in obj["versions"])
+
+
+def check_record_path(path: Path, distilled_root: Path | None = None) -> Path:
+    """Refuse (one-line ``UserError``) a record path that would overwrite what ``eval`` did not write or land inside
+    the distilled set: ``path`` must not lie in ``distilled_root`` (compared resolved, and by device and inode of
+    each existing folder on the way, so ``..``, links and bind mounts do not get around it), must not be a link or a
+    folder, and an existing file there must hold an eval record (:func:`is_eval_record`). Returns ``path``."""
+    path = Path(path).expanduser()
+    if distilled_root is not None and overlaps(path, Path(distilled_root).expanduser()):
+        raise UserError(f"{path}: the eval record must lie outside the distilled set {distilled_root} (it must stay "
+                        "an ImageFolder); choose another --out")
+    if path.is_symlink():
+        raise UserError(f"{path}: is a symbolic link; eval writes its record only to a plain file (nothing is "
+                        "overwritten)")
+    if path.exists():
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; --out takes the path of a JSON file")
+        if not is_eval_record(read_record(path)):
+            raise UserError(f"{path}: exists and is not an eval record (a JSON object with \"kind\": "
+                            f"\"{RECORD_KIND}\"); eval replaces only its own records: move it away or choose "
+                            "another --out")
+    return path
+
+
+def write_record(record: dict, path: Path, distilled_root: Path | None = None) -> Path:
+    """Write atomically (temp file beside it, then rename), after :func:`check_record_path` once more: the file may
+    have appeared while the students trained."""
+    from ..fileio import atomic_write
+
+    check_record_path(path, distilled_root)
+    try:
+        atomic_write(Path(path), json_bytes(record, status_key="status") + b"\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the eval record ({e.strerror or e})") from None
     return path
 
 
 def read_record(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        if Path(path).stat().st_size > 64 << 20:  # no record is this large: not ours, and not worth reading
+            return None
+        return json.loads(Path(path).read_bytes())
     except (OSError, ValueError):
+        return None
+
+
+def reusable(path: Path, key: str) -> dict | None:
+    """The record at ``path`` if it is an eval record of this exact evaluation (same ``key``: data, teacher,
+    settings, seeds), with its statistics brought up to date, else None."""
+    old = read_record(path)
+    if not (is_eval_record(old) and old.get("key") == key and old.get("top1")):
+        return None
+    try:
+        return summarise(old)
+    except (TypeError, ValueError, KeyError):  # per-repeat lists damaged by hand: evaluate again
         return None
 
 
@@ -302,7 +387,8 @@ def evaluate(distilled, val=None, protocol: str = "soft", *, student: str | None
              teacher_normalize: bool = True, teacher_mean=None, teacher_std=None, out: str | Path | None = None,
              force: bool = False, threads: int | None = None, **overrides) -> dict:
     """Train ``repeats`` students on ``distilled`` under ``protocol`` ("soft" | "hard"), test on ``val``, and return
-    the record: per-repeat best top-1 (percent), mean, std (ddof 0), every hyper-parameter, seeds, versions.
+    the record: per repeat the best top-1 over the periodic checks on the held-out set (percent; RDED's convention)
+    and the final-epoch top-1, their means and sample stds (ddof 1), every hyper-parameter, seeds, versions.
 
     distilled, val, train: ImageFolder paths, ``ImageSet``s or ``(images, labels[, class_names])`` with images uint8
         or float in [−1, 1]. Real folders are read at ``image_size`` (resize + centre crop, ``val_crop_ratio``).
@@ -315,18 +401,21 @@ def evaluate(distilled, val=None, protocol: str = "soft", *, student: str | None
         whose output order does not match the class folders.
     threads: CPU intra-op threads while training (default: torch's, or ``DIGITS_CPU_THREADS`` for digits on CPU).
     out: write the record there as JSON; if it already holds a record with the same key (same data, teacher,
-        settings and seeds) that record is returned without training, unless ``force``.
+        settings and seeds) that record is returned without training, unless ``force``. An existing file that is
+        not an eval record, and a path inside the distilled set, are refused before anything trains.
     overrides: any ``TrainConfig`` field (epochs, lr, batch_size, temperature, image_size, ...).
     """
     job = prepare(distilled, val, protocol, student=student, teacher=teacher, train=train, dataset=dataset,
                   repeats=repeats, seed=seed, device=device, class_check=class_check, check_per_class=check_per_class,
                   teacher_size=teacher_size, teacher_normalize=teacher_normalize, teacher_mean=teacher_mean,
                   teacher_std=teacher_std, threads=threads, **overrides)
-    if out is not None and not force:
-        old = read_record(Path(out))
-        if old and old.get("key") == job.key and "top1" in old:
+    root = job.distilled.root
+    if out is not None:
+        check_record_path(Path(out), root)
+        old = None if force else reusable(Path(out), job.key)
+        if old is not None:
             return old
     record = run(job, progress)
     if out is not None:
-        write_record(record, Path(out))
+        write_record(record, Path(out), root)
     return record

@@ -15,12 +15,20 @@ Augmentations (RDED / IDC behaviour, batched):
 * ``cutmix`` — one box per batch pasted from a shuffled batch (``lam ~ Beta(β, β)``, box side ``sqrt(1 − lam)``,
   uniform centre, clipped at the border); the returned ``lam`` is recomputed from the clipped box, so it is exactly
   the fraction of each image's pixels that stayed its own.
+
+Reading is guarded against hostile files before any pixel is decoded: every PNG is walked chunk by chunk first
+(signature, CRCs, a missing end, compressed text and ICC chunks inflated only up to Pillow's default text limits),
+and every image's size is checked against the pixel limit (Pillow's ``MAX_IMAGE_PIXELS``, or its default where a
+program raised it or turned it off) and a side ratio of at most :data:`MAX_ASPECT`. Pillow's settings are read,
+never changed. A file that fails is one ``UserError`` naming it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,11 +103,141 @@ def list_images(root: Path, classes: list[str], per_class: int | None = None) ->
     return samples
 
 
+# Pillow's defaults: MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK (ImageFile.SAFEBLOCK) and MAX_TEXT_MEMORY.
+# The reader uses these, or Pillow's current values where a program lowered them, whatever they were raised to.
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+PNG_TEXT_CHUNK = 1 << 20
+PNG_TEXT_MEMORY = 64 << 20
+# A photo, a crop of one or a distilled image is never this elongated; a 1×40,000,000 PNG of 39 KB is, and resized
+# to a 224-pixel short side it would need billions of pixels.
+MAX_ASPECT = 32
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _Hostile(Exception):
+    """A file the reader refuses before decoding it; the message says why."""
+
+
+def _limits() -> tuple[int, int, int]:
+    """(pixels per image, bytes per inflated PNG text/ICC chunk, inflated PNG text bytes per file) as the reader
+    applies them: Pillow's defaults, or its current settings where those are lower."""
+    from PIL import Image, PngImagePlugin
+
+    pixels = Image.MAX_IMAGE_PIXELS
+    chunk = getattr(PngImagePlugin, "MAX_TEXT_CHUNK", None)
+    memory = getattr(PngImagePlugin, "MAX_TEXT_MEMORY", None)
+    return (min(int(pixels), DEFAULT_MAX_PIXELS) if pixels else DEFAULT_MAX_PIXELS,
+            min(int(chunk), PNG_TEXT_CHUNK) if chunk else PNG_TEXT_CHUNK,
+            min(int(memory), PNG_TEXT_MEMORY) if memory else PNG_TEXT_MEMORY)
+
+
+def _check_size(width: int, height: int) -> None:
+    """Refuse an image size before its pixels are decoded: no side 0, at most the pixel limit, sides at most
+    :data:`MAX_ASPECT` to 1."""
+    limit = _limits()[0]
+    if width < 1 or height < 1:
+        raise _Hostile(f"{width}×{height} pixels: an image with no pixels")
+    if width * height > limit:
+        raise _Hostile(f"Image size ({width * height} pixels) exceeds limit of {limit} pixels, could be "
+                       f"decompression bomb")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise _Hostile(f"{width}×{height} pixels: one side is more than {MAX_ASPECT} times the other, could be "
+                       f"decompression bomb")
+
+
+def _inflated_size(data: bytes, limit: int, what: str) -> int:
+    """Bytes ``data`` (a zlib stream) inflates to, refused past ``limit`` without inflating further."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise _Hostile(f"damaged {what} chunk ({e})") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise _Hostile(f"{what} chunk inflates to more than {limit} bytes, could be decompression bomb")
+    return len(out)
+
+
+def _png_meta(ctype: bytes, data: bytes, chunk_limit: int) -> int:
+    """Text bytes a tEXt, zTXt, iTXt or iCCP chunk holds once inflated (its compressed part inflated up to
+    ``chunk_limit`` only)."""
+    what = ctype.decode("latin-1")
+    key_end = data.find(b"\0")
+    if key_end < 0:
+        raise _Hostile(f"damaged {what} chunk (no keyword end)")
+    if ctype == b"tEXt":
+        return len(data)
+    if ctype in (b"zTXt", b"iCCP"):
+        return key_end + _inflated_size(data[key_end + 2:], chunk_limit, what)
+    compressed = data[key_end + 1:key_end + 2] == b"\1"  # iTXt: keyword, flag, method, language, keyword, text
+    rest = data[key_end + 3:]
+    for _ in range(2):
+        end = rest.find(b"\0")
+        if end < 0:
+            raise _Hostile(f"damaged {what} chunk (no language or translated keyword end)")
+        rest = rest[end + 1:]
+    return key_end + (_inflated_size(rest, chunk_limit, what) if compressed else len(rest))
+
+
+_PNG_META = (b"tEXt", b"zTXt", b"iTXt", b"iCCP")
+
+
+def _check_png(path: Path) -> tuple[int, int]:
+    """Walk a PNG file's chunks without decoding its pixels: the signature, IHDR first with a size
+    :func:`_check_size` accepts, every chunk whole with its CRC, an IEND at the end, and text and ICC chunks within
+    the text limits once inflated. Returns (width, height)."""
+    _, chunk_limit, memory_limit = _limits()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise _Hostile("not a PNG file (bad signature)")
+        dims, text = None, 0
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _Hostile("truncated: the file ends before its IEND chunk")
+            length, ctype = struct.unpack(">I4s", head)
+            name = ctype.decode("latin-1")
+            if length > size - f.tell() - 4:
+                raise _Hostile(f"truncated: its {name!r} chunk runs past the end of the file")
+            if dims is None and ctype != b"IHDR":
+                raise _Hostile(f"damaged: the first chunk is {name!r}, not IHDR")
+            crc, data = zlib.crc32(ctype), b""
+            if ctype in _PNG_META or ctype == b"IHDR":
+                if ctype in _PNG_META and length > (memory_limit if ctype == b"tEXt" else 4 * chunk_limit + 1024):
+                    raise _Hostile(f"its {name} chunk of {length} bytes exceeds the text limit")
+                data = f.read(length)
+                crc = zlib.crc32(data, crc)
+            else:
+                left = length
+                while left:
+                    block = f.read(min(left, 1 << 20))
+                    crc, left = zlib.crc32(block, crc), left - len(block)
+            if struct.unpack(">I", f.read(4))[0] != crc:
+                raise _Hostile(f"damaged: bad CRC in its {name!r} chunk")
+            if ctype == b"IHDR":
+                if length != 13:
+                    raise _Hostile("damaged: its IHDR chunk is not 13 bytes long")
+                dims = struct.unpack(">II", data[:8])
+                _check_size(*dims)
+            elif ctype in _PNG_META:
+                text += _png_meta(ctype, data, chunk_limit)
+                if text > memory_limit:
+                    raise _Hostile(f"its text chunks inflate to more than {memory_limit} bytes, could be "
+                                   f"decompression bomb")
+            elif ctype == b"IEND":
+                return dims
+
+
 def _read(path: Path, size: int | None, crop_ratio: float) -> torch.Tensor:
     from PIL import Image
 
     try:
+        with open(path, "rb") as f:
+            is_png = f.read(8) == PNG_SIGNATURE
+        if is_png:
+            _check_png(path)
         with Image.open(path) as im:
+            _check_size(*im.size)  # every format: refused before a pixel is decoded
             im = im.convert("RGB")
             if size is not None:
                 short = max(size, round(size / crop_ratio))
@@ -112,8 +250,12 @@ def _read(path: Path, size: int | None, crop_ratio: float) -> torch.Tensor:
                 im = im.crop((left, top, left + size, top + size))
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             return data.view(im.size[1], im.size[0], 3).permute(2, 0, 1).contiguous()
-    except (OSError, Image.DecompressionBombError) as e:  # a bomb: more pixels than PIL's safety limit
+    except _Hostile as e:
         raise UserError(f"{path}: cannot read image ({_short(e)})") from None
+    except MemoryError:
+        raise UserError(f"{path}: cannot read image (out of memory decoding it)") from None
+    except Exception as e:  # noqa: BLE001  a damaged file can raise anything from its format's decoder
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {_short(e)})") from None
 
 
 def _short(e: Exception) -> str:

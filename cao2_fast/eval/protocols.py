@@ -183,11 +183,14 @@ def build_student(cfg: TrainConfig, num_classes: int) -> Classifier:
     it takes images in [−1, 1], resizes to ``cfg.image_size`` if needed, and normalises with ``cfg.mean/std``."""
     import timm
 
+    from ..models.classifier import check_student
+
+    name = check_student(cfg.student)  # a checkpoint or an unreachable hf-hub config is one line, before building
     kwargs = {"norm_layer": InstanceNorm} if cfg.norm == "instance" else {}
     if cfg.output_stride is not None:
         kwargs["output_stride"] = cfg.output_stride
     try:
-        model = timm.create_model(cfg.student, pretrained=False, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name.removeprefix("random:"), pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
         raise UserError(f"student {cfg.student!r}: {str(e).splitlines()[0]}") from None
     except TypeError:
