@@ -6,6 +6,33 @@ import importlib.util
 
 import torch
 
+INSTALL = 'pip install "cao2-fast[triton]"'
+
+
+class _TritonMissing:
+    """Stands in for ``triton`` and ``triton.language`` where Triton is not installed (it has no wheels for macOS or
+    Windows): ``@triton.jit`` leaves the function undecorated, so a kernel module still imports and its PyTorch
+    reference and eager forms work; a launcher never reaches the kernel, because :func:`check_triton_device`
+    refuses first. Any other attribute names the missing package."""
+
+    @staticmethod
+    def jit(fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name: str):
+        raise ImportError(f"triton.{name}: Triton is not installed ({INSTALL})")
+
+
+def import_triton():
+    """(triton, triton.language), or stand-ins for both where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        missing = _TritonMissing()
+        return missing, missing
+    import triton
+    import triton.language as tl
+
+    return triton, tl
+
 
 def _kernels_interpreted() -> bool:
     """True when this package's kernels were decorated in interpreter mode.
@@ -40,6 +67,9 @@ def check_triton_device(name: str, *tensors: torch.Tensor) -> torch.device:
     for t in tensors[1:]:
         if t.device != device:
             raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(f"{name}: Triton is not installed ({INSTALL}); use {name}_reference from the same module "
+                           "for the plain PyTorch implementation")
     if not triton_available(device):
         raise RuntimeError(
             f"{name}: the Triton kernel cannot run on {device} tensors here. It needs a CUDA device, or "

@@ -15,10 +15,9 @@ the same) and 20 latent-sized passes over memory (each op reads its operands and
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._runtime import check_contiguous, check_triton_device, import_triton
 
-from ._runtime import check_contiguous, check_triton_device
+triton, tl = import_triton()
 
 
 @triton.jit

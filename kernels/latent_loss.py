@@ -19,10 +19,9 @@ DRAM, no intermediates.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._runtime import check_triton_device, import_triton
 
-from ._runtime import check_triton_device
+triton, tl = import_triton()
 
 
 @triton.jit

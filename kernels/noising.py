@@ -11,10 +11,9 @@ step is launch-bound, so the launch count is what matters.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._runtime import check_triton_device, import_triton
 
-from ._runtime import check_triton_device
+triton, tl = import_triton()
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -19,6 +19,9 @@ VAL_FRACTION = 0.25
 
 @lru_cache(maxsize=1)
 def _load() -> tuple[torch.Tensor, torch.Tensor]:
+    from ..extras import require
+
+    require("sklearn", what="the digits data (scikit-learn's bundled handwritten digits)")
     from sklearn.datasets import load_digits
 
     d = load_digits()
