@@ -40,10 +40,14 @@ def test_version_and_short_help(capsys):
     assert code == 0 and "--ipc" in out and "Examples" in out
 
 
-def test_flags_show_no_bool_type(capsys):
-    for cmd in ([], ["distill"], ["eval"], ["bench"], ["info"], ["export"], ["train-preset"]):
+def test_flags_show_no_bool_type_and_nothing_is_cut_at_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    for cmd in ([], ["distill"], ["eval"], ["bench"], ["info"], ["export"], ["train-preset"], ["convert"],
+                ["selftest"]):
         code, out, _ = run_cli([*cmd, "--help"], capsys)
         assert code == 0 and "<bool>" not in out and "--help" in out, cmd
+        assert "…" not in out and max(map(len, out.splitlines())) <= 80, (cmd, [ln for ln in out.splitlines()
+                                                                                if "…" in ln])
 
 
 def test_the_package_imports_its_api_on_first_use():
@@ -55,6 +59,9 @@ def test_the_package_imports_its_api_on_first_use():
     proc = subprocess.run([sys.executable, "-c", "import cao2_fast; cao2_fast.nope"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "has no attribute 'nope'" in proc.stderr
+    import cao2_fast
+
+    assert not {"annotations", "importlib"} & set(dir(cao2_fast)) and set(cao2_fast.__all__) <= set(dir(cao2_fast))
 
 
 # -- train-preset never overwrites the shipped weights by accident ---------------------------------------------------

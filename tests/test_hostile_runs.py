@@ -310,3 +310,22 @@ def test_a_rank_whose_rank_0_never_comes_stops_within_its_timeout(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: rank 1:"), proc.stderr[-2000:]
     assert "within 3 s" in lines[0] and "frame #" not in proc.stderr and waited < 60
     assert not (tmp_path / "o").exists()
+
+
+def test_engine_build_never_fails_on_a_cache_miss_before_writing_anything(tmp_path, capsys):
+    code, _, err = run_cli(["distill", "--ipc", "1", "--classes", "0", "--engine", "onnx", "--engine-build", "never",
+                            "--engine-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress"],
+                           capsys)
+    assert code == 2 and "building is off; fill it first with: cao2-fast export --engine onnx" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_rank_reports_the_whole_job_and_its_share(tmp_path):
+    from cao2_fast.progress import LogLines
+
+    lines = []
+    d = make_distiller()
+    d.progress = LogLines(write=lines.append)
+    (tmp_path / "o").mkdir()  # rank 0 makes the folder before the ranks meet
+    assert d.run(tmp_path / "o", rank=1, world_size=2) is None  # blocks [0, 2] and [4]: rank 1 does [4]
+    assert lines[0].startswith("plan: 3 of 3 classes to distill over 2 ranks, 1 of them on rank 1"), lines

@@ -39,21 +39,22 @@ Examples:
       --teacher resnet18:t.pth --dry-run
 """
 
-OPT = "Training (default: the protocol's SPEC §3 value)"
+OPT = "Training (default: the protocol's published value)"
+DATA, MODELS, RUN = "Data", "Protocol, student and teacher", "Run and output"
 
 
 @app.command("eval", epilog=EXAMPLES)
 def eval_command(
-    distilled: Annotated[Path | None, typer.Option("--distilled", help="Distilled set: ImageFolder <dir>/<class>/<image>.")] = None,
-    val: Annotated[Path | None, typer.Option("--val", help="Real validation ImageFolder (same class folders); not needed with --dataset digits.")] = None,
-    train: Annotated[Path | None, typer.Option("--train", help="Real training ImageFolder: only a few images per class, for the teacher class-order check (default: --val).")] = None,
-    protocol: Annotated[str, typer.Option("--protocol", metavar="soft|hard", help="soft: RDED-style teacher KL; hard: IDC-style labels + instance norm.")] = "soft",
-    student: Annotated[str | None, typer.Option("--student", help="timm model trained from scratch (default resnet18; digits: the preset's small ResNet).")] = None,
-    teacher: Annotated[str | None, typer.Option("--teacher", help="Soft protocol: timm NAME:CHECKPOINT trained on the real data, outputs in sorted folder order (digits: preset classifier).")] = None,
-    teacher_size: Annotated[int | None, typer.Option("--teacher-size", help="Teacher input side (default: --image-size).")] = None,
-    teacher_normalize: Annotated[bool, typer.Option("--teacher-normalize/--teacher-raw", help="Normalise teacher input with ImageNet mean/std, or feed [-1, 1] as is.")] = True,
-    dataset: Annotated[str, typer.Option("--dataset", metavar="folder|digits", help="digits: the embedded preset's real val split and teacher, short schedules.")] = "folder",
-    repeats: Annotated[int, typer.Option("--repeats", help="Students trained (seeds seed, seed+1, ...); mean ± std over them.")] = 3,
+    distilled: Annotated[Path | None, typer.Option("--distilled", help="Distilled set: an ImageFolder (DIR/CLASS/IMAGE).", rich_help_panel=DATA)] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Real validation ImageFolder (same class folders); not needed with --dataset digits.", rich_help_panel=DATA)] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="Real training ImageFolder: only a few images per class, for the teacher class-order check (default: --val).", rich_help_panel=DATA)] = None,
+    protocol: Annotated[str, typer.Option("--protocol", metavar="soft|hard", help="soft: RDED-style teacher KL; hard: IDC-style labels + instance norm.", rich_help_panel=MODELS)] = "soft",
+    student: Annotated[str | None, typer.Option("--student", help="timm model trained from scratch (default resnet18; digits: the preset's small ResNet).", rich_help_panel=MODELS)] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Soft protocol: timm NAME:CHECKPOINT trained on the real data, outputs in sorted folder order (digits: preset classifier).", rich_help_panel=MODELS)] = None,
+    teacher_size: Annotated[int | None, typer.Option("--teacher-size", help="Teacher input side (default: --image-size).", rich_help_panel=MODELS)] = None,
+    teacher_normalize: Annotated[bool, typer.Option("--teacher-normalize/--teacher-raw", show_default="normalize", help="Normalise teacher input with ImageNet mean/std, or feed [-1, 1] as is.", rich_help_panel=MODELS)] = True,
+    dataset: Annotated[str, typer.Option("--dataset", metavar="folder|digits", help="digits: the embedded preset's real val split and teacher, short schedules.", rich_help_panel=DATA)] = "folder",
+    repeats: Annotated[int, typer.Option("--repeats", help="Students trained (seeds seed, seed+1, ...); mean ± std over them.", rich_help_panel=MODELS)] = 3,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Soft 300; hard 2000/1500/1000 for IPC ≤10/≤50/more.", rich_help_panel=OPT)] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Soft 1e-3 (AdamW); hard 0.01, 0.1 above 100 classes (SGD).", rich_help_panel=OPT)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Soft 50 (IPC ≤10) / 100, doubled for ≥100 classes; hard 64.", rich_help_panel=OPT)] = None,
@@ -77,15 +78,15 @@ def eval_command(
     eval_from: Annotated[float | None, typer.Option("--eval-from", help="Start testing after this fraction of the epochs (0.8); the best test is reported.", rich_help_panel=OPT)] = None,
     eval_batch_size: Annotated[int | None, typer.Option("--eval-batch-size", help="Real images per test forward (256).", rich_help_panel=OPT)] = None,
     val_crop_ratio: Annotated[float | None, typer.Option("--val-crop-ratio", help="Real images: resize to size/ratio, centre-crop size (0.875; digits 1).", rich_help_panel=OPT)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the first repeat; repeat r uses seed + r.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first repeat; repeat r uses seed + r.", rich_help_panel=RUN)] = 0,
     device: DeviceOpt = Device.auto,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for training (default: torch's; digits on CPU: 1, see DIGITS_CPU_THREADS).")] = None,
-    class_check: Annotated[bool, typer.Option("--class-check/--no-class-check", help="Check the teacher's class order on real images first.")] = True,
-    check_per_class: Annotated[int, typer.Option("--check-per-class", help="Real images per class for the class-order check.")] = 5,
-    out: Annotated[Path | None, typer.Option("--out", help="JSON result file (default: <distilled>/../<name>-eval-<protocol>-<student>.json). Never inside the distilled set; an existing file is replaced only if it holds an eval record, a JSON object whose \"kind\" is \"cao2-fast eval record\" (what eval writes).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Re-run even if the JSON file already holds this exact evaluation.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the data, check the teacher, print the settings; train nothing.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON instead of a table.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for training (default: torch's; 1 for digits on CPU).", rich_help_panel=RUN)] = None,
+    class_check: Annotated[bool, typer.Option("--class-check/--no-class-check", help="Check the teacher's class order on real images first.", rich_help_panel=MODELS)] = True,
+    check_per_class: Annotated[int, typer.Option("--check-per-class", help="Real images per class for the class-order check.", rich_help_panel=MODELS)] = 5,
+    out: Annotated[Path | None, typer.Option("--out", help="JSON result file (default: beside the distilled set, NAME-eval-PROTOCOL-STUDENT.json). Never inside the distilled set; an existing file is replaced only if it holds an eval record, a JSON object whose \"kind\" is \"cao2-fast eval record\" (what eval writes).", rich_help_panel=RUN)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run even if the JSON file already holds this exact evaluation.", rich_help_panel=RUN)] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the data, check the teacher, print the settings; train nothing.", rich_help_panel=RUN)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON instead of a table.", rich_help_panel=RUN)] = False,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Train students on a distilled ImageFolder and report real top-1 plus a JSON record: per repeat the best top-1
