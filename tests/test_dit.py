@@ -1,4 +1,5 @@
-"""The lean DiT against diffusers and the original checkpoint layout, its embeddings, sizes and loader errors."""
+"""The lean DiT against diffusers and the original checkpoint layout, its embeddings, sizes and loader errors, and
+its CPU execution forms against the released ones."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from cao2_fast.errors import UserError
+from cao2_fast.models import dit_cpu
 from cao2_fast.models.dit import (
     DiT,
     DiTConfig,
@@ -525,20 +527,19 @@ def test_load_dit_returns_eval_mode_without_dropout(orig_pair, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernel forms: the CPU-fast GELU and attention compute the released maths
+# Kernel forms: the CPU forms (models/dit_cpu.py) compute the released maths
 
 
 def test_sigmoid_gelu_matches_torch_tanh_gelu_and_its_gradient():
-    from cao2_fast.models.dit import _SigmoidGelu, gelu_tanh
-
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 257, generator=g) * 4).double()  # tails to ±16: σ saturates where tanh does
-    assert torch.autograd.gradcheck(_SigmoidGelu.apply, (x[:3, :7].clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(dit_cpu.SigmoidGelu.apply, (x[:3, :7].clone().requires_grad_(),))
     up = torch.randn(64, 257, generator=g, dtype=torch.float64)
+    gelus = {"tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"), "sigmoid": dit_cpu.sigmoid_gelu}
     xs = {}
-    for form in ("tanh", "sigmoid"):
+    for form, gelu in gelus.items():
         xf = x.float().clone().requires_grad_(True)
-        y = gelu_tanh(xf, form)
+        y = gelu(xf)
         y.backward(up.float())
         xs[form] = (y.detach(), xf.grad)
     x64 = x.clone().requires_grad_(True)
@@ -548,7 +549,7 @@ def test_sigmoid_gelu_matches_torch_tanh_gelu_and_its_gradient():
         assert (y.double() - y64).abs().max() <= 2e-6, form
         assert (gx.double() - x64.grad).abs().max() <= 2e-5, form
     with torch.no_grad():  # the traced/no-grad spelling is the same function
-        torch.testing.assert_close(gelu_tanh(x.float(), "sigmoid"), xs["tanh"][0], rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(dit_cpu.sigmoid_gelu(x.float()), xs["tanh"][0], rtol=1e-5, atol=2e-6)
 
 
 def test_cpu_kernels_match_released_forward_and_input_gradient():
@@ -584,6 +585,24 @@ def test_cpu_kernels_match_released_forward_and_input_gradient():
     assert dit.kernels == RELEASED_KERNELS and not dit.x_embedder.as_matmul
 
 
+def test_released_forms_run_nothing_of_the_cpu_module(monkeypatch):
+    """In RELEASED_KERNELS the forward and its gradient are the model of models/dit.py alone: every CPU form fails
+    here if called."""
+    from cao2_fast.models.dit import RELEASED_KERNELS, random_dit
+
+    dit = random_dit(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES), seed=3)
+    assert dit.kernels == RELEASED_KERNELS
+    for name in dit_cpu.__all__:
+        if name == "ConditioningMemo":
+            monkeypatch.setattr(dit_cpu.ConditioningMemo, "modulations", lambda *a: pytest.fail("memo consulted"))
+        else:
+            monkeypatch.setattr(dit_cpu, name, lambda *a, name=name: pytest.fail(f"{name} called"))
+    x, t, y = _inputs(2, [3, 900], [1, NULL], seed=4)
+    xg = x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(dit(xg, t, y).square().sum(), xg)
+    assert gx.abs().max() > 0
+
+
 def _graph_nodes(out: torch.Tensor) -> list[str]:
     seen, todo, names = set(), [out.grad_fn], []
     while todo:
@@ -599,7 +618,7 @@ def _graph_nodes(out: torch.Tensor) -> list[str]:
 def test_frozen_blocks_are_one_node_each_with_the_composed_blocks_gradient(monkeypatch):
     """With frozen weights and the CPU forms each block is one autograd node whose written-out backward gives the
     composed block's input gradient; wanting weight gradients, or other forms, keeps the composed block."""
-    from cao2_fast.models.dit import DiTBlock, DiTKernels, fast_kernels, random_dit
+    from cao2_fast.models.dit import DiTKernels, fast_kernels, random_dit
 
     dit = random_dit(DiTConfig(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=NUM_CLASSES), seed=5)
     dit.set_kernels(fast_kernels("cpu"))
@@ -612,26 +631,26 @@ def test_frozen_blocks_are_one_node_each_with_the_composed_blocks_gradient(monke
         return out.detach(), torch.autograd.grad((out * w).sum(), xg)[0], _graph_nodes(out)
 
     out, gx, nodes = run()
-    assert nodes.count("_FrozenBlockBackward") == 3
+    assert nodes.count("FrozenBlockBackward") == 3
     with monkeypatch.context() as m:
-        m.setattr(DiTBlock, "_frozen_node", lambda self, x, mod: False)
+        m.setattr(dit_cpu, "runs_as_one_node", lambda block, x, mod: False)
         ref_out, ref_gx, ref_nodes = run()
-    assert "_FrozenBlockBackward" not in ref_nodes and len(ref_nodes) > len(nodes) + 3 * 20
+    assert "FrozenBlockBackward" not in ref_nodes and len(ref_nodes) > len(nodes) + 3 * 20
     assert (out - ref_out).abs().max() <= 1e-6 * ref_out.abs().max()
     assert (gx - ref_gx).abs().max() <= 1e-6 * ref_gx.abs().max()
     assert gx.abs().max() > 0
 
     dit.blocks[1].mlp.fc2.weight.requires_grad_(True)  # a weight gradient is wanted: that block stays composed
     out2, gx2, nodes2 = run()
-    assert nodes2.count("_FrozenBlockBackward") == 2
+    assert nodes2.count("FrozenBlockBackward") == 2
     assert (gx2 - ref_gx).abs().max() <= 1e-6 * ref_gx.abs().max()
     dit.requires_grad_(False)
     dit.set_kernels(DiTKernels("tanh", "math", fused=True))  # forms the node does not write out
-    assert "_FrozenBlockBackward" not in run()[2]
+    assert "FrozenBlockBackward" not in run()[2]
 
 
 def test_frozen_block_backward_passes_gradcheck():
-    from cao2_fast.models.dit import _FrozenBlock, fast_kernels, random_dit
+    from cao2_fast.models.dit import fast_kernels, random_dit
 
     dit = random_dit(DiTConfig(input_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=NUM_CLASSES), seed=6)
     dit = dit.double().set_kernels(fast_kernels("cpu"))
@@ -639,14 +658,14 @@ def test_frozen_block_backward_passes_gradcheck():
     g = torch.Generator().manual_seed(2)
     mod = torch.randn(2, 6 * 16, generator=g, dtype=torch.float64) * 0.5
     x = torch.randn(2, 4, 16, generator=g, dtype=torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v: _FrozenBlock.apply(v, mod, block), (x,))
+    assert torch.autograd.gradcheck(lambda v: dit_cpu.FrozenBlock.apply(v, mod, block), (x,))
 
 
 def test_conditioning_memo_gathers_what_the_plain_forward_computes(monkeypatch):
     """With the CPU forms the adaLN outputs come from a memo per (timestep, label after dropout): computed once,
     equal to the plain forward's, refilled when a conditioning weight changes, unused when its weights want
     gradients."""
-    from cao2_fast.models.dit import _ConditioningMemo, fast_kernels, random_dit
+    from cao2_fast.models.dit import fast_kernels, random_dit
 
     dit = random_dit(DiTConfig(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=NUM_CLASSES), seed=7)
     dit.set_kernels(fast_kernels("cpu"))
@@ -658,7 +677,7 @@ def test_conditioning_memo_gathers_what_the_plain_forward_computes(monkeypatch):
 
     def plain(*args):
         with monkeypatch.context() as m:
-            m.setattr(_ConditioningMemo, "modulations", lambda self, dit, t, labels: None)
+            m.setattr(dit_cpu.ConditioningMemo, "modulations", lambda self, dit, t, labels: None)
             return dit(*args)
 
     def close(a, b):
@@ -690,7 +709,7 @@ def test_conditioning_memo_gathers_what_the_plain_forward_computes(monkeypatch):
         copied = copy.deepcopy(dit)  # a copy starts empty and fills its own
         assert not copied._memo.rows and close(copied(x, t, y, drop), now) and copied._memo.rows
         row_bytes = sum(table[0].nbytes for table in dit._memo.tables)
-        monkeypatch.setattr(_ConditioningMemo, "MAX_BYTES", (len(keys) - 1) * row_bytes)
+        monkeypatch.setattr(dit_cpu.ConditioningMemo, "MAX_BYTES", (len(keys) - 1) * row_bytes)
         copied._memo.rows.clear()
         assert close(copied(x, t, y, drop), now)  # more distinct keys than the cap holds: computed without it
         assert not copied._memo.rows

@@ -1,4 +1,10 @@
-"""A lean class-conditional DiT (Peebles & Xie) that loads original and diffusers checkpoints.
+"""The class-conditional DiT (Peebles & Xie) as published, and the loaders of original and diffusers checkpoints.
+
+This file is what a reader checks against the DiT paper and the original checkpoints: the config and named sizes,
+the sinusoidal timestep and 2-D sin-cos position embeddings, the patch embedding, the timestep and label embedders,
+the adaLN-Zero blocks (attention and MLP), the final layer, the learned-sigma output, and the loaders. Every module
+computes its released form. Three switches, set together by :meth:`DiT.set_kernels` from a :class:`DiTKernels`,
+send a module to the same maths in a form that is quicker on CPU; those forms live in :mod:`.dit_cpu`.
 
 Differences from the two reference implementations, all output-preserving:
 * the conditioning vector c = t_emb + y_emb is computed once per forward (diffusers recomputes it in every block);
@@ -14,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError, require_file
+from . import dit_cpu
 from .weights import (check_fits, config_int, config_number, first_line, held_values, load_checked,
                       read_diffusers_config, read_weights)
 
-NAMED_SIZES = {  # (depth, hidden, heads), SPEC §4
+NAMED_SIZES = {  # (depth, hidden, heads), docs/method.md
     "XL": (28, 1152, 16),
     "L": (24, 1024, 16),
     "B": (12, 768, 12),
@@ -71,10 +77,15 @@ class DiTConfig:
         return cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides)
 
     def flops_per_forward(self) -> float:
-        """FLOPs (2 per multiply-add) of one image-forward, counting the linears, attention and adaLN (SPEC §5)."""
+        """FLOPs (2 per multiply-add) of one image-forward, counting the linears, attention and adaLN (the cost model
+        of docs/method.md)."""
         t, d = self.num_tokens, self.hidden_size
         per_block = 12 * d * d * t + 2 * t * t * d + 6 * d * d
         return 2.0 * self.depth * per_block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: int = 0, max_period: float = 10000.0) -> torch.Tensor:
@@ -103,237 +114,18 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return emb.float().unsqueeze(0)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches of the latent, each projected to a token (a strided convolution)."""
 
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.impl = "sdpa"  # see DiTKernels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d/H)
-        if self.impl == "sdpa":
-            x = F.scaled_dot_product_attention(*qkv.unbind(0))
-        else:  # softmax(q·kᵀ/√d)·v written out: two batched matmuls, cheaper than the fused CPU kernel for few tokens
-            x = _math_attention(qkv)[0]
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
-
-
-def _math_attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """softmax(q·kᵀ/√d)·v of a (3, B, H, N, d) view of stacked q, k, v, returned as (B, H, N, d), with what a
-    backward needs: the contiguous (3, B·H, N, d) q, k, v and the probabilities. One copy makes all three
-    contiguous, and the 1/√d scale rides in the first matmul (``baddbmm``'s alpha) instead of a pass over q.
-    """
-    _, b, h, n, dh = qkv.shape
-    qkv = qkv.reshape(3, b * h, n, dh)
-    q, k, v = qkv.unbind(0)
-    scores = torch.baddbmm(q.new_empty(()).expand(b * h, n, n), q, k.transpose(1, 2), beta=0.0, alpha=dh**-0.5)
-    p = torch.softmax(scores, dim=-1)
-    return torch.bmm(p, v).view(b, h, n, dh), qkv, p
-
-
-# tanh-GELU through the logistic identity 0.5·(1 + tanh(u)) = σ(2u): gelu(x) = x·σ(x·(A + B·x²)).
-_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)
-_GELU_B = _GELU_A * 0.044715
-
-
-@dataclass(frozen=True)
-class DiTKernels:
-    """How a DiT evaluates two of its functions; every choice computes the same maths (to float rounding).
-
-    ``gelu``: ``tanh`` is torch's tanh-GELU kernel (the released execution), ``sigmoid`` the same function through
-    0.5·(1 + tanh(u)) = σ(2u) with a hand-written backward (:class:`_SigmoidGelu`) — on CPU, torch's tanh kernels
-    are the slowest elementwise op of a small DiT. ``attention``: ``sdpa`` is ``scaled_dot_product_attention``
-    (flash attention on GPUs), ``math`` the two batched matmuls and a softmax, quicker on CPU for few tokens.
-    ``fused``: the adaLN modulation x·(1 + scale) + shift and the gated residual x + gate·f(x) each as one
-    ``addcmul`` instead of two passes, and the patch embedding as one matmul over the flattened patches instead of a
-    strided convolution (whose backward on CPU costs more than the block's attention); off, the released forms.
-    With all three CPU forms, frozen weights and a gradient wanted for the input only (stage 2), each block runs as
-    one autograd node with a written-out backward (:class:`_FrozenBlock`).
-    """
-
-    gelu: str = "tanh"
-    attention: str = "sdpa"
-    fused: bool = False
-
-    def __post_init__(self):
-        if self.gelu not in ("tanh", "sigmoid"):
-            raise ValueError(f"unknown GELU form {self.gelu!r}: tanh or sigmoid")
-        if self.attention not in ("sdpa", "math"):
-            raise ValueError(f"unknown attention {self.attention!r}: sdpa or math")
-
-
-RELEASED_KERNELS = DiTKernels()
-
-
-class _SigmoidGelu(torch.autograd.Function):
-    """tanh-GELU as x·σ(u) with a hand-written backward of a few in-place passes (see :class:`DiTKernels`).
-    Saves x and σ(u) for the backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = _gelu_arg(x, _GELU_B).sigmoid_()
-        ctx.save_for_backward(x, s)
-        return torch.mul(x, s)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, s = ctx.saved_tensors
-        # d/dx [x·σ(u)] = σ + x·σ·(1 − σ)·du/dx with du/dx = A + 3B·x²; with d = x·du/dx that is σ·(1 + d − d·σ)
-        d = _gelu_arg(x, 3.0 * _GELU_B)
-        ds = torch.mul(d, s)
-        return d.sub_(ds).add_(1.0).mul_(s).mul_(grad)
-
-
-def _gelu_arg(x: torch.Tensor, b: float) -> torch.Tensor:
-    """x·(A + b·x²) in two passes: one ``addcmul`` from a 0-dim A, then a multiply in place."""
-    return torch.addcmul(torch.full((), _GELU_A, dtype=x.dtype, device=x.device), x, x, value=b).mul_(x)
-
-
-def gelu_tanh(x: torch.Tensor, form: str = "tanh") -> torch.Tensor:
-    """The DiT's tanh-approximate GELU in the given :class:`DiTKernels` form. The ``sigmoid`` form uses
-    :class:`_SigmoidGelu` under autograd in eager mode, plain ops under autograd while compiling (the compiler fuses
-    them and derives the backward), and one new buffer updated in place without gradients."""
-    if form == "tanh":
-        return F.gelu(x, approximate="tanh")
-    if torch.is_grad_enabled() and x.requires_grad:
-        if torch.compiler.is_compiling():
-            return x * torch.sigmoid(x * (_GELU_A + _GELU_B * x * x))
-        return _SigmoidGelu.apply(x)
-    return _gelu_arg(x, _GELU_B).sigmoid_().mul_(x)
-
-
-def fast_kernels(device) -> DiTKernels:
-    """The quicker :class:`DiTKernels` on ``device``: the sigmoid GELU, written-out attention and fused forms on
-    CPU; the released ones on GPUs, where torch's GELU is one fused memory pass and SDPA is flash attention."""
-    return DiTKernels("sigmoid", "math", fused=True) if torch.device(device).type == "cpu" else RELEASED_KERNELS
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.gelu_form = "tanh"  # see DiTKernels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x), self.gelu_form))
-
-
-class _FrozenBlock(torch.autograd.Function):
-    """A :class:`DiTBlock` in the CPU forms of :class:`DiTKernels` (sigmoid GELU, written-out attention, fused
-    modulation) with frozen weights, as one autograd node whose backward computes the input's gradient only.
-
-    Stage 2 differentiates with respect to the latent, never the weights. Composed from ops, a block is about thirty
-    autograd nodes, each saving its inputs and allocating its own gradient buffers; here the backward is written
-    out: in-place passes on buffers it owns, the layer norms' backward from their saved statistics, and the q, k, v
-    gradients written by the batched matmuls straight into one buffer (one copy back to the fused linear's layout
-    instead of a stack and a copy). The forward is the same op sequence as the composed block, so its output is the
-    same to rounding. Saved: the block input, both layer norms' statistics, q/k/v, the attention probabilities, the
-    residual after attention, and the GELU's derivative at the MLP's pre-activation (computed in the forward while
-    its inputs are in cache, so the backward reads one tensor instead of two).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mod: torch.Tensor, block: "DiTBlock") -> torch.Tensor:
-        b, n, d = x.shape
-        attn, mlp = block.attn, block.mlp
-        heads = attn.heads
-        dh = d // heads
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unsqueeze(1).chunk(6, dim=2)
-        sa, sm = 1 + scale_a, 1 + scale_m
-        ln, mean1, rstd1 = torch.native_layer_norm(x, (d,), None, None, block.eps)
-        h = torch.addcmul(shift_a, ln, sa, out=ln)  # the normalised copy is not saved: modulate it in place
-        qkv = torch.addmm(attn.qkv.bias, h.view(-1, d), attn.qkv.weight.t())
-        o, qkv, p = _math_attention(qkv.view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4))
-        o = o.transpose(1, 2).reshape(b * n, d)
-        x1 = torch.addcmul(x, gate_a, torch.addmm(attn.proj.bias, o, attn.proj.weight.t()).view(b, n, d))
-        ln, mean2, rstd2 = torch.native_layer_norm(x1, (d,), None, None, block.mlp_eps)
-        h = torch.addcmul(shift_m, ln, sm, out=ln)
-        z = torch.addmm(mlp.fc1.bias, h.view(-1, d), mlp.fc1.weight.t())
-        s = _gelu_arg(z, _GELU_B).sigmoid_()
-        f = torch.addmm(mlp.fc2.bias, torch.mul(z, s), mlp.fc2.weight.t())
-        # the GELU's derivative σ·(1 + e·(1 − σ)), e = z·du/dz (see _SigmoidGelu), while z and σ are still warm:
-        # the backward then reads one saved tensor instead of two, once
-        e = _gelu_arg(z, 3.0 * _GELU_B)
-        slope = e.addcmul_(e, s, value=-1.0).add_(1.0).mul_(s)
-        del z, s
-        ctx.save_for_backward(x, mean1, rstd1, qkv, p, x1, mean2, rstd2, slope, sa, gate_a, sm, gate_m,
-                              attn.qkv.weight, attn.proj.weight, mlp.fc1.weight, mlp.fc2.weight)
-        return torch.addcmul(x1, gate_m, f.view(b, n, d))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: torch.Tensor):
-        x, mean1, rstd1, qkv, p, x1, mean2, rstd2, slope, sa, gate_a, sm, gate_m, w_qkv, w_proj, w1, w2 = \
-            ctx.saved_tensors
-        b, n, d = x.shape
-        _, bh, _, dh = qkv.shape
-        only_input = [True, False, False]
-        g = g.contiguous()
-        gz = torch.mm(torch.mul(g, gate_m).view(-1, d), w2).mul_(slope)  # through the MLP and its GELU
-        gh = torch.mm(gz, w1).view(b, n, d).mul_(sm)
-        del gz
-        gx1 = torch.ops.aten.native_layer_norm_backward(gh, x1, (d,), mean2, rstd2, None, None, only_input)[0]
-        gx1.add_(g)
-        # attention: dq = dS·k/√d, dk = dSᵀ·q/√d, dv = Pᵀ·dO, written into one (3, B·H, N, d/H) buffer
-        go = torch.mm(torch.mul(gx1, gate_a).view(-1, d), w_proj)
-        go = go.view(b, n, bh // b, dh).transpose(1, 2).reshape(bh, n, dh)
-        q, k, v = qkv.unbind(0)
-        gqkv = torch.empty_like(qkv)
-        torch.bmm(p.transpose(1, 2), go, out=gqkv[2])
-        ds = torch.ops.aten._softmax_backward_data(torch.bmm(go, v.transpose(1, 2)), p, -1, p.dtype)
-        torch.baddbmm(gqkv[0], ds, k, beta=0.0, alpha=dh**-0.5, out=gqkv[0])
-        torch.baddbmm(gqkv[1], ds.transpose(1, 2), q, beta=0.0, alpha=dh**-0.5, out=gqkv[1])
-        gqkv = gqkv.view(3, b, bh // b, n, dh).permute(1, 3, 0, 2, 4).reshape(b * n, 3 * d)
-        gh = torch.mm(gqkv, w_qkv).view(b, n, d).mul_(sa)
-        gx = torch.ops.aten.native_layer_norm_backward(gh, x, (d,), mean1, rstd1, None, None, only_input)[0]
-        return gx.add_(gx1), None, None
-
-
-class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        d = cfg.hidden_size
-        self.eps = cfg.norm_eps
-        self.mlp_eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
-        self.dim = d
-        self.attn = Attention(d, cfg.num_heads)
-        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        self.fused = False  # see DiTKernels
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.as_matmul = False  # DiTKernels.fused
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """``mod``: this block's adaLN output for the conditioning (:meth:`DiT.conditioning`)."""
-        d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
-        if self.fused:  # the same sums, one addcmul each (see DiTKernels)
-            if self._frozen_node(x, mod):
-                return _FrozenBlock.apply(x, mod, self)
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unsqueeze(1).chunk(6, dim=2)
-            h = torch.addcmul(shift_a, F.layer_norm(x, (d,), eps=self.eps), 1 + scale_a)
-            x = torch.addcmul(x, gate_a, self.attn(h))
-            h = torch.addcmul(shift_m, F.layer_norm(x, (d,), eps=self.mlp_eps), 1 + scale_m)
-            return torch.addcmul(x, gate_m, self.mlp(h))
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
-        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
-        return x
-
-    def _frozen_node(self, x: torch.Tensor, mod: torch.Tensor) -> bool:
-        """Whether this forward runs as :class:`_FrozenBlock`: gradients wanted for the input only (no weight or
-        conditioning gradient), in the CPU forms it writes out, and not while torch.compile traces (the compiler
-        derives its own backward)."""
-        return (torch.is_grad_enabled() and x.requires_grad and not mod.requires_grad
-                and self.attn.impl == "math" and self.mlp.gelu_form == "sigmoid"
-                and not torch.compiler.is_compiling()
-                and not any(m.weight.requires_grad or m.bias.requires_grad
-                            for m in (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.as_matmul:
+            return dit_cpu.patch_embed_matmul(self.proj, x)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -350,7 +142,8 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class embedding with a null row (index ``num_classes``). In train mode labels drop to null with
-    probability ``dropout_prob`` unless ``force_drop_ids`` is given (the released stage-2 quirk (b))."""
+    probability ``dropout_prob`` unless ``drop`` (the original's ``force_drop_ids``) is given (the released stage-2
+    quirk (b))."""
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float):
         super().__init__()
@@ -370,6 +163,73 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(self.labels(y, drop))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.impl = "sdpa"  # DiTKernels.attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d/H)
+        if self.impl == "sdpa":
+            x = F.scaled_dot_product_attention(*qkv.unbind(0))
+        else:
+            x = dit_cpu.math_attention(qkv)[0]
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """Two linears around the tanh-approximate GELU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.gelu_form = "tanh"  # DiTKernels.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = F.gelu(h, approximate="tanh") if self.gelu_form == "tanh" else dit_cpu.sigmoid_gelu(h)
+        return self.fc2(h)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x + gate·attn(modulate(norm(x))), then x + gate·mlp(modulate(norm(x))), with the shifts,
+    scales and gates of the block's adaLN output for the conditioning."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.eps = cfg.norm_eps
+        self.mlp_eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
+        self.dim = d
+        self.attn = Attention(d, cfg.num_heads)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.fused = False  # DiTKernels.fused
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """``mod``: this block's adaLN output for the conditioning (:meth:`DiT.conditioning`)."""
+        if self.fused:
+            return dit_cpu.fused_block(self, x, mod)
+        d = self.dim  # a constant, not x.shape[-1]: keeps the graph exportable with a dynamic batch
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a))
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, (d,), eps=self.mlp_eps), shift_m, scale_m))
+        return x
+
+
 class FinalLayer(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -383,114 +243,13 @@ class FinalLayer(nn.Module):
         shift, scale = mod.chunk(2, dim=1)
         return self.linear(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
 
-    def channel_major(self, x: torch.Tensor, mod: torch.Tensor, patch: int) -> torch.Tensor:
-        """The same outputs in the fused forms (modulation as one ``addcmul``), each token's features ordered
-        (channel, row, column) instead of (row, column, channel): ``pixel_shuffle``'s order."""
-        shift, scale = mod.unsqueeze(1).chunk(2, dim=2)
-        h = torch.addcmul(shift, F.layer_norm(x, (self.dim,), eps=self.eps), 1 + scale)
-        w, b = self.linear.weight, self.linear.bias
-        w = w.view(patch, patch, -1, w.shape[1]).permute(2, 0, 1, 3).reshape(w.shape)
-        return F.linear(h, w, b.view(patch, patch, -1).permute(2, 0, 1).reshape(b.shape))
 
-
-class PatchEmbed(nn.Module):
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.as_matmul = False  # see DiTKernels.fused
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.as_matmul:  # each p×p patch flattened as (channel, row, column), the order of the conv's weight,
-            # which is pixel_unshuffle's channel order (its kernel is several times quicker than a 6-d permute copy)
-            patches = F.pixel_unshuffle(x, self.proj.kernel_size[0]).flatten(2).transpose(1, 2)
-            return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class _ConditioningMemo:
-    """The adaLN outputs per (timestep, label after dropout), kept across forwards (used with the CPU forms).
-
-    A stage-2 step draws each image's timestep from a few values ({1..t_max}) and the official recipe optimises
-    under the null label, so a run of a hundred steps needs a few dozen distinct conditionings, yet the plain
-    forward recomputes the timestep MLP and every block's adaLN linear for every image at every step. Here each
-    distinct (t, label) is computed once and a forward gathers its rows. Entries are computed in batches of at
-    least :attr:`MIN_ROWS` rows (padded by repetition), where a row's result does not depend on the rows beside it,
-    so the gathered values equal those of a plain forward over any batch of that size or more.
-
-    The memo empties itself when any conditioning weight changes (identity, storage or in-place version) and when it
-    would pass :attr:`MAX_BYTES`; a forward with more distinct keys than that holds is computed without it. It serves
-    only frozen conditioning weights and host tensors (the lookup reads the keys on the host). Lookups hold a lock,
-    so threads may share a model; a copy or a pickle of the model starts with an empty memo.
-    """
-
-    MIN_ROWS = 16
-    MAX_BYTES = 64 << 20
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._clear(None)
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-    def _clear(self, stamp) -> None:
-        self.stamp, self.rows, self.tables = stamp, {}, []
-
-    @staticmethod
-    def _params(dit: "DiT") -> list[torch.Tensor]:
-        mods = [dit.t_embedder, dit.y_embedder, dit.final_layer.adaLN_modulation]
-        mods += [block.adaLN_modulation for block in dit.blocks]
-        return [p for m in mods for p in m.parameters()]
-
-    def modulations(self, dit: "DiT", t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor] | None:
-        """Each block's adaLN output, then the final layer's, for every row (as :meth:`DiT.conditioning`); None
-        where the memo does not serve (device tensors, compiling, conditioning weights that want gradients) or the
-        batch has more distinct keys than it may hold."""
-        if t.device.type != "cpu" or labels.device.type != "cpu" or t.dim() != 1 or torch.compiler.is_compiling():
-            return None
-        params = self._params(dit)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return None
-        stamp = tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in params)
-        keys = list(zip(t.tolist(), labels.tolist()))
-        with self._lock:
-            if stamp != self.stamp:
-                self._clear(stamp)
-            new = [k for k in dict.fromkeys(keys) if k not in self.rows]
-            if new and not self._add(dit, new, t.dtype):
-                return None
-            index = torch.tensor([self.rows[k] for k in keys])
-            return [table.index_select(0, index) for table in self.tables]
-
-    def _add(self, dit: "DiT", new: list, t_dtype: torch.dtype) -> bool:
-        pad = new + new[-1:] * (self.MIN_ROWS - len(new))
-        with torch.no_grad():
-            parts = dit.conditioning(torch.tensor([k[0] for k in pad], dtype=t_dtype),
-                                     torch.tensor([k[1] for k in pad], dtype=torch.long))
-        row_bytes = sum(m.shape[1] * m.element_size() for m in parts)
-        if len(new) * row_bytes > self.MAX_BYTES:
-            return False
-        n = len(self.rows)
-        if (n + len(new)) * row_bytes > self.MAX_BYTES:
-            self._clear(self.stamp)
-            n = 0
-        if not self.tables or n + len(new) > self.tables[0].shape[0]:  # grow by doubling, within the cap
-            rows = min(max(2 * (n + len(new)), self.MIN_ROWS), self.MAX_BYTES // row_bytes)
-            grown = [m.new_empty(rows, m.shape[1]) for m in parts]
-            for old, big in zip(self.tables, grown):
-                big[:n] = old[:n]
-            self.tables = grown
-        for table, m in zip(self.tables, parts):
-            table[n : n + len(new)] = m[: len(new)]
-        self.rows.update(zip(new, range(n, n + len(new))))
-        return True
+# ----------------------------------------------------------------------------------------------------------------
+# The model
 
 
 class DiT(nn.Module):
-    """DiT with adaLN-Zero blocks. Parameter names follow the original checkpoint layout (SPEC §4)."""
+    """DiT with adaLN-Zero blocks. Parameter names follow the original checkpoint layout (docs/method.md)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -502,7 +261,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(cfg.hidden_size, grid), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
-        self._memo = _ConditioningMemo()
+        self._memo = dit_cpu.ConditioningMemo()  # serves the fused forms only
 
     @property
     def num_classes(self) -> int:
@@ -512,6 +271,31 @@ class DiT(nn.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None):
+        """x: (N, C, H, W) latents; t: (N,) timesteps (int or float); y: (N,) class ids, ``num_classes`` = null."""
+        fused = self.x_embedder.as_matmul  # DiTKernels.fused: the memo and the final layer of dit_cpu
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        labels = self.y_embedder.labels(y, drop)
+        memo = self._memo.modulations(self, t, labels) if fused else None
+        mods = memo or self.conditioning(t, labels)
+        for block, mod in zip(self.blocks, mods):
+            h = block(h, mod)
+        if fused:
+            return dit_cpu.final_layer_pixel_shuffle(self, h, mods[-1])
+        return self.unpatchify(self.final_layer(h, mods[-1]))
+
+    def conditioning(self, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """The adaLN outputs of every block, then of the final layer, for timesteps ``t`` and labels after
+        dropout."""
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(labels)
+        return [block.adaLN_modulation(c) for block in self.blocks] + [self.final_layer.adaLN_modulation(c)]
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.cfg.patch_size, self.cfg.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
     @property
     def kernels(self) -> DiTKernels:
         fused = self.x_embedder.as_matmul
@@ -520,45 +304,13 @@ class DiT(nn.Module):
         return DiTKernels(self.blocks[0].mlp.gelu_form, self.blocks[0].attn.impl, fused)
 
     def set_kernels(self, kernels: DiTKernels) -> "DiT":
-        """Evaluate GELU and attention the :class:`DiTKernels` way in every block (the maths is unchanged)."""
+        """Evaluate every module in the :class:`DiTKernels` forms (the maths is unchanged)."""
         for block in self.blocks:
             block.mlp.gelu_form = kernels.gelu
             block.attn.impl = kernels.attention
             block.fused = kernels.fused
         self.x_embedder.as_matmul = kernels.fused
         return self
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        p, c = self.cfg.patch_size, self.cfg.out_channels
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop: torch.Tensor | None = None):
-        """x: (N, C, H, W) latents; t: (N,) timesteps (int or float); y: (N,) class ids, ``num_classes`` = null."""
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        labels = self.y_embedder.labels(y, drop)
-        memo = self._memo.modulations(self, t, labels) if self.x_embedder.as_matmul else None  # the CPU forms
-        mods = memo or self.conditioning(t, labels)
-        for block, mod in zip(self.blocks, mods):
-            h = block(h, mod)
-        return self._final(h, mods[-1])
-
-    def _final(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """The final layer and unpatchify; in the fused forms (see :class:`DiTKernels`) ``pixel_shuffle`` places
-        the patches instead of a 6-d permute copy."""
-        if not self.x_embedder.as_matmul:
-            return self.unpatchify(self.final_layer(h, mod))
-        p = self.cfg.patch_size
-        out = self.final_layer.channel_major(h, mod, p)
-        side = self.cfg.input_size // p
-        return F.pixel_shuffle(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side), p)
-
-    def conditioning(self, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        """The adaLN outputs of every block, then of the final layer, for timesteps ``t`` and labels after
-        dropout."""
-        c = self.t_embedder(t) + self.y_embedder.embedding_table(labels)
-        return [block.adaLN_modulation(c) for block in self.blocks] + [self.final_layer.adaLN_modulation(c)]
 
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> "DiT":
         """Random weights with non-zero adaLN and output layers, so that every path of the model matters
@@ -567,6 +319,43 @@ class DiT(nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
         return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Execution forms
+
+
+@dataclass(frozen=True)
+class DiTKernels:
+    """The form each switchable part of a DiT runs in; every choice computes the same maths (to float rounding).
+
+    The defaults, :data:`RELEASED_KERNELS`, are the released forms: ``gelu="tanh"`` is torch's tanh-GELU kernel,
+    ``attention="sdpa"`` is ``scaled_dot_product_attention`` (flash attention on GPUs), ``fused=False`` the adaLN
+    arithmetic, patch convolution and unpatchify above. The others are the CPU forms of :mod:`.dit_cpu`:
+    ``gelu="sigmoid"`` the same GELU through σ with a hand-written backward, ``attention="math"`` two batched matmuls
+    and a softmax, and ``fused=True`` the modulations and gated residuals as one ``addcmul`` each, the patches in and
+    out through matmuls and pixel (un)shuffles, and the conditioning memo; with all three CPU forms, frozen weights
+    and a gradient wanted for the input only (stage 2), each block runs as one autograd node.
+    """
+
+    gelu: str = "tanh"
+    attention: str = "sdpa"
+    fused: bool = False
+
+    def __post_init__(self):
+        if self.gelu not in ("tanh", "sigmoid"):
+            raise ValueError(f"unknown GELU form {self.gelu!r}: tanh or sigmoid")
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"unknown attention {self.attention!r}: sdpa or math")
+
+
+RELEASED_KERNELS = DiTKernels()
+
+
+def fast_kernels(device) -> DiTKernels:
+    """The quicker :class:`DiTKernels` on ``device``: the sigmoid GELU, written-out attention and fused forms on
+    CPU; the released ones on GPUs, where torch's GELU is one fused memory pass and SDPA is flash attention."""
+    return DiTKernels("sigmoid", "math", fused=True) if torch.device(device).type == "cpu" else RELEASED_KERNELS
 
 
 # ----------------------------------------------------------------------------------------------------------------
