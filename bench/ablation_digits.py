@@ -1,8 +1,8 @@
 """Does each stage earn its place? The method's claim, reproduced in miniature on the digits preset.
 
 For IPC 1 and 10 and several seeds, distilled sets are built five ways and scored under both evaluation protocols
-(SPEC §3, digits-scaled schedules from ``cao2_fast.eval.api.DIGITS_SETTINGS``), with the whole real train split as
-the ceiling:
+(docs/evaluation.md, digits-scaled schedules from ``cao2_fast.eval.api.DIGITS_SETTINGS``), with the whole real train
+split as the ceiling:
 
   real-random     IPC random real images per class from the train split
   diffusion       plain DiT samples: a random IPC of the K·IPC candidates, no selection, no stage 2
@@ -62,7 +62,7 @@ def distilled_sets(ipc: int, seed: int) -> tuple[dict[str, ImageSet], dict]:
         res = d.distill()
         recs = [rec for r in res for rec in r.records]
         stats[recipe] = {
-            "candidate_accuracy": statistics.fmean(r.candidate_accuracy for r in res),
+            "candidate_accuracy": statistics.fmean(r.records[0]["stage1_candidate_accuracy"] for r in res),
             "prob_before": statistics.fmean(rec["prob_before"] for rec in recs),
             "prob_after": statistics.fmean(rec["prob_after"] for rec in recs),
             "loss_first": statistics.fmean(rec["loss_first"] for rec in recs),
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
         for p in PROTOCOLS:  # the ceiling does not depend on IPC: one entry per protocol and seed
             if seed < (args.full_train_seeds or args.seeds) and f"all|{p}|full-train|{seed}" not in results["evals"]:
                 rec = evaluate(full, protocol=p, dataset="digits", repeats=1, seed=seed)
-                results["evals"][f"all|{p}|full-train|{seed}"] = {"top1": rec["top1"][0], "seconds": rec["seconds_total"]}
+                results["evals"][f"all|{p}|full-train|{seed}"] = {"top1": rec["top1"][0], "seconds":
+                rec["seconds_total"]}
                 print(f"  {p:4s} full-train  {rec['top1'][0]:.1f}%", file=sys.stderr)
                 save()
     summary = summarise(results)

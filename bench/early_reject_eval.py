@@ -2,9 +2,10 @@
 scored by both protocols.
 
 For each seed the official recipe (both stages) runs twice on the same models — exact stage 1, and stage 1 with the
-given early-rejection checks and/or guidance interval — and each distilled set trains a student under the soft- and hard-label protocols
-(SPEC §3, digits-scaled: ``cao2_fast.eval.api.DIGITS_SETTINGS``), one repeat per seed, scored on the 450 held-out
-digits. Also recorded per set: pick agreement with the exact run, stage-1 DiT forwards, candidates' accuracy.
+given early-rejection checks and/or guidance interval — and each distilled set trains a student under the soft- and
+hard-label protocols (docs/evaluation.md, digits-scaled: ``cao2_fast.eval.api.DIGITS_SETTINGS``), one repeat per seed,
+scored on the 450 held-out digits. Also recorded per set: pick agreement with the exact run, stage-1 DiT forwards,
+candidates' accuracy.
 
     python bench/early_reject_eval.py --k 4 --checks 10:20 --seeds 3
     python bench/early_reject_eval.py --k 4 --checks 5:30,15:15     # two checks
@@ -56,8 +57,8 @@ def distilled(k: int, ipc: int, seed: int, guidance: float, checks: list[tuple[i
     images = torch.cat([r.images for r in res])
     labels = torch.tensor([r.class_id for r in res for _ in range(len(r.records))])
     picks = {r.class_id: sorted(rec["candidate_index"] for rec in r.records) for r in res}
-    stats = {"candidate_accuracy": statistics.fmean(r.candidate_accuracy for r in res),
-             "stage1_dit_forwards_per_class": d.stage1_forwards()}
+    stats = {"candidate_accuracy": statistics.fmean(r.records[0]["stage1_candidate_accuracy"] for r in res),
+             "stage1_dit_forwards_per_class": d.generator.stage1_forwards(d.config)}
     return ImageSet(images, labels, CLASS_NAMES), picks, stats
 
 

@@ -30,6 +30,7 @@ import torch
 from cao2_fast.engines import BACKENDS, EngineCache, EngineSettings, build_engine, require, stage1_specs
 from cao2_fast.errors import UserError
 from cao2_fast.fileio import atomic_write, json_bytes, save_figure
+from cao2_fast.generators.dit import DiTGenerator
 from cao2_fast.pipeline import Distiller, preset_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +40,8 @@ def setup_models():
     """(dit, vae, classifier, stage-1 batch, description)."""
     if (preset_dir("digits") / "preset.json").is_file():
         d = Distiller.from_preset("digits", ipc=10)
-        return d.dit, d.vae, d.classifier, d.config.stage1_batch, "digits preset"
-    from cao2_fast.models.dit import DiTConfig
+        return d.generator.dit, d.generator.vae, d.classifier, d.config.stage1_batch, "digits preset"
+    from cao2_fast.generators.dit import DiTConfig
     from cao2_fast.models.random import random_models
 
     dit, vae, clf = random_models(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10),
@@ -143,7 +144,7 @@ def run(engines: list[str], device: str, seconds: float, engine_dir: Path | None
     dit, vae, clf, stage1_batch, which = setup_models()
     for m in (dit, vae, clf):
         m.to(device)
-    specs = stage1_specs(dit, vae, clf)
+    specs = stage1_specs(DiTGenerator(dit, vae), clf)
     batches = {"dit": 2 * stage1_batch, "vae_decode": min(stage1_batch, 64), "classifier": min(stage1_batch, 64)}
     inputs = model_inputs(dit, vae, batches["dit"], batches["vae_decode"])
     env = environment(device)

@@ -12,11 +12,13 @@ _LAZY = {
     "DATASETS": ".config", "RECIPES": ".config", "DistillConfig": ".config", "Recipe": ".config",
     "build_config": ".config", "Diffusion": ".diffusion", "UserError": ".errors",
     "load_classifier": ".models.classifier", "DiT": ".models.dit", "DiTConfig": ".models.dit",
-    "load_dit": ".models.dit", "load_vae": ".models.vae", "Distiller": ".pipeline",
+    "load_dit": ".models.dit", "load_vae": ".models.vae", "Distiller": ".pipeline", "ClassOutput": ".pipeline",
+    "Generator": ".generator", "DiTGenerator": ".generators.dit", "write_set": ".output",
 }
 
-__all__ = ["Distiller", "DistillConfig", "Recipe", "RECIPES", "DATASETS", "build_config", "Diffusion", "DiT",
-           "DiTConfig", "load_dit", "load_vae", "load_classifier", "UserError", "__version__"]
+__all__ = ["Distiller", "ClassOutput", "write_set", "Generator", "DiTGenerator", "DistillConfig", "Recipe", "RECIPES",
+           "DATASETS", "build_config", "Diffusion", "DiT", "DiTConfig", "load_dit", "load_vae", "load_classifier",
+           "UserError", "__version__"]
 
 
 def __getattr__(name: str):

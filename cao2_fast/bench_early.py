@@ -5,15 +5,15 @@ For each oversampling K and guidance scale, the exact stage 1 (every candidate s
 then each setting of a grid runs the same classes, seeds and models with only that setting changed. Per setting:
 
 * DiT image-forwards, VAE decodes and classifier calls, *counted* by wrapping the three callables the stage uses,
-  turned into FLOPs with the DiT cost model (SPEC §5, a guided step is 2 forwards) and the decode/classify FLOPs of
-  one image measured with ``torch.utils.flop_counter``;
+  turned into FLOPs with the DiT cost model (docs/method.md's cost model, a guided step is 2 forwards) and the
+  decode/classify FLOPs of one image measured with ``torch.utils.flop_counter``;
 * pick agreement: the share of the exact run's final picks that the setting also picks (over all classes), and the
   largest latent difference over the picks both runs share (survivors should follow the exact trajectory);
 * wall time of the setting's stage 1 over the exact run's (medians of ``repeats`` runs; the exact run is timed at
   least 3 times, spread among the settings) — meaningful only on an otherwise idle machine.
 
 The ImageNet-1K IPC10 projection applies the same counts to DiT-XL/2 (sd-vae-ft-mse decode and ResNet-18 at their
-real sizes, FLOPs counted on the meta device) and divides by the H100 peak of SPEC §5.
+real sizes, FLOPs counted on the meta device) and divides by the H100 peak of docs/method.md's cost model.
 """
 
 from __future__ import annotations
@@ -81,13 +81,14 @@ def _stage1_all(d) -> dict:
 
 def _counted(d) -> tuple[dict, dict]:
     """One run of the distiller's stage 1 with its three callables counted: (result, images per callable)."""
-    base = (d.stage1_dit, d.stage1_decode, d.stage1_classify)
-    d.stage1_dit, d.stage1_decode, d.stage1_classify = (_Counted(f) for f in base)
+    gen = d.generator
+    base = (gen.sampler, gen.decoder, d.classify)
+    gen.sampler, gen.decoder, d.classify = (_Counted(f) for f in base)
     try:
         res = _stage1_all(d)
-        counts = {"dit": d.stage1_dit.images, "decode": d.stage1_decode.images, "classify": d.stage1_classify.images}
+        counts = {"dit": gen.sampler.images, "decode": gen.decoder.images, "classify": d.classify.images}
     finally:
-        d.stage1_dit, d.stage1_decode, d.stage1_classify = base
+        gen.sampler, gen.decoder, d.classify = base
     return res, counts
 
 
@@ -153,8 +154,8 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
                                    device=device, order=order)
         base["device"] = _device_name(d0.device)
         cfg = d0.config
-        f_dit = d0.dit.cfg.flops_per_forward()
-        f_dec, f_clf = per_image_flops(d0.vae, d0.classifier, d0.latent_shape)
+        f_dit = d0.generator.dit.cfg.flops_per_forward()
+        f_dec, f_clf = per_image_flops(d0.generator.vae, d0.classifier, d0.generator.latent_shape)
         t0 = time.perf_counter()
         exact, c0 = _counted(d0)
         log(f"K={k} guidance={g} {order}: exact run in {time.perf_counter() - t0:.0f} s")
@@ -195,7 +196,7 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
                               (tuple(c[0] for c in checks), tuple(c[1] for c in checks)))
             new = replace(cfg, early_reject_step=step, early_reject_keep=keep, guidance_interval=iv)
             validate(new)
-            d = Distiller(d0.dit, d0.vae, d0.classifier, new, device=d0.device)
+            d = Distiller(d0.generator, d0.classifier, new, device=d0.device)
             res, counts, runs = _timed_counted(d, repeats)
             r = row(kind, counts, statistics.median(runs), None, res, step=step if len(checks) == 1 else None,
                     keep=keep if len(checks) == 1 else None, checks=[list(c) for c in checks] or None,
@@ -221,11 +222,11 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
 def imagenet_projection(checks: list[tuple[int, int]], interval: tuple[float, float] | None = None,
                         gpu: str = "H100") -> dict:
     """ImageNet-1K IPC10 (official recipe: K 4, 50 steps, guidance 2.7) under ``checks``/``interval`` beside the
-    exact method, from the FLOP model: DiT-XL/2 forwards (SPEC §5), plus sd-vae-ft-mse decodes and ResNet-18 calls
-    at 256/224 (counted on the meta device), over the GPU's SPEC §5 peak. Minutes at peak are a floor, not a
-    forecast: they assume every FLOP runs at the measured bf16 matmul rate."""
+    exact method, from the FLOP model: DiT-XL/2 forwards (docs/method.md, cost model), plus sd-vae-ft-mse decodes and
+    ResNet-18 calls at 256/224 (counted on the meta device), over the GPU's measured peak (docs/method.md, cost model).
+    Minutes at peak are a floor, not a forecast: they assume every FLOP runs at the measured bf16 matmul rate."""
     from .diffusion import Diffusion, guided_steps
-    from .models.dit import DiTConfig
+    from .generators.dit import DiTConfig
     from .models.random import random_classifier, random_vae
 
     job = IMAGENET
@@ -284,7 +285,8 @@ def plot_rows(rows: list[dict], path) -> None:
     from .fileio import save_figure
 
     rows = [r for r in rows if r["kind"] != "projection"]
-    cells = sorted({(r["k"], r["guidance_scale"], r["order"]) for r in rows}, key=lambda c: (c[2] != "desc", c[0], -c[1]))
+    cells = sorted({(r["k"], r["guidance_scale"], r["order"]) for r in rows}, key=lambda c: (c[2] != "desc", c[0],
+    -c[1]))
     fig, axes = plt.subplots(1, len(cells), figsize=(3.4 * len(cells), 3.6), sharey=True, layout="constrained")
     axes = [axes] if len(cells) == 1 else list(axes)
     for ax, (k, g, order) in zip(axes, cells):

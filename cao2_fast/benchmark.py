@@ -1,13 +1,13 @@
 """``cao2-fast bench``: the released code's execution (``reference``) against this project's (``fast``), in one
-process, on the same models and inputs (SPEC §5).
+process, on the same models and inputs (docs/method.md, cost model).
 
-Timing follows gpt-fast/timm habits: warm-up outside the timed region, device synchronised around it, compile and
-build time kept apart. Items are normalised to full-length work: a stage-1 item is one candidate sampled over all
-``sample_steps`` guided steps and then decoded and scored (stage 1 is timed over ``steps1`` steps and only its
-sampling time is scaled to 50; its decodes and classifier calls are timed apart and counted once); a stage-2 item is
-one latent-step (forward + backward to the input + Adam). FLOP counts use the DiT only (SPEC §5): 2·F per guided
-candidate-step, 2·F per latent-step (forward + backward to the input; the reference's extra weight-gradient work is
-not counted as useful).
+Timing follows gpt-fast/timm habits: warm-up outside the timed region, device synchronised around it, compile and build
+time kept apart. Items are normalised to full-length work: a stage-1 item is one candidate sampled over all
+``sample_steps`` guided steps and then decoded and scored (stage 1 is timed over ``steps1`` steps and only its sampling
+time is scaled to 50; its decodes and classifier calls are timed apart and counted once); a stage-2 item is one
+latent-step (forward + backward to the input + Adam). FLOP counts use the DiT only (docs/method.md, cost model): 2·F per
+guided candidate-step, 2·F per latent-step (forward + backward to the input; the reference's extra weight-gradient work
+is not counted as useful).
 
 Every measured figure is the median over ``repeats`` timed runs of its path, and each row carries the spread of
 those runs (``spread``: min, max and, from 4 runs on, the quartiles q1 and q3 of the per-run values); a ratio's
@@ -43,11 +43,13 @@ from .config import RECIPES, early_check_list
 from .errors import UserError
 from .numerics import tf32
 from .diffusion import Diffusion
-from .models.dit import RELEASED_KERNELS, DiTConfig, fast_kernels, random_dit
+from .generators.dit import RELEASED_KERNELS, DiTConfig, DiTGenerator, fast_kernels
 
-PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}  # bf16 dense matmul measured on these machines (SPEC §5)
+# bf16 dense matmul measured on these machines (docs/method.md, cost model)
+PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}
 IMAGENET_IPC10 = {"candidates": 40_000, "latents": 10_000}
-RELEASED_TF32 = RECIPES["official"].tf32  # the reference path runs as `--recipe official` does (SPEC §2, §5)
+# the reference path runs as `--recipe official` does (docs/method.md: recipes, cost model)
+RELEASED_TF32 = RECIPES["official"].tf32
 
 
 @dataclass
@@ -71,24 +73,22 @@ def oversampling(model: str) -> tuple[int, int]:
 def build_setup(model: str, device: str) -> Setup:
     """``digits``: the embedded preset. ``dit-{s,b,l,xl}-2-256``: the real architecture with random weights, with
     the sd-vae-ft-mse VAE and timm ResNet-18 at their real sizes (random weights too)."""
-    from .models.random import random_classifier, random_vae
+    from .models.random import random_classifier
 
     if model == "digits":
         from .pipeline import Distiller
 
         d = Distiller.from_preset("digits", ipc=10)
-        return Setup("digits", d.dit, d.vae, d.classifier, 2, *oversampling(model),
+        return Setup("digits", d.generator.dit, d.generator.vae, d.classifier, 2, *oversampling(model),
                      guidance_scale=d.config.guidance_scale)
     if model == "tiny":  # a few-second smoke run of every code path
-        dit = random_dit(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10), seed=0)
+        gen = DiTGenerator.random(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10))
         clf = random_classifier("test_resnet", 10, 32)
-        return Setup("tiny", dit, random_vae(tiny=True), clf, 2, *oversampling(model))
+        return Setup("tiny", gen.dit, gen.vae, clf, 2, *oversampling(model))
     size = model.lower().replace("dit-", "").split("-")[0].upper()
-    cfg = DiTConfig.named(f"DiT-{size}/2", input_size=32)
-    dit = random_dit(cfg, seed=0)
-    vae = random_vae(tiny=False)
+    gen = DiTGenerator.random(DiTConfig.named(f"DiT-{size}/2", input_size=32), tiny_vae=False)
     clf = random_classifier("resnet18", 1000, 224)
-    return Setup(model, dit, vae, clf, 6, *oversampling(model))
+    return Setup(model, gen.dit, gen.vae, clf, 6, *oversampling(model))
 
 
 def _sync(device):
@@ -298,13 +298,13 @@ def _device_name(device) -> str:
 
 
 def _peak_tflops(device) -> tuple[float | None, str]:
-    """The hardware peak to divide by: SPEC §5's measured bf16 rate on H100/H200; on CPU an fp32 matmul measured
+    """The hardware peak to divide by: the bf16 matmul rate measured on on H100/H200; on CPU an fp32 matmul measured
     now (so the CPU 'MFU' is relative to what this machine's BLAS reaches)."""
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name()
         for key, v in PEAK_TFLOPS.items():
             if key in name:
-                return v, f"SPEC §5 bf16 matmul on {key}"
+                return v, f"bf16 matmul measured on {key}"
         return None, "unknown GPU"
     a = torch.randn(1024, 1024)
     a @ a

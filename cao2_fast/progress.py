@@ -6,7 +6,8 @@ Slurm), so a log file gets a few plain lines instead of thousands of redraws.
 
 Work is counted in the units the stages tick in: stage 1 in sampling steps of one DiT batch, stage 2 in
 latent-steps (one Adam step of one latent). Both cost about two DiT forwards per candidate-step or latent-step
-(SPEC §5), so the share of the job done — and the time left — is the FLOP-weighted sum of the two fractions.
+(docs/method.md, cost model), so the share of the job done — and the time left — is the FLOP-weighted sum of the two
+fractions.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class Plan:
     latents: int  # stage-2 latents (todo × IPC)
     latent_steps: int  # stage-2 ticks: latents × Adam steps
     engines: dict = field(default_factory=dict)
-    dit_tflop: float | None = None  # DiT work of both stages (this process's share)
+    tflop: float | None = None  # the generator's work of both stages (this process's share)
+    stage1_tflop: float | None = None  # of it, stage 1's (weighs the two stages in the done fraction)
     rank: int = 0  # this process in a class-sharded run ...
     world: int = 1  # ... of this many processes
     job_todo: int | None = None  # classes the whole job (all ranks) has left to distill
@@ -45,13 +47,17 @@ class Plan:
         if self.already_complete:
             head += f" ({self.already_complete} already complete)"
         engines = ", ".join(f"{k} {v}" for k, v in self.engines.items())
-        work = f", DiT {self.dit_tflop:.3g} TFLOP" if self.dit_tflop is not None else ""
+        work = f", generator {self.tflop:.3g} TFLOP" if self.tflop is not None else ""
         return (f"plan: {head}; stage 1: {self.candidates} candidates × {self.sample_steps} sampling steps; stage 2: "
                 f"{self.latents} latents, {self.latent_steps} latent-steps; engines: {engines or 'eager'}{work}")
 
     def weights(self) -> tuple[float, float]:
-        """Shares of the job's DiT work in stage 1 and stage 2 (they sum to 1; equal split if there is none)."""
-        w1, w2 = self.candidates * self.sample_steps, self.latent_steps
+        """Shares of the job's generator work in stage 1 and stage 2 (they sum to 1; equal split if there is
+        none): their FLOPs when the plan has them, else candidate-steps against latent-steps."""
+        if self.tflop is not None and self.stage1_tflop is not None:
+            w1, w2 = self.stage1_tflop, self.tflop - self.stage1_tflop
+        else:
+            w1, w2 = self.candidates * self.sample_steps, self.latent_steps
         total = w1 + w2
         return (0.5, 0.5) if total == 0 else (w1 / total, w2 / total)
 
@@ -220,3 +226,86 @@ def as_progress(progress) -> Progress | None:
     if isinstance(progress, Progress):
         return progress
     raise TypeError(f"progress must be a bool or a cao2_fast.progress.Progress, not {type(progress).__name__}")
+
+
+# -- the callbacks the stages tick ---------------------------------------------------------------------------------
+
+
+class StageBar:
+    """One stage's progress as the stages call it: a zero-argument tick (stage 1, one sampling step of a batch) or
+    ``update(n)`` (stage 2, latent-steps), passed on to a run's :class:`Progress`."""
+
+    def __init__(self, reporter: Progress, stage: str):
+        self.reporter, self.stage = reporter, stage
+
+    def __call__(self):
+        self.reporter.advance(self.stage, 1)
+
+    def update(self, n):
+        self.reporter.advance(self.stage, n)
+
+    def close(self):
+        pass
+
+
+class ClassCount(StageBar):
+    """Counts complete classes; ``on_disk()`` (a run's folder) can report more, so rank 0 reports the progress of
+    all ranks. Closing it ends the report."""
+
+    def __init__(self, reporter: Progress, done: int, on_disk: Callable[[], int] | None = None):
+        super().__init__(reporter, "classes")
+        self.n, self.on_disk = done, on_disk
+
+    def update(self, n):
+        self.n = max(self.n + n, self.on_disk() if self.on_disk is not None else 0)
+        self.reporter.classes_done(self.n)
+
+    def close(self):
+        self.reporter.close()
+
+
+def stage_bars(reporter: Progress | None, plan: Plan, on_disk: Callable[[], int] | None = None) -> dict:
+    """The callbacks of one call (``classes``, ``stage1``, ``stage2``) reporting to ``reporter``, which is told
+    ``plan`` first; empty when there is no reporter."""
+    if reporter is None:
+        return {}
+    reporter.start(plan)
+    return {"classes": ClassCount(reporter, plan.already_complete, on_disk), "stage1": StageBar(reporter, "stage1"),
+            "stage2": StageBar(reporter, "stage2")}
+
+
+class RetryTicks:
+    """Stage-2 progress of one chunk in latent-steps: :meth:`start` (re)begins it for ``b`` latents, taking back
+    what an attempt that ran out of memory had counted; each call is one step of all of them."""
+
+    def __init__(self, bar):
+        self.bar, self.b, self.n = bar, 0, 0
+
+    def start(self, b: int) -> None:
+        if self.bar is not None and self.n:
+            self.bar.update(-self.n)
+        self.b, self.n = b, 0
+
+    def __call__(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.b)
+            self.n += self.b
+
+
+class BlockClock:
+    """Logs (``log``, e.g. a logger's ``info``) each block of classes as it is done, with the rate so far and the
+    time left for ``total`` classes of ``ipc`` images."""
+
+    def __init__(self, total: int, ipc: int, log: Callable[..., None]):
+        self.total, self.ipc, self.log = total, ipc, log
+        self.done_classes, self.blocks, self.t0 = 0, 0, time.perf_counter()
+
+    def done(self, block: list[int]) -> None:
+        self.blocks += 1
+        self.done_classes += len(block)
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done_classes * self.ipc / max(elapsed, 1e-9)
+        left = (self.total - self.done_classes) * self.ipc / rate if rate > 0 else None
+        self.log("block %d done (classes %s): %d/%d classes in %s, %.3g images/s, ETA %s", self.blocks,
+                 ", ".join(map(str, block)), self.done_classes, self.total, clock_text(elapsed), rate,
+                 clock_text(max(left, 0.0)) if left is not None else "?")

@@ -117,13 +117,14 @@ def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: b
     import tempfile
 
     from .engines import EngineCache, build_engine, stage1_specs
+    from .generators.dit import DiTGenerator
     from .engines.registry import require
     from .errors import UserError
 
     def problem(on: torch.device):
         """(specs, inputs, eager outputs) with the models on ``on``."""
         models = [m if on == dev else copy.deepcopy(m).to(on) for m in (dit, vae, clf)]
-        specs = stage1_specs(*models)
+        specs = stage1_specs(DiTGenerator(*models[:2]), models[2])
         g = torch.Generator().manual_seed(0)
         latent = specs["dit"].inputs[0].shape
         x = torch.randn(2, *latent, generator=g).to(on)
@@ -147,15 +148,17 @@ def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: b
         if on not in problems:
             problems[on] = problem(on)
         specs, inputs, ref = problems[on]
-        cache = EngineCache(tempfile.mkdtemp(prefix="cao2-selftest-"))
-        for m, spec in specs.items():
-            def one(m=m, spec=spec):
-                out = build_engine(engine_name, spec, on, cache=cache, batch=(1, 2, 2))(*inputs[m])
-                d = _max_diff(out, ref[m])
-                ok = d <= TOL[m] and (m != "classifier" or torch.equal(out.argmax(1).cpu(), ref[m].argmax(1).cpu()))
-                return measured(ok, f"max |diff| {d:.1e} (tol {TOL[m]:.0e})",
-                                "" if ok else f"differs from eager; {fix}", "max_abs_diff", d, TOL[m])
-            r.run(f"{label}: {m}", one)
+        with tempfile.TemporaryDirectory(prefix="cao2-selftest-") as tmp:  # built to be checked, then removed
+            cache = EngineCache(tmp)
+            for m, spec in specs.items():
+                def one(m=m, spec=spec):
+                    out = build_engine(engine_name, spec, on, cache=cache, batch=(1, 2, 2))(*inputs[m])
+                    d = _max_diff(out, ref[m])
+                    ok = d <= TOL[m] and (m != "classifier" or torch.equal(out.argmax(1).cpu(),
+                                                                          ref[m].argmax(1).cpu()))
+                    return measured(ok, f"max |diff| {d:.1e} (tol {TOL[m]:.0e})",
+                                    "" if ok else f"differs from eager; {fix}", "max_abs_diff", d, TOL[m])
+                r.run(f"{label}: {m}", one)
 
     if with_compile:
         check("compile", dev, "engine compile", "run with --engine eager")

@@ -1,13 +1,15 @@
 """How a model gets executed: eager PyTorch, ``torch.compile``, ONNX Runtime or TensorRT, behind one call.
 
 * :mod:`.registry` — one frozen :class:`Backend` per engine and the checks that pick one by name.
-* :mod:`.specs` — the three stage-1 models (DiT under guidance, VAE decode, classifier) as engines see them.
+* :mod:`.specs` — a model as engines see it (:class:`ModelSpec`), the decoder's and the classifier's specs; a
+  generator supplies its own models' (``Generator.engine_specs``).
 * :mod:`.cache` — the on-disk cache of exported and built artefacts; ``build=False`` uses it without building.
 * :mod:`.load` — an exported engine loaded by path, without the PyTorch model (``docs/engines.md``).
 * :mod:`.eager`, :mod:`.compiled`, :mod:`.onnx_ort`, :mod:`.trt` — one module per backend, each with ``build``.
 
-Stage 2 differentiates the DiT, so it runs on a backend with ``supports_gradients`` (eager or compile) whatever
-engine stage 1 uses: :func:`stage2_engine`.
+Stage 2 differentiates through the generator's model, so it runs on a backend with ``supports_gradients`` (eager
+or compile) whatever engine stage 1 uses: :func:`stage2_engine`. Nothing here knows a model family: engines take
+modules and specs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .registry import BACKENDS, Backend, get_backend, require
 from .load import Contract, load
 from .specs import ModelSpec, stage1_specs
 
-__all__ = ["BACKENDS", "Backend", "Contract", "Engine", "EngineCache", "EngineSettings", "ModelSpec", "build_engine", "load",
+__all__ = ["BACKENDS", "Backend", "Contract", "Engine", "EngineCache", "EngineSettings", "ModelSpec", "build_engine",
+"load",
            "check_engines", "default_root", "default_stage2", "get_backend", "require", "stage1_engines",
            "stage1_specs", "stage2_engine"]
 
@@ -50,15 +53,13 @@ def build_engine(name: str, spec: ModelSpec, device: str | torch.device = "cpu",
     return engine
 
 
-def stage1_engines(name: str, dit, vae, classifier, device, precision: str = "float32", dit_batch: int = 64,
-                   decode_batch: int = 64, cache_dir: str | Path | None = None,
+def stage1_engines(name: str, specs: dict[str, ModelSpec], batches: dict[str, int], device,
+                   precision: str = "float32", cache_dir: str | Path | None = None,
                    settings: EngineSettings | None = None, build: bool = True) -> dict[str, Engine]:
-    """The three stage-1 models on backend ``name``: ``{"dit", "vae_decode", "classifier"}``. ``dit_batch`` is the
-    largest DiT call (twice the candidates under guidance), ``decode_batch`` the largest decode/classify call.
-    ``build=False``: use only what the engine cache holds (see :func:`build_engine`)."""
+    """The stage-1 models ``specs`` (see :func:`stage1_specs`) on backend ``name``, by the same names. ``batches``
+    gives each model's largest call (TensorRT builds for it). ``build=False``: use only what the engine cache holds
+    (see :func:`build_engine`)."""
     cache = EngineCache(cache_dir)
-    specs = stage1_specs(dit, vae, classifier)
-    batches = {"dit": dit_batch, "vae_decode": decode_batch, "classifier": decode_batch}
     return {k: build_engine(name, s, device, precision, cache, settings, batches[k], build=build)
             for k, s in specs.items()}
 
@@ -68,9 +69,10 @@ def default_stage2(device: str | torch.device) -> str:
     return "compile" if torch.device(device).type == "cuda" else "eager"
 
 
-def stage2_engine(name: str | None, dit, device, precision: str = "float32",
-                  settings: EngineSettings | None = None) -> Engine:
-    """The stage-2 DiT call ``(x, t, y, drop) -> out`` with autograd, on ``eager`` or ``compile``."""
+def stage2_engine(name: str | None, module, device, precision: str = "float32",
+                  settings: EngineSettings | None = None, model: str = "dit_stage2") -> Engine:
+    """The stage-2 call of a generator's ``module`` (the DiT's ``(x, t, y, drop) -> out``) with autograd, on
+    ``eager`` or ``compile``."""
     device = torch.device(device)
     name = name or default_stage2(device)
     backend = require(name, device, precision, "--stage2-engine", gradients=True)
@@ -79,9 +81,9 @@ def stage2_engine(name: str | None, dit, device, precision: str = "float32",
         from .compiled import compiled_callable, resolve_mode
 
         mode = resolve_mode(settings.stage2_compile_mode, device)
-        fn = compiled_callable(dit, mode, settings.compile_dynamic, device)
-        return Engine(backend, "dit_stage2", fn, device, precision, details={"compile_mode": mode})
-    return Engine(backend, "dit_stage2", dit, device, precision)
+        fn = compiled_callable(module, mode, settings.compile_dynamic, device)
+        return Engine(backend, model, fn, device, precision, details={"compile_mode": mode})
+    return Engine(backend, model, module, device, precision)
 
 
 def check_engines(stage1: str, stage2: str | None, device, precision: str) -> None:

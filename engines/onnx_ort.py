@@ -1,7 +1,8 @@
 """``onnx``: export a model to ONNX once (cached), run it with ONNX Runtime, torch tensors in and out.
 
-Export: ``torch.onnx.export(dynamo=True)`` with a dynamic batch axis, from a float32 CPU copy of the model (a DiT
-in its released forms of GELU, attention and patch embedding, whatever the exporting machine runs eagerly); the
+Export: ``torch.onnx.export(dynamo=True)`` with a dynamic batch axis, from the model as its spec exports it
+(:meth:`~cao2_fast.engines.specs.ModelSpec.exported_module`: float32 on the CPU, in the forms the spec names, e.g. a
+DiT's released forms whatever the exporting machine runs eagerly); the
 TorchScript exporter is tried only when the dynamo exporter fails, and the metadata records which one wrote the file.
 Before the file enters the cache, ONNX Runtime loads it and its output on the trace inputs is compared with PyTorch's,
 so an export that runs but computes something else never gets cached.
@@ -22,7 +23,6 @@ allocated here.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -64,7 +64,7 @@ def onnx_fields(spec: ModelSpec, settings: EngineSettings) -> dict:
 
 def export_onnx(spec: ModelSpec, folder: Path, opset: int | None = None) -> dict:
     """Write ``folder/model.onnx`` (+ external weight data) and check it with ONNX Runtime; returns metadata."""
-    module = _export_copy(spec.module)
+    module = spec.exported_module()
     args = tuple(t.example(EXAMPLE_BATCH) for t in spec.inputs)
     path = folder / MODEL_FILE
     info: dict = {}
@@ -272,24 +272,6 @@ def _with_dtype(runner, spec: ModelSpec):
         return runner(*args).to(args[first].dtype)
 
     return run
-
-
-def _export_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` as it is exported: float32 on the CPU, in eval mode, and every DiT inside it in the released
-    :class:`~cao2_fast.models.dit.DiTKernels` (the CPU's quicker forms would otherwise make the file depend on the
-    machine that exported it, while its cache key does not). The caller's module is copied, never changed."""
-    from cao2_fast.models.dit import RELEASED_KERNELS, DiT
-
-    p = next(iter(module.parameters()), None)
-    dits = [m for m in module.modules() if isinstance(m, DiT)]
-    if p is not None and p.device.type == "cpu" and p.dtype == torch.float32 and not any(
-            m.training for m in module.modules()) and all(d.kernels == RELEASED_KERNELS for d in dits):
-        return module
-    module = copy.deepcopy(module).to("cpu", torch.float32).eval()
-    for d in module.modules():
-        if isinstance(d, DiT):
-            d.set_kernels(RELEASED_KERNELS)
-    return module
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
-"""The three stage-1 models as engines see them: a module with positional tensor inputs and one output.
+"""The stage-1 models as engines see them: a module with positional tensor inputs and one output.
 
-* ``dit``: ``(x (N, C, H, W) float, t (N,) float32, y (N,) int64) -> (N, 2C, H, W)``, the DiT forward that guided
-  sampling calls on the doubled batch. ``t`` may be given as int64: integer timesteps are exact in float32.
+A generator supplies its own models' specs (:meth:`cao2_fast.generator.Generator.engine_specs`: the DiT family's
+sampler ``dit``, ``(x (N, C, H, W), t (N,) float32, y (N,) int64) -> (N, 2C, H, W)``, and the decoder); the two that
+every family shares are here:
+
 * ``vae_decode``: ``latents (N, C, H, W) -> images (N, 3, H·f, W·f)`` in [−1, 1].
-* ``classifier``: ``images (N, 3, H, W) -> logits (N, classes)``, the whole ``Classifier`` wrapper, so the resize and
-  the optional normalisation travel with the exported graph.
+* ``classifier``: ``images (N, 3, H, W) -> logits (N, classes)``, the input mapping and the network; the resize to
+  its input size runs in torch before it (``ModelSpec.prepare``).
 
 A :class:`ModelSpec` also carries what the engine cache needs to tell two models apart: a digest of every weight
 and buffer, and the architecture facts that change the computation without being a tensor (config fields, the
@@ -52,7 +54,22 @@ class ModelSpec:
     output_name: str
     signature: dict = field(default_factory=dict)
     prepare: Callable[..., torch.Tensor] | None = None  # torch work before the graph (same on every backend)
+    export_form: Callable[[nn.Module], nn.Module] | None = None  # ``module`` as an exported file holds it (below)
     _digest: str | None = field(default=None, repr=False)
+
+    def exported_module(self) -> nn.Module:
+        """The module as an exported file holds it, whatever machine exports it: float32 on the CPU, in eval mode,
+        in the forms ``export_form`` names (a generator's model may run quicker forms eagerly). The spec's own
+        module is never changed: a converted copy is made when needed."""
+        if self.export_form is not None:
+            return self.export_form(self.module)
+        p = next(iter(self.module.parameters()), None)
+        if p is not None and p.device.type == "cpu" and p.dtype == torch.float32 and not any(
+                m.training for m in self.module.modules()):
+            return self.module
+        import copy
+
+        return copy.deepcopy(self.module).to("cpu", torch.float32).eval()
 
     def weights_digest(self) -> str:
         """sha256 over every parameter and buffer (name, dtype, shape, bytes); computed once per spec."""
@@ -80,29 +97,17 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _plain(obj):
+def plain(obj):
     """JSON-friendly copy of config-like objects (dataclasses, diffusers FrozenDicts, tuples)."""
     if is_dataclass(obj):
-        return _plain(asdict(obj))
+        return plain(asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items() if not str(k).startswith("_")}
+        return {str(k): plain(v) for k, v in obj.items() if not str(k).startswith("_")}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return repr(obj)
-
-
-class DiTForward(nn.Module):
-    """``dit(x, t, y)`` without label dropout: the stage-1 call."""
-
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.dit = dit
-        self.train(dit.training)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.dit(x, t, y)
 
 
 class ClassifierAtSize(nn.Module):
@@ -130,34 +135,13 @@ class VAEDecode(nn.Module):
         return self.vae.decode(latents)
 
 
-def dit_spec(dit: nn.Module) -> ModelSpec:
-    """The DiT's stage-1 forward. Exported files hold its released forms whatever the DiT runs eagerly
-    (:func:`cao2_fast.engines.onnx_ort.export_onnx`); the signature says so, so that a file exported before that rule
-    (with a CPU's forms) is a different entry and never served."""
-    from cao2_fast.models.dit import RELEASED_KERNELS
-
-    cfg = dit.cfg
-    latent = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    return ModelSpec(
-        "dit", DiTForward(dit),
-        (TensorSpec("x", latent), TensorSpec("t", (), "float32"), TensorSpec("y", (), "int64")),
-        "out", signature={"class": type(dit).__name__, "config": _plain(cfg), "forms": _plain(RELEASED_KERNELS)},
-    )
-
-
 def vae_decode_spec(vae: nn.Module, latent_shape: tuple[int, ...]) -> ModelSpec:
     ae = vae.autoencoder
     return ModelSpec(
         "vae_decode", VAEDecode(vae), (TensorSpec("latents", tuple(latent_shape)),), "images",
-        signature={"class": type(ae).__name__, "config": _plain(dict(ae.config)),
+        signature={"class": type(ae).__name__, "config": plain(dict(ae.config)),
                    "scaling_factor": vae.scaling_factor},
     )
-
-
-def decoded_image_shape(vae: nn.Module, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(channels, H, W) of ``vae.decode`` on one latent of ``latent_shape``."""
-    f = vae.downsample
-    return (vae.autoencoder.config.out_channels, latent_shape[1] * f, latent_shape[2] * f)
 
 
 def classifier_spec(classifier: nn.Module, image_shape: tuple[int, ...]) -> ModelSpec:
@@ -172,9 +156,7 @@ def classifier_spec(classifier: nn.Module, image_shape: tuple[int, ...]) -> Mode
     )
 
 
-def stage1_specs(dit: nn.Module, vae: nn.Module, classifier: nn.Module) -> dict[str, ModelSpec]:
-    """Specs of the three stage-1 models, chained: the DiT's latent shape feeds the VAE, its images the classifier."""
-    d = dit_spec(dit)
-    latent = d.inputs[0].shape
-    return {"dit": d, "vae_decode": vae_decode_spec(vae, latent),
-            "classifier": classifier_spec(classifier, decoded_image_shape(vae, latent))}
+def stage1_specs(generator, classifier: nn.Module) -> dict[str, ModelSpec]:
+    """Specs of the stage-1 models: the generator's (its sampler and ``vae_decode``) and the classifier on the
+    generator's decoded images."""
+    return {**generator.engine_specs(), "classifier": classifier_spec(classifier, generator.image_shape)}

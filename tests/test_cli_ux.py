@@ -257,7 +257,8 @@ class Recorder:
         self.progress = _P()
 
 
-def test_the_library_reports_through_its_progress_object_and_draws_nothing_by_default(ckpts, tmp_path, capsys):  # noqa: F811
+# noqa: F811
+def test_the_library_reports_through_its_progress_object_and_draws_nothing_by_default(ckpts, tmp_path, capsys):
     from cao2_fast import Distiller
 
     kw = dict(dataset="custom", class_ids=[0, 1, 2], ipc=2, k=2, sample_steps=4, stage2_steps=3, t_max=2,
@@ -287,7 +288,7 @@ def test_log_lines_are_throttled_and_bars_appear_per_stage():
     from cao2_fast.progress import Bars, LogLines, Plan
 
     plan = Plan(classes=10, already_complete=2, todo=8, candidates=160, sample_steps=50, batch_steps=200, latents=80,
-                latent_steps=8000, engines={"stage1": "eager", "stage2": "eager"}, dit_tflop=1.5)
+                latent_steps=8000, engines={"stage1": "eager", "stage2": "eager"}, tflop=1.5)
     now = [0.0]
     lines = []
     log = LogLines(lines.append, every=30, clock=lambda: now[0])

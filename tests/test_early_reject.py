@@ -17,6 +17,7 @@ from cao2_fast.errors import UserError
 from cao2_fast.models.dit import DiTConfig, random_dit
 from cao2_fast.models.random import random_models
 from cao2_fast.pipeline import Distiller
+from cao2_fast.generators.dit import DiTGenerator
 from helpers import run_cli
 
 SURVIVOR_ATOL = 1e-5
@@ -29,7 +30,7 @@ def make_distiller(ipc=2, k=4, **kw):
                 classifier_input_size=32)
     opts.update(kw)
     cfg = build_config("custom", ipc, "official", class_ids=list(CLASSES), num_model_classes=5, **opts)
-    return Distiller(dit, vae, clf, cfg)
+    return Distiller(DiTGenerator(dit, vae), clf, cfg)
 
 
 def run_stage1(d):
@@ -67,7 +68,8 @@ PROBS = torch.tensor([[0.70, 0.20, 0.10],   # 0: correct (target 0), 0.70
 def test_confident_ranking_keeps_the_rule_order_for_correct_ones_then_the_nearest_wrong_ones(order, expected):
     assert stage1.early_rank(PROBS, 0, "confident", order).tolist() == expected
     # its first IPC are select's picks whenever enough are correct
-    assert stage1.early_rank(PROBS, 0, "confident", order)[:3].tolist() == stage1.select(PROBS, 0, 3, "confident", order).tolist()
+    assert stage1.early_rank(PROBS, 0, "confident", order)[:3].tolist() == stage1.select(PROBS, 0, 3, "confident",
+    order).tolist()
 
 
 @pytest.mark.parametrize("order", ["desc", "asc"])
@@ -144,7 +146,8 @@ def test_when_the_early_ranking_is_right_the_picks_are_the_exact_ones(exact, mon
         seen.append(j)
         n = probs.shape[0]
         first = picks[j].tolist()
-        return torch.tensor(first + [i for i in real_rank(probs, target, rule, order).tolist() if i not in first][:n - len(first)])
+        return torch.tensor(first + [i for i in real_rank(probs, target, rule, order).tolist() if i not in first][:n -
+        len(first)])
 
     monkeypatch.setattr(stage1, "early_rank", oracle)
     early = run_stage1(d)
@@ -182,13 +185,13 @@ def test_forward_count_arithmetic():
                                   dict(early_reject_step=4, early_reject_keep=2, guidance_interval=(0.5, 200.0))])
 def test_counted_dit_and_decode_calls_match_the_model(single_thread, opts):
     d = make_distiller(**opts)
-    d.stage1_dit, d.stage1_decode = Counted(d.stage1_dit), Counted(d.stage1_decode)
+    d.generator.sampler, d.generator.decoder = Counted(d.generator.sampler), Counted(d.generator.decoder)
     run_stage1(d)
-    assert d.stage1_dit.images == len(CLASSES) * d.stage1_forwards()
+    assert d.generator.sampler.images == len(CLASSES) * d.generator.stage1_forwards(d.config)
     checks = stage1.early_checks(d.config.early_reject_step, d.config.early_reject_keep)
     scored = d.config.num_candidates + sum(k for _, k in checks)  # every check scores the live ones, then the end
-    assert d.stage1_decode.images == len(CLASSES) * scored
-    assert d.stage1_forwards() < d.config.num_candidates * 8 * 2  # less than the exact run's
+    assert d.generator.decoder.images == len(CLASSES) * scored
+    assert d.generator.stage1_forwards(d.config) < d.config.num_candidates * 8 * 2  # less than the exact run's
 
 
 # -- configuration and CLI -----------------------------------------------------------------------------------------
@@ -227,8 +230,9 @@ def test_cli_dry_run_counts_the_saved_work(capsys):
     import json
 
     _, out, _ = run_cli(["distill", "--dry-run", "--k", "4"], capsys)
-    _, out_early, _ = run_cli(["distill", "--dry-run", "--k", "4", "--early-reject", "10", "--early-keep", "20"], capsys)
+    _, out_early, _ = run_cli(["distill", "--dry-run", "--k", "4", "--early-reject", "10", "--early-keep", "20"],
+    capsys)
     full, early = json.loads(out), json.loads(out_early)
     # 40 candidates: 10 steps on all 40, 40 steps on 20 -> 2400 of 4000 forwards
-    assert early["dit_tflop_stage1"] == pytest.approx(full["dit_tflop_stage1"] * 2400 / 4000, rel=1e-3)
+    assert early["tflop_stage1"] == pytest.approx(full["tflop_stage1"] * 2400 / 4000, rel=1e-3)
     assert early["config"]["early_reject_step"] == 10 and early["fingerprint"] != full["fingerprint"]

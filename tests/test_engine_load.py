@@ -16,13 +16,14 @@ from cao2_fast.engines import EngineCache, build_engine, load, stage1_specs
 from cao2_fast.errors import UserError
 from cao2_fast.models.dit import DiTConfig
 from cao2_fast.models.random import random_models
+from cao2_fast.generators.dit import DiTGenerator
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     dit, vae, clf = random_models(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5))
-    specs = stage1_specs(dit, vae, clf)
+    specs = stage1_specs(DiTGenerator(dit, vae), clf)
     engines = {m: build_engine("onnx", s, "cpu", cache=EngineCache(root)) for m, s in specs.items()}
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, 8, 8, generator=g)
@@ -103,7 +104,8 @@ def test_a_loaded_dit_is_called_like_a_dit(built):
                 d(hidden_states=x, timestep=t, class_labels=y)):  # diffusers' names
         assert out.dtype == torch.float32 and float((out - want).abs().max()) <= 1e-4
     one = d(x, torch.full((3,), 250.0), torch.full((3,), 4))
-    assert torch.equal(d(x, 250, 4), one) and torch.equal(d(x, torch.tensor(250), torch.tensor(4, dtype=torch.int32)), one)
+    assert torch.equal(d(x, 250, 4), one) and torch.equal(d(x, torch.tensor(250), torch.tensor(4, dtype=torch.int32)),
+    one)
     for dtype in (torch.float16, torch.bfloat16):  # the output comes back in x's dtype
         out = d(x.to(dtype), t, y)
         assert out.dtype == dtype and float((out.float() - want).abs().max()) <= 0.1
@@ -111,7 +113,8 @@ def test_a_loaded_dit_is_called_like_a_dit(built):
     assert c["outputs"][0]["dtype"] == "same as x" and c["outputs"][0]["shape"] == ["N", 8, 8, 8]
     x_, t_, y_ = c["inputs"]
     assert x_["aliases"] == ["hidden_states"] and {"float16", "bfloat16"} <= set(x_["accepts"]) and not x_["broadcast"]
-    assert t_["broadcast"] and {"int64", "int32", "float32"} <= set(t_["accepts"]) and y_["accepts"] == ["int64", "int32"]
+    assert t_["broadcast"] and {"int64", "int32", "float32"} <= set(t_["accepts"]) and y_["accepts"] == ["int64",
+    "int32"]
 
 
 def test_vae_and_classifier_take_their_inputs_by_name(built):

@@ -23,11 +23,13 @@ from cao2_fast.config import build_config
 from cao2_fast.engines import (BACKENDS, EngineCache, EngineSettings, build_engine, get_backend, onnx_ort, require,
                                stage1_engines, stage1_specs, stage2_engine, trt)
 from cao2_fast.engines.onnx_ort import onnx_fields
-from cao2_fast.engines.specs import ModelSpec, TensorSpec, classifier_spec, dit_spec
+from cao2_fast.engines.specs import ModelSpec, TensorSpec, classifier_spec
+from cao2_fast.generators.dit import dit_spec
 from cao2_fast.errors import UserError
 from cao2_fast.models.dit import DiTConfig, save_dit
 from cao2_fast.models.random import random_models
 from cao2_fast.pipeline import Distiller, preset_dir
+from cao2_fast.generators.dit import DiTGenerator
 
 CFG = DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 CLF_INPUT = 224  # what Distiller.from_paths gives the classifier, so checkpoints of these models share entries
@@ -42,7 +44,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def specs(models):
-    return stage1_specs(*models)
+    return stage1_specs(DiTGenerator(*models[:2]), models[2])
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +261,7 @@ def test_a_failed_export_leaves_no_entry(specs, tmp_path, monkeypatch):
 
 def test_second_build_hits_the_cache_without_exporting(models, cache, onnx_engines, exports):
     assert all(e.cache_hit is False and e.build_seconds > 0 for e in onnx_engines.values())
-    fresh = stage1_specs(*models)  # new specs: the weights digest is computed again
+    fresh = stage1_specs(DiTGenerator(*models[:2]), models[2])  # new specs: the weights digest is computed again
     again = {name: build_engine("onnx", spec, "cpu", cache=cache) for name, spec in fresh.items()}
     assert exports == []
     for name, e in again.items():
@@ -374,11 +376,12 @@ def test_a_broken_entry_is_reported_in_one_line_and_rebuilt(damage, tiny, export
 
 
 def test_build_false_serves_the_cache_and_refuses_a_miss(models, cache, onnx_engines, tmp_path, exports):
-    got = stage1_engines("onnx", *models, "cpu", cache_dir=cache.root, build=False)
+    specs, batches = stage1_specs(DiTGenerator(*models[:2]), models[2]), {"dit": 64, "vae_decode": 64, "classifier": 64}
+    got = stage1_engines("onnx", specs, batches, "cpu", cache_dir=cache.root, build=False)
     assert exports == [] and all(e.cache_hit for e in got.values())
     offline = tmp_path / "offline"
     with pytest.raises(UserError) as e:
-        stage1_engines("onnx", *models, "cpu", cache_dir=offline, build=False)
+        stage1_engines("onnx", specs, batches, "cpu", cache_dir=offline, build=False)
     msg = str(e.value)
     assert msg.startswith(f"the engine cache at {offline} has no onnx engine for the dit model") and "\n" not in msg
     assert f"cao2-fast export --engine onnx --engine-dir {offline} and the same models" in msg
@@ -486,8 +489,10 @@ def real_models(ckpts):
 def test_engine_trt_without_tensorrt_or_cuda_is_one_line_exit_2(command, tmp_path, capsys):
     if HAVE_TRT:
         pytest.skip("TensorRT and CUDA are both present")
-    code, _, err = run_cli([command, "--engine", "trt", "--engine-dir", str(tmp_path / "e"), "--out", str(tmp_path / "o")]
-                           if command == "distill" else [command, "--engine", "trt", "--engine-dir", str(tmp_path / "e")],
+    code, _, err = run_cli([command, "--engine", "trt", "--engine-dir", str(tmp_path / "e"), "--out", str(tmp_path /
+    "o")]
+                           if command == "distill" else [command, "--engine", "trt", "--engine-dir", str(tmp_path /
+                           "e")],
                            capsys)
     msg = lines(err)
     assert code == 2 and len(msg) == 1 and msg[0].startswith("error: --engine trt needs"), err
@@ -501,7 +506,8 @@ def test_engine_trt_without_tensorrt_or_cuda_is_one_line_exit_2(command, tmp_pat
 @pytest.mark.parametrize("name", ["onnx", "trt"])
 def test_stage2_engine_without_backward_is_one_line_exit_2(name, tmp_path, capsys):
     # the CLI does not offer them (its choice lists eager and compile only); the library refuses them with the reason
-    code, _, err = run_cli(["distill", "--stage2-engine", name, "--device", "cpu", "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["distill", "--stage2-engine", name, "--device", "cpu", "--out", str(tmp_path / "o")],
+    capsys)
     msg = lines(err)
     assert code == 2 and len(msg) == 1 and f"'{name}' is not one of 'eager', 'compile'" in msg[0], err
     assert not (tmp_path / "o").exists()
@@ -554,7 +560,7 @@ def test_onnx_stage1_selects_the_same_candidates_as_eager(models, cache, onnx_en
                        classifier_input_size=CLF_INPUT)
     picked, probs = {}, {}
     for engine in ("eager", "onnx"):
-        d = Distiller(dit, vae, clf, cfg)
+        d = Distiller(DiTGenerator(dit, vae), clf, cfg)
         built = d.use_engines(engine, "eager", cache.root)
         manifest = d.run(tmp_path / engine)
         assert built["dit"].calls > 0 and built["classifier"].calls > 0

@@ -147,14 +147,14 @@ def test_a_stale_temporary_of_ours_in_a_class_is_cleaned_by_redoing_it(reference
 def test_a_class_that_fails_to_write_leaves_nothing_visible_and_no_staging(tmp_path, monkeypatch):
     out = tmp_path / "F"
     d = make_distiller(stage1_batch=4)
-    real = output.atomic_write
+    real = output.folder.atomic_write
 
     def failing(path, data):
         if path.name == "1.png" and "0002" in str(path):
             raise OSError(28, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(output, "atomic_write", failing)
+    monkeypatch.setattr(output.folder, "atomic_write", failing)
     with pytest.raises(UserError, match="No space left"):
         d.run(out)
     assert sorted(p.name for p in out.iterdir()) == [".cao2-lock", "0000"]
@@ -205,7 +205,7 @@ def strict_json(path):
 def test_one_nan_in_the_dit_weights_fails_every_class_and_writes_nothing(tmp_path):
     d = make_distiller()
     with torch.no_grad():
-        d.dit.final_layer.linear.weight[0, 0] = float("nan")
+        d.generator.dit.final_layer.linear.weight[0, 0] = float("nan")
     out = tmp_path / "nan"
     with pytest.raises(UserError, match=r"class 0 \(0000\): only 0 of 4 stage-1 candidates are finite .*"
                                         r"\(and 2 more classes\)"):
@@ -216,7 +216,7 @@ def test_one_nan_in_the_dit_weights_fails_every_class_and_writes_nothing(tmp_pat
 def test_a_class_without_enough_finite_candidates_fails_alone(tmp_path):
     """Class 0002's candidates all turn NaN in the classifier: 0000 and 0004 are written, 0002 is reported."""
     d = make_distiller(stage1_batch=4)  # one class per group
-    real = d.stage1_classify
+    real = d.classify
     calls = {"n": 0}
 
     def poisoned(images):
@@ -224,7 +224,7 @@ def test_a_class_without_enough_finite_candidates_fails_alone(tmp_path):
         logits = real(images)
         return logits * float("nan") if calls["n"] == 3 else logits  # calls per group: stage-1 scores, final scores
 
-    d.stage1_classify = poisoned
+    d.classify = poisoned
     out = tmp_path / "one"
     with pytest.raises(UserError, match=r"^class 2 \(0002\): only 0 of 4 .* re-run the same command"):
         d.run(out)
@@ -235,7 +235,7 @@ def test_a_class_without_enough_finite_candidates_fails_alone(tmp_path):
 
 def test_non_finite_candidates_are_never_kept_and_are_counted(tmp_path):
     d = make_distiller(class_ids=(1,), k=3)  # 6 candidates, 2 kept
-    real = d.stage1_classify
+    real = d.classify
     first = {"done": False}
 
     def poisoned(images):
@@ -246,7 +246,7 @@ def test_non_finite_candidates_are_never_kept_and_are_counted(tmp_path):
             logits[[0, 3]] = float("nan")
         return logits
 
-    d.stage1_classify = poisoned
+    d.classify = poisoned
     manifest = d.run(tmp_path / "some")
     recs = manifest["classes"][0]["images"]
     assert {r["candidate_index"] for r in recs}.isdisjoint({0, 3})

@@ -12,6 +12,7 @@ from cao2_fast.config import build_config
 from cao2_fast.errors import UserError
 from cao2_fast.models.dit import DiTConfig
 from cao2_fast.models.random import random_models
+from cao2_fast.generators.dit import DiTGenerator
 from cao2_fast.pipeline import Distiller, class_generator
 from cao2_fast.stage2 import Stage2Noise
 
@@ -22,7 +23,7 @@ def make_distiller(class_ids=(0, 2, 4), ipc=2, recipe="official", **kw):
                 classifier_input_size=32)
     opts.update(kw)
     cfg = build_config("custom", ipc, recipe, class_ids=list(class_ids), num_model_classes=5, **opts)
-    return Distiller(dit, vae, clf, cfg)
+    return Distiller(DiTGenerator(dit, vae), clf, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_disk_full_keeps_finished_classes(tmp_path, monkeypatch):
 
     target = tmp_path / "full"
     d = make_distiller(stage1_batch=4)  # one class per group
-    real = output.atomic_write
+    real = output.folder.atomic_write
     calls = {"n": 0}
 
     def failing(path, data):
@@ -173,10 +174,10 @@ def test_disk_full_keeps_finished_classes(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(output, "atomic_write", failing)
+    monkeypatch.setattr(output.folder, "atomic_write", failing)
     with pytest.raises(UserError, match="No space left"):
         d.run(target)
-    monkeypatch.setattr(output, "atomic_write", real)
+    monkeypatch.setattr(output.folder, "atomic_write", real)
     fp = d.config.fingerprint()
     assert output.read_complete(target, "0000", fp, 2) is not None
     assert output.read_complete(target, "0002", fp, 2) is not None
@@ -202,7 +203,7 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, where):
 
 def test_nonfinite_stage2_is_recorded_in_the_manifest_and_the_run_continues(tmp_path):
     d = make_distiller()
-    real = d._dit_call
+    real = d.generator.stage2_call
     calls = {"n": 0}
 
     def poisoned(x, t, y, drop=None):
@@ -214,7 +215,7 @@ def test_nonfinite_stage2_is_recorded_in_the_manifest_and_the_run_continues(tmp_
                 out[0, 0, 0, 0] = float("inf")
         return out
 
-    d._dit_call = poisoned
+    d.generator.stage2_call = poisoned
     manifest = d.run(tmp_path / "nan")
     statuses = [r["stage2_status"] for c in manifest["classes"] for r in c["images"]]
     assert statuses.count("ok") == len(statuses) - 1 and manifest["summary"]["stage2_stopped"] == 1
@@ -253,11 +254,11 @@ def test_stage2_chunk_that_runs_out_of_memory_is_retried_smaller_with_the_same_l
     s1 = d.stage1([0, 2, 4])
     lat = torch.cat([s1[c]["latents"] for c in (0, 2, 4)])
     ids = torch.tensor([c for c in (0, 2, 4) for _ in range(2)])
-    noise = Stage2Noise.cat([d.stage2_noise(c, s1[c]["candidate_index"]) for c in (0, 2, 4)])
+    noise = Stage2Noise.cat([d.generator.stage2_noise(d.config, c, len(s1[c]["candidate_index"])) for c in (0, 2, 4)])
     whole = d.stage2(lat, ids, noise)
 
     calls, notes = [], []
-    real = d._dit_call
+    real = d.generator.stage2_call
 
     def tight(x, *a):  # a device that fits one latent; the failure comes after some steps of the first chunk
         calls.append(x.shape[0])
@@ -265,7 +266,7 @@ def test_stage2_chunk_that_runs_out_of_memory_is_retried_smaller_with_the_same_l
             raise torch.OutOfMemoryError("fake: out of memory")
         return real(x, *a)
 
-    d._dit_call, d.log = tight, notes.append
+    d.generator.stage2_call, d.log = tight, notes.append
     bar = _CountingBar()
     halved = d.stage2(lat, ids, noise, bar)
     assert calls[:4] == [4, 4, 4, 2] and set(calls[4:]) == {1}  # 4 fails on its 3rd step, 2 on its 1st, then 1s
@@ -274,3 +275,19 @@ def test_stage2_chunk_that_runs_out_of_memory_is_retried_smaller_with_the_same_l
     torch.testing.assert_close(halved.loss_last, whole.loss_last, rtol=1e-6, atol=1e-6)
     assert min(bar.updates) < 0  # the failed attempt's progress was taken back
     assert sum(bar.updates) == d.config.stage2_steps * len(lat)
+
+
+def test_results_in_hand_are_written_to_a_resumable_folder_without_computing_them_again(finished, tmp_path):
+    from cao2_fast.output import write_set
+
+    _, out, _ = finished
+    d = make_distiller()
+    outputs = d.distill()  # the whole config, block by block: the bytes a run writes
+    calls = []
+    real = d.compute
+    d.compute = lambda ids, bars=None: calls.append(list(ids)) or real(ids, bars)
+    manifest = write_set(d, tmp_path / "in-hand", results=outputs)
+    assert calls == [] and d.last_run["distilled"] == 3
+    assert snapshot(tmp_path / "in-hand") == snapshot(out) and manifest["summary"]["images"] == 6
+    write_set(d, tmp_path / "partial", results=outputs[:1])  # only class 0 in hand: its block [0, 2] is computed
+    assert calls == [[0, 2], [4]] and snapshot(tmp_path / "partial") == snapshot(out)

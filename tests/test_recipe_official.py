@@ -77,12 +77,12 @@ def test_each_datasets_fill_order_under_both_recipes(dataset, expect, recipe):
 
 def test_bank_indices_are_uniform_reproducible_and_depend_on_seed_and_class_only():
     d = make_distiller(class_ids=(0, 1, 2, 3, 4), ipc=2)
-    a = d.bank_index(3, 4000)
-    assert torch.equal(a, d.bank_index(3, 4000))  # reproducible
-    assert not torch.equal(a, d.bank_index(2, 4000))  # per class
+    a = d.generator.bank_index(d.config, 3, 4000)
+    assert torch.equal(a, d.generator.bank_index(d.config, 3, 4000))  # reproducible
+    assert not torch.equal(a, d.generator.bank_index(d.config, 2, 4000))  # per class
     other = make_distiller(class_ids=(3,), ipc=2)  # another shard holding only class 3
-    assert torch.equal(other.bank_index(3, 4000), a)
-    assert not torch.equal(make_distiller(seed=1).bank_index(3, 4000), a)
+    assert torch.equal(other.generator.bank_index(other.config, 3, 4000), a)
+    assert not torch.equal(make_distiller(seed=1).generator.bank_index(make_distiller(seed=1).config, 3, 4000), a)
     assert a.min() >= 0 and a.max() <= 1023
     counts = torch.bincount(a, minlength=1024).double()  # 4000 draws over 1024 entries: with replacement
     assert (counts > 1).any() and len(a.unique()) > 900
@@ -98,9 +98,9 @@ def test_the_bank_entry_is_the_images_noise_and_is_recorded(tmp_path):
     for c in manifest["classes"]:
         recs = c["images"]
         idx = [r["noise_bank_index"] for r in recs]
-        assert idx == d.bank_index(recs[0]["class_id"], 2).tolist()
-        noise = d.stage2_noise(recs[0]["class_id"], torch.tensor([r["candidate_index"] for r in recs]))
-        assert torch.equal(noise.eps, noise_bank(d.latent_shape)[idx])
+        assert idx == d.generator.bank_index(d.config, recs[0]["class_id"], 2).tolist()
+        noise = d.generator.stage2_noise(d.config, recs[0]["class_id"], len(recs))
+        assert torch.equal(noise.eps, noise_bank(d.generator.latent_shape)[idx])
     consistent = make_distiller(recipe="consistent").run(tmp_path / "c")
     assert all(r["noise_bank_index"] is None for c in consistent["classes"] for r in c["images"])
 
@@ -152,9 +152,9 @@ def test_tf32_is_on_during_a_cuda_run_and_restored_after(monkeypatch, tf32_flags
             return fn(*a, **k)
         return call
 
-    d.stage1_dit = spy("stage1", d.stage1_dit)
-    d._dit_call = spy("stage2", d._dit_call)  # the stage-2 DiT
-    d.stage1_decode = spy("decode", d.stage1_decode)
+    d.generator.sampler = spy("stage1", d.generator.sampler)
+    d.generator.stage2_call = spy("stage2", d.generator.stage2_call)  # the stage-2 DiT
+    d.generator.decoder = spy("decode", d.generator.decoder)
     if raises_in:
         with pytest.raises(RuntimeError, match="boom"):
             d.distill([0])
@@ -184,8 +184,8 @@ def test_tf32_stays_off_under_consistent(monkeypatch, tf32_flags):
     torch.backends.cuda.matmul.allow_tf32 = True
     d = make_distiller(recipe="consistent")
     seen = []
-    real = d.stage1_dit
-    d.stage1_dit = lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k)
+    real = d.generator.sampler
+    d.generator.sampler = lambda *a, **k: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a, **k)
     d.stage1([0])
     assert set(seen) == {False} and torch.backends.cuda.matmul.allow_tf32 is True
 
@@ -225,7 +225,8 @@ def test_an_in_memory_set_is_evaluated_on_the_bytes_of_its_pngs(tmp_path):
     side = int(np.ceil(np.sqrt(len(x))))
     img = torch.full((side * side,), -1.0)
     img[: len(x)] = x
-    images = torch.stack([img.view(1, side, side).expand(3, side, side), -img.view(1, side, side).expand(3, side, side)])
+    images = torch.stack([img.view(1, side, side).expand(3, side, side), -img.view(1, side, side).expand(3, side,
+    side)])
     for i, arr in enumerate(to_uint8(images)):
         (tmp_path / f"c{i}").mkdir()
         (tmp_path / f"c{i}" / "0.png").write_bytes(png_bytes(arr))

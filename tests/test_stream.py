@@ -35,8 +35,8 @@ def pixels(out, name):
 def test_stream_yields_each_group_as_soon_as_it_is_done_with_the_cli_bytes(on_disk):
     d = make_distiller(class_ids=(0, 1, 2, 3, 4))  # 2 classes per group: [0, 1], [2, 3], [4]
     done = []
-    real = d.distill
-    d.distill = lambda group, bars=None: done.append(list(group)) or real(group, bars)
+    real = d.compute
+    d.compute = lambda group, bars=None: done.append(list(group)) or real(group, bars)
     it = d.stream()
     first = next(it)
     assert first.class_id == 0 and done == [[0, 1]]  # only the first group was computed so far
@@ -145,16 +145,17 @@ def test_items_collate_at_batch_size_one_and_none_and_through_accelerate(one_pro
 
 def test_a_failed_class_is_no_item_and_stops_the_dataset_with_one_line():
     d = make_distiller(class_ids=FIVE)
-    real = d.distill
+    real = d.compute
 
     def one_fails(block, bars=None):
         out = real(block, bars)
         for r in out:
-            if r.class_id == 3:
-                r.failure = "a decoded stage-2 image is not finite (NaN/Inf in the VAE output)"
+            if r.class_id == 3:  # as compute reports a class whose decoded images are not finite
+                r.failure = "a decoded stage-2 image is not finite (NaN/Inf in the decoder output)"
+                r.images_uint8 = r.images = r.stage1_images = None
         return out
 
-    d.distill = one_fails
+    d.compute = one_fails
     (bad,) = [o for o in d.stream() if o.failure is not None]  # stream still yields it, marked
     assert bad.class_id == 3 and bad.images is None
     it = iter(DistilledClasses(d))
@@ -278,7 +279,7 @@ def test_a_distiller_is_ready_on_the_device_it_names_and_refuses_a_missing_one(m
     from cao2_fast.pipeline import Distiller
 
     d = Distiller.from_preset("digits", ipc=1, class_ids=[0], dtype="bfloat16")
-    for m in (d.dit, d.vae, d.classifier):
+    for m in (d.generator.dit, d.generator.vae, d.classifier):
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # moved and cast at construction
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="device cuda: no CUDA device is available"):

@@ -18,6 +18,7 @@ from cao2_fast.engines.specs import stage1_specs
 from cao2_fast.models.dit import DiTConfig, random_dit
 from cao2_fast.models.random import random_classifier
 from cao2_fast.models.vae import VAE
+from cao2_fast.generators.dit import DiTGenerator
 
 TRT10_SUPPORTED = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil Celu
@@ -90,7 +91,7 @@ def imagenet_specs():
     ae.requires_grad_(False)
     vae = VAE(ae.eval(), 0.18215).eval()
     clf = random_classifier("test_resnet", num_classes=10, input_size=224)
-    return stage1_specs(dit, vae, clf)
+    return stage1_specs(DiTGenerator(dit, vae), clf)
 
 
 def test_the_specs_have_imagenet_shapes(imagenet_specs):

@@ -266,15 +266,14 @@ def _fmt(x) -> str:
 
 
 def _print_plan(distiller, out_dir: Path, rank: int, world: int) -> None:
-    cfg = distiller.config
-    dcfg = distiller.dit.cfg
+    cfg, gen = distiller.config, distiller.generator
     n_cand = len(cfg.class_ids) * cfg.num_candidates
     n_lat = len(cfg.class_ids) * cfg.ipc
-    f = dcfg.flops_per_forward()
     blocks = distiller.blocks()
     plan = {
         "out": str(out_dir),
         "fingerprint": cfg.fingerprint(),
+        "generator": gen.family,
         "classes": len(cfg.class_ids),
         "candidates": n_cand,
         "latents": n_lat,
@@ -282,8 +281,8 @@ def _print_plan(distiller, out_dir: Path, rank: int, world: int) -> None:
         "blocks": len(blocks),
         "ranks": world,
         "classes_per_rank": [sum(len(b) for b in blocks[r::world]) for r in range(world)],
-        "dit_tflop_stage1": round(len(cfg.class_ids) * distiller.stage1_forwards() * f / 1e12, 3),
-        "dit_tflop_stage2": round(n_lat * cfg.stage2_steps * 2 * f / 1e12, 3),
+        "tflop_stage1": round(len(cfg.class_ids) * gen.stage1_flops(cfg) / 1e12, 3),
+        "tflop_stage2": round(n_lat * gen.stage2_flops(cfg) / 1e12, 3),
         "config": cfg.to_json(),
     }
     print(json.dumps(plan, indent=1))
