@@ -12,7 +12,7 @@
 #     xl-eager    cao2-fast bench with DiT-XL/2-256, eager stage 2                      -> bench_dit-xl-2-256_*.json
 #     xl-compile  the same with the compiled stage-2 engine (its compile time is kept apart)
 #
-# On a machine without network whose image lacks diffusers (see shared/GPU.md: Python 3.12, torch, triton, onnx,
+# On a machine without network whose image lacks diffusers (for example: Python 3.12, torch, triton, onnx,
 # onnxruntime CPU build, timm, accelerate, typer ... but no diffusers, no tensorrt), carry its pure-Python wheel:
 #   here:   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers
 #   there:  pip install --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl

@@ -23,7 +23,7 @@ TimestepMode = Literal["official", "consistent"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """How stage 1 and stage 2 treat the released code's quirks (SPEC §2).
+    """How stage 1 and stage 2 treat the released code's quirks (docs/method.md, recipes).
 
     timestep_mode: ``official`` noises with ᾱ of the *respaced* schedule at t∈{1..t_max} but tells the DiT the raw t
         (quirk a: noise level and timestep embedding disagree ~20×); ``consistent`` tells it the matching original
@@ -195,7 +195,8 @@ _NOT_OVERRIDES = ("dataset", "class_ids", "class_names", "ipc", "recipe")  # giv
 
 
 def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | None = None,
-                 class_names: list[str] | None = None, num_model_classes: int | None = None, **overrides) -> DistillConfig:
+                 class_names: list[str] | None = None, num_model_classes: int | None = None,
+                 **overrides) -> DistillConfig:
     """Resolve dataset preset + recipe + user overrides into a validated config (errors name the fix)."""
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")

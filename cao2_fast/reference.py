@@ -1,4 +1,5 @@
-"""The released code's execution (SPEC §5), kept as the baseline that ``cao2-fast bench`` measures against.
+"""The released code's execution (docs/method.md, cost model), kept as the baseline that ``cao2-fast bench`` measures
+against.
 
 Stage 1: one class at a time, eager, the guided batch of 2·K·IPC. Stage 2: one image at a time, ``torch.optim.Adam``
 on a (1, C, H, W) latent, weights left with ``requires_grad=True`` (so every backward also computes the weight

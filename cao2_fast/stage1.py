@@ -152,7 +152,8 @@ def early_checks(step, keep) -> list[tuple[int, int]]:
 
 def dit_forwards(per_class: int, sample_steps: int, checks: list[tuple[int, int]] = (), guidance_scale: float = 2.7,
                  guided: torch.Tensor | None = None) -> int:
-    """Image-forwards of the DiT to sample one class's ``per_class`` candidates (SPEC §5: a guided step costs 2):
+    """Image-forwards of the DiT to sample one class's ``per_class`` candidates (docs/method.md, cost model: a guided
+    step costs 2):
     every step runs on the candidates still alive (all before the first check, ``keep`` after it); ``guided``
     (bool per respaced step, see :func:`cao2_fast.diffusion.guided_steps`) marks the guided steps (default: all)."""
     total, done, alive = 0, 0, per_class

@@ -73,7 +73,7 @@ def eval_command(
     cutmix_beta: Annotated[float | None, typer.Option("--cutmix-beta", help="CutMix Beta(β, β) (1.0).", rich_help_panel=OPT)] = None,
     cutmix_prob: Annotated[float | None, typer.Option("--cutmix-prob", help="Chance a batch is CutMixed (1.0; 0 turns CutMix off).", rich_help_panel=OPT)] = None,
     norm: Annotated[str | None, typer.Option("--norm", metavar="batch|instance", help="Student norm layers (soft batch; hard instance).", rich_help_panel=OPT)] = None,
-    output_stride: Annotated[int | None, typer.Option("--output-stride", help="timm ResNet output stride 8/16/32: dilate late stages to keep maps large at small inputs (digits hard: 8).", rich_help_panel=OPT)] = None,
+    output_stride: Annotated[int | None, typer.Option("--output-stride", help="timm ResNet output stride 8/16/32: dilate late stages to keep maps large at small inputs (digits hard: 16).", rich_help_panel=OPT)] = None,
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="Test every n epochs in the last part of the run (10).", rich_help_panel=OPT)] = None,
     eval_from: Annotated[float | None, typer.Option("--eval-from", help="Start testing after this fraction of the epochs (0.8); the best test is reported.", rich_help_panel=OPT)] = None,
     eval_batch_size: Annotated[int | None, typer.Option("--eval-batch-size", help="Real images per test forward (256).", rich_help_panel=OPT)] = None,
@@ -99,7 +99,8 @@ def eval_command(
     require_dir(distilled, "the distilled set, an ImageFolder tree <dir>/<class>/<image>")
     crop_scale = None
     if crop_scale_min is not None or crop_scale_max is not None:
-        crop_scale = (0.5 if crop_scale_min is None else crop_scale_min, 1.0 if crop_scale_max is None else crop_scale_max)
+        crop_scale = (0.5 if crop_scale_min is None else crop_scale_min, 1.0 if crop_scale_max is None else
+        crop_scale_max)
     if protocol == "hard" and teacher is not None:
         typer.echo("note: the hard-label protocol does not use --teacher; ignoring it", err=True)
         teacher = None

@@ -1,4 +1,5 @@
-"""Evaluation protocols for distilled sets (SPEC §3): soft-label (RDED-style) and hard-label (IDC/Minimax-style).
+"""Evaluation protocols for distilled sets: soft-label (RDED-style) and hard-label (IDC/Minimax-style); see
+docs/evaluation.md.
 
 ``evaluate`` runs a whole protocol from folders or tensors; ``train_student`` / ``fit_student`` train one student on
 in-memory tensors; ``check_class_order`` guards against a teacher whose outputs follow another class order.

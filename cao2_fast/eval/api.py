@@ -1,8 +1,8 @@
 """``evaluate``: a distilled set in, top-1 mean ± std over repeats out (the Python side of ``cao2-fast eval``).
 
-Inputs are ImageFolder trees or in-memory sets; ``dataset="digits"`` takes the real held-out split and the teacher
-from the embedded digits preset (SPEC §6), and shortens the schedules so that a whole protocol runs in about a minute
-on two CPU cores (``DIGITS_SETTINGS``).
+Inputs are ImageFolder trees or in-memory sets; ``dataset="digits"`` takes the real held-out split and the teacher from
+the embedded digits preset (docs/method.md, the embedded digits preset), and shortens the schedules so that a whole
+protocol runs in about a minute on two CPU cores (``DIGITS_SETTINGS``).
 
 The record names its statistics (``statistics``): ``top1`` is, per repeat, the best top-1 over the periodic checks
 on the held-out set (RDED's convention), ``final_top1`` the top-1 after the last epoch; ``std`` and ``final_std`` are
@@ -33,10 +33,10 @@ from .teacher import ClassOrderReport, check_class_order, check_num_classes, loa
 
 # The digits preset, scaled down so that a whole protocol (3 repeats) on an IPC-10 set takes about a minute on 2 CPU
 # cores. Its images are 16×16 (8×8 scans upsampled); crops are resized to 32 (at 16 the soft protocol lost ~15 points).
-# The student is timm's ``test_resnet`` (a 4-stage ResNet, 0.4 M parameters): a 50-image step at 32×32 costs ~0.1 s
-# on one core against ~0.8 s for ``resnet18``. Soft: 60 epochs instead of 300. Hard: 100 epochs instead of 2000, so
-# the LR is SPEC's large-dataset 0.1 rather than 0.01 (at 0.01 an instance-norm student is still near chance after
-# 100 epochs), and ``output_stride`` 16 keeps the last maps 2×2 at 32 px (instance norm on 1×1 maps is constant).
+# The student is timm's ``test_resnet`` (a 4-stage ResNet, 0.4 M parameters): a 50-image step at 32×32 costs ~0.1 s on
+# one core against ~0.8 s for ``resnet18``. Soft: 60 epochs instead of 300. Hard: 100 epochs instead of 2000, so the LR
+# is the published large-dataset 0.1 rather than 0.01 (at 0.01 an instance-norm student is still near chance after 100
+# epochs), and ``output_stride`` 16 keeps the last maps 2×2 at 32 px (instance norm on 1×1 maps is constant).
 DIGITS_STUDENT = "test_resnet"
 # Digits are not mirror-symmetric (a flipped 2, 3, 4, 7 or 9 is no digit), so neither protocol flips them.
 DIGITS_SETTINGS: dict[str, dict] = {

@@ -1,4 +1,4 @@
-"""The two evaluation protocols (SPEC §3): train a student on a distilled set, test it on real images.
+"""The two evaluation protocols (docs/evaluation.md): train a student on a distilled set, test it on real images.
 
 * soft-label (RDED-style, the paper's headline numbers): the student learns the teacher's outputs on the same
   augmented batch (patch shuffle → random resized crop → flip → CutMix) through a KL divergence at temperature T;
@@ -43,7 +43,8 @@ OPTIMIZERS = ("adamw", "sgd")
 
 @dataclass
 class TrainConfig:
-    """Everything that decides a student's training run. ``default_config`` fills in the SPEC §3 values.
+    """Everything that decides a student's training run. ``default_config`` fills in the published values (see
+    docs/evaluation.md).
 
     protocol: "soft" (teacher's outputs, KL at ``temperature``) or "hard" (folder labels, cross-entropy).
     student: timm model name, built from scratch with ``num_classes`` outputs.
@@ -146,8 +147,8 @@ class TrainConfig:
 
 
 def default_config(protocol: str, ipc: int, num_classes: int, **overrides) -> TrainConfig:
-    """SPEC §3 defaults for ``protocol`` at ``ipc`` images per class and ``num_classes`` classes, then
-    ``overrides`` (any ``TrainConfig`` field; None values are ignored)."""
+    """The published defaults (docs/evaluation.md) for ``protocol`` at ``ipc`` images per class and ``num_classes``
+    classes, then ``overrides`` (any ``TrainConfig`` field; None values are ignored)."""
     if protocol == Protocol.soft.value:
         batch = 50 if ipc <= 10 else 100
         cfg = TrainConfig(protocol="soft", batch_size=batch * (2 if num_classes >= 100 else 1))

@@ -1,10 +1,10 @@
 """The soft-label teacher: loading it, and checking that its output order matches the dataset's class folders.
 
-A subset teacher (ImageNette, ImageWoof, ImageNet-100) is trained with some class order; the ImageFolder order is
-the sorted folder names. When the two differ, every soft label is wrong and the student learns nothing useful, with
-no error anywhere (SPEC §3's "known trap"). The check runs the teacher on a few real images per class and compares
-its argmax with the folder labels: it must agree clearly above chance, and no other one-to-one mapping of folders to
-teacher outputs may fit the images clearly better.
+A subset teacher (ImageNette, ImageWoof, ImageNet-100) is trained with some class order; the ImageFolder order is the
+sorted folder names. When the two differ, every soft label is wrong and the student learns nothing useful, with no error
+anywhere (a known trap with subset teachers, docs/evaluation.md). The check runs the teacher on a few real images per
+class and compares its argmax with the folder labels: it must agree clearly above chance, and no other one-to-one
+mapping of folders to teacher outputs may fit the images clearly better.
 """
 
 from __future__ import annotations

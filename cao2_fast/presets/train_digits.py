@@ -1,4 +1,5 @@
-"""Train the embedded digits preset (SPEC §6): a tiny VAE, a small classifier and a tiny class-conditional latent DiT.
+"""Train the embedded digits preset (docs/method.md, the embedded digits preset): a tiny VAE, a small classifier and a
+tiny class-conditional latent DiT.
 
 Everything is trained on the ``train`` split of :mod:`cao2_fast.presets.digits_data` with fixed seeds and a fixed data
 order, on the CPU with a fixed thread count, so a re-run on the same machine and library versions gives the same
