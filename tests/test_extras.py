@@ -50,6 +50,7 @@ def test_the_core_install_runs_the_digits_job_and_names_the_extra_a_command_need
         "onnx": ["distill", *small, "--out", str(tmp_path / "other"), "--engine", "onnx"],
         "convert": ["convert", str(tmp_path / "set"), "--to", "webdataset", "--dest", str(tmp_path / "wds")],
         "eval": ["eval", "--dataset", "digits", "--distilled", str(tmp_path / "set")],
+        "bench": ["bench", "--model", "tiny", "--random-weights", "--out", str(tmp_path / "bench")],
     }
     proc = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(HIDDEN), json.dumps(runs)], capture_output=True,
                           text=True, timeout=600)
@@ -58,8 +59,8 @@ def test_the_core_install_runs_the_digits_job_and_names_the_extra_a_command_need
     assert result["codes"]["distill"] == 0 and (tmp_path / "set" / "manifest.json").is_file(), proc.stderr[-3000:]
     assert result["loaded"] == []  # none of them was imported
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    for name, extra in (("onnx", "onnx"), ("convert", "webdataset"), ("eval", "eval")):
+    for name, extra in (("onnx", "onnx"), ("convert", "webdataset"), ("eval", "eval"), ("bench", "plots")):
         assert result["codes"][name] == 2, proc.stderr[-3000:]
         assert any(f'pip install "cao2-fast[{extra}]"' in line for line in errors), (name, errors)
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "other").exists() and not (tmp_path / "wds").exists()
+    assert not (tmp_path / "other").exists() and not (tmp_path / "wds").exists() and not (tmp_path / "bench").exists()

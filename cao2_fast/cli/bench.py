@@ -81,6 +81,9 @@ def bench(
     early_step, early_keep_ = parse_counts("--early-reject", early_reject), parse_counts("--early-keep", early_keep)
     if early_reject_grid and (early_step, early_keep_) != (None, None):
         raise UserError("--early-reject-grid runs its own grid of checks: drop --early-reject/--early-keep")
+    from ..extras import require
+
+    require("matplotlib", what="the bench's chart")  # before minutes of timing, not after them
     import torch
 
     from ..benchmark import check_destination, format_table, run_bench, write_results
