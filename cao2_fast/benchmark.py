@@ -262,13 +262,17 @@ def machine_load(bench_threads: int) -> dict:
     return {"loadavg": load, "cpus": os.cpu_count(), "usable_cpus": usable, "bench_threads": bench_threads}
 
 
+BUSY_MARGIN = 0.5  # of a CPU: what a shell and the system's own daemons add to the load average on an idle machine
+
+
 def is_busy(snapshot: dict, bench_ran: bool) -> bool:
     """Whether other work held cores the bench needs: the 1-minute load average, less the bench's own threads when
-    the average covers its run (``bench_ran``), above the CPU count less those threads."""
+    the average covers its run (``bench_ran``), above the CPU count less those threads (by more than
+    :data:`BUSY_MARGIN`, the background of an idle machine)."""
     load, cpus, own = snapshot["loadavg"], snapshot["cpus"], snapshot["bench_threads"]
     if not load or not cpus:
         return False
-    return load[0] - (own if bench_ran else 0) > cpus - own
+    return load[0] - (own if bench_ran else 0) > cpus - own + BUSY_MARGIN
 
 
 def load_summary(before: dict, warn: Callable[[str], None]) -> dict:
