@@ -149,7 +149,10 @@ class _SetWriter:
         d.last_run = {"distilled": 0, "already_complete": sum(map(len, mine)) - sum(map(len, todo))}
         failed: dict[int, str] = {}
         t0 = time.perf_counter()
-        plan = d._plan([g for g in d.groups() if any(set(g) <= set(b) for b in todo)], len(complete), rank,
+        compute = [b for b in todo if not self.in_hand(b)]
+        if self.log and len(compute) < len(todo):
+            self.log(f"{sum(map(len, todo)) - sum(map(len, compute))} classes in hand: written without computing them")
+        plan = d._plan([g for g in d.groups() if any(set(g) <= set(b) for b in compute)], len(complete), rank,
                        world_size, job_todo=len(cfg.class_ids) - len(complete))
         bars = d._bars(plan, lambda: len(list(self.out.glob(f"*/{fmt.MARKER}"))))
         try:
@@ -182,7 +185,8 @@ class _SetWriter:
         import logging
 
         pending, said = list(todo), False
-        clock = BlockClock(sum(map(len, todo)), self.cfg.ipc, logging.getLogger("cao2_fast").info)
+        clock = BlockClock(sum(len(b) for b in todo if not self.in_hand(b)), self.cfg.ipc,
+                           logging.getLogger("cao2_fast").info)
         while pending:
             progressed = False
             for block in list(pending):
@@ -196,7 +200,8 @@ class _SetWriter:
                         self.d.last_run["already_complete"] += len(block)
                         continue
                     self.write_block(block, bars, failed)
-                    clock.done(block)
+                    if not self.in_hand(block):
+                        clock.done(block)
                 finally:
                     lock.release(block_names)
             if pending and not progressed:
@@ -206,9 +211,12 @@ class _SetWriter:
                     said = True
                 time.sleep(LOCK_POLL_S)
 
+    def in_hand(self, block: list[int]) -> bool:
+        return all(c in self.results for c in block)
+
     def block_outputs(self, block: list[int], bars: dict):
         """The block's classes: those in hand, else computed (the whole block, as the CLI computes it)."""
-        if all(c in self.results for c in block):
+        if self.in_hand(block):
             return [self.results[c] for c in block]
         return self.d.stream(block, bars=bars)
 
