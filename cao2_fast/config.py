@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from typing import Literal
@@ -241,17 +242,18 @@ def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | Non
     return cfg
 
 
-def check_class_ids(class_ids) -> list[int]:
-    """``class_ids`` as a list of ints: a non-empty sequence of whole numbers (bools are not class ids), each once."""
+def check_class_ids(class_ids, what: str = "class ids") -> list[int]:
+    """``class_ids`` as a list of ints: a non-empty sequence of whole numbers (numpy's too; bools are not class
+    ids). ``what`` names the argument in the one-line error."""
     if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__iter__"):
-        raise UserError(f"class ids must be a list of whole numbers (got {class_ids!r})")
+        raise UserError(f"{what} must be a list of whole numbers (got {class_ids!r})")
     ids = list(class_ids)
-    bad = next((c for c in ids if not _is_int(c)), None)
+    bad = next((c for c in ids if not (isinstance(c, numbers.Integral) and not isinstance(c, bool))), None)
     if bad is not None:
-        raise UserError(f"class ids must be whole numbers (got {bad!r})")
+        raise UserError(f"{what} must be whole numbers (got {bad!r})")
     if not ids:
         raise UserError("the class list is empty: give at least one class")
-    return ids
+    return [int(c) for c in ids]
 
 
 _INT_FIELDS = ("ipc", "k", "seed", "sample_steps", "stage2_steps", "t_max", "stage1_batch", "stage2_batch",

@@ -200,15 +200,15 @@ def _is_int(v) -> bool:
 
 
 def _class_list(class_ids) -> list[int]:
-    if isinstance(class_ids, (str, bytes)) or not hasattr(class_ids, "__iter__"):
-        raise UserError(f"class_ids must be a list of whole numbers (got {class_ids!r})")
-    ids = list(class_ids)
-    bad = next((c for c in ids if not _is_int(c)), None)
-    if bad is not None:
-        raise UserError(f"class_ids must be whole numbers (got {bad!r})")
-    if not ids:
-        raise UserError("class_ids is empty: give at least one class, or None for all of the config's")
-    return list(dict.fromkeys(int(c) for c in ids))
+    from ..config import check_class_ids
+
+    try:
+        ids = check_class_ids(class_ids, "class_ids")
+    except UserError as e:
+        if "empty" not in str(e):
+            raise
+        raise UserError("class_ids is empty: give at least one class, or None for all of the config's") from None
+    return list(dict.fromkeys(ids))
 
 
 def _pad(ids: list[int], total: int) -> list[int]:
