@@ -78,6 +78,11 @@ class Generator(abc.ABC):
     def num_classes(self) -> int:
         """Classes the model is conditioned on (class ids are 0..num_classes-1)."""
 
+    @property
+    @abc.abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, H, W) of a decoded latent (what the classifier scores)."""
+
     @abc.abstractmethod
     def to(self, device: torch.device, dtype: torch.dtype) -> "Generator":
         """Move every model to ``device`` in ``dtype``, in the fastest forms that keep the method's arithmetic."""
@@ -114,6 +119,10 @@ class Generator(abc.ABC):
         """The generator's FLOPs of stage 2 for one latent under ``cfg``."""
 
     @abc.abstractmethod
+    def stage1_ticks(self, groups: list[list[int]], cfg) -> int:
+        """How often :meth:`sample` calls ``progress`` to sample these groups of classes (one call per group)."""
+
+    @abc.abstractmethod
     def stage1_bytes(self, cfg) -> int:
         """Host memory one stage-1 group of ``cfg`` holds at once (pre-drawn noise, latents, decoded images)."""
 
@@ -121,6 +130,10 @@ class Generator(abc.ABC):
     def engine_specs(self) -> dict:
         """The stage-1 models as engines see them: ``{name: engines.ModelSpec}``, the decoder under
         ``"vae_decode"``; they take what :meth:`sample` feeds them."""
+
+    @abc.abstractmethod
+    def engine_batches(self, cfg) -> dict[str, int]:
+        """The largest call of each of :meth:`engine_specs`' models under ``cfg`` (TensorRT builds for it)."""
 
     @abc.abstractmethod
     def use_engines(self, built: dict, stage2) -> None:

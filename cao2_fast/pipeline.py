@@ -486,7 +486,7 @@ class Distiller:
         flop = flop1 + n_todo * cfg.ipc * gen.stage2_flops(cfg)
         return Plan(classes=len(cfg.class_ids), already_complete=done, todo=n_todo,
                     candidates=n_todo * cfg.num_candidates, sample_steps=cfg.sample_steps,
-                    batch_steps=_batch_steps(todo, cfg), latents=n_todo * cfg.ipc,
+                    batch_steps=gen.stage1_ticks(todo, cfg), latents=n_todo * cfg.ipc,
                     latent_steps=cfg.stage2_steps * cfg.ipc * n_todo, engines=dict(self.engines),
                     tflop=flop / 1e12, stage1_tflop=flop1 / 1e12, rank=rank, world=world,
                     job_todo=n_todo if job_todo is None else job_todo)
@@ -548,16 +548,6 @@ def _check_device(device) -> torch.device:
     elif dev.type != "cpu":
         raise UserError(f"device {device}: cao2-fast runs on cpu or cuda")
     return dev
-
-
-def _batch_steps(groups: list[list[int]], cfg: DistillConfig) -> int:
-    """Stage-1 progress ticks: sampling steps × sampler batches, with fewer batches after an early-rejection
-    check."""
-    total, done, alive = 0, 0, cfg.num_candidates
-    for step, keep in [*stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep), (cfg.sample_steps, None)]:
-        total += (step - done) * sum(-(-len(g) * alive // cfg.stage1_batch) for g in groups)
-        done, alive = step, keep
-    return total
 
 
 def _num(x: torch.Tensor) -> float | None:

@@ -179,6 +179,15 @@ class DiTGenerator(Generator):
                                    stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
                                    cfg.guidance_scale, None if gi is None else guided_steps(self.diffusion(cfg), gi))
 
+    def stage1_ticks(self, groups: list[list[int]], cfg) -> int:
+        """Sampling steps × DiT batches, with fewer batches after an early-rejection check."""
+        total, done, alive = 0, 0, cfg.num_candidates
+        for step, keep in [*stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
+                           (cfg.sample_steps, None)]:
+            total += (step - done) * sum(-(-len(g) * alive // cfg.stage1_batch) for g in groups)
+            done, alive = step, keep
+        return total
+
     def stage1_flops(self, cfg) -> float:
         return self.dit.cfg.flops_per_forward() * self.stage1_forwards(cfg)
 
