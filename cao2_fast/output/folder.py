@@ -6,7 +6,8 @@ Layout::
     <out>/<class>/.complete.json    the class's manifest part (checksums, records, stage-1 thumbnails)
     <out>/manifest.json             merged from the parts when every class is complete
     <out>/contact_sheet.png         one row per class: stage-1 pick beside its stage-2 result
-    <out>/.cao2-lock                advisory locks while a run is under way (removed once the set is complete)
+    <out>/.cao2-lock                advisory locks and the config of the runs under way (removed by the run that
+                                    completes the set, when no other run is alive)
 
 A class is written into a hidden staging folder (``.cao2-partial-<class>``) and renamed into place once its images
 and marker are on disk, so a reader never sees a partial class; every file is written to a temporary name and
