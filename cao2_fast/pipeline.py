@@ -168,11 +168,13 @@ class Distiller:
         return cls(gen, clf, cfg, device=device, progress=progress)
 
     @classmethod
-    def from_paths(cls, dit: str | Path, vae: str | Path, classifier: str, dataset: str = "imagenet-1k", ipc: int = 10,
-                   recipe: str = "official", class_ids: list[int] | None = None, device: str = "auto",
+    def from_paths(cls, dit: str | Path, vae: str | Path | None, classifier: str, dataset: str = "imagenet-1k",
+                   ipc: int = 10, recipe: str = "official", class_ids: list[int] | None = None, device: str = "auto",
                    progress: bool = False, classifier_input_size: int = 224, **overrides) -> "Distiller":
-        """Real checkpoints on disk: an original/diffusers DiT, a diffusers VAE folder, and a classifier
-        (``NAME:CHECKPOINT``, a pretrained timm ``NAME``, or ``random:NAME``)."""
+        """Real checkpoints: an original/diffusers DiT (a file, a folder, or a Hugging Face Hub id
+        ``org/name[@revision]`` such as ``facebook/DiT-XL-2-256``), a diffusers VAE (a folder or Hub id; None when
+        the DiT is a diffusers pipeline holding its own), and a classifier (``NAME:CHECKPOINT``, a pretrained timm
+        ``NAME``, or ``random:NAME``). A local path that exists always wins over a Hub id."""
         from . import generators
 
         _check_ipc(ipc)
@@ -188,7 +190,15 @@ class Distiller:
 
             wnids = read_class_file("imagenet1k_wnids.txt")
             names = [wnids[c] if 0 <= c < 1000 else f"{c:04d}" for c in class_ids]
-        models["classifier"] = {"name": name, **(weights_id(Path(ckpt)) if ckpt else {})}
+        if ckpt:
+            clf_id = weights_id(Path(ckpt))
+        elif not name.startswith("random:"):  # timm's pretrained weights: their Hub id and commit
+            from .hub import timm_identity
+
+            clf_id = timm_identity(clf.model)
+        else:
+            clf_id = {}
+        models["classifier"] = {"name": name, **clf_id}
         cfg = build_config(dataset, ipc, recipe, class_ids=class_ids, class_names=names,
                            num_model_classes=gen.num_classes, models=models,
                            classifier_input_size=classifier_input_size, **overrides)

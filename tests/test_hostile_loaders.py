@@ -159,6 +159,11 @@ def test_a_pretrained_tag_loads_from_the_hugging_face_cache(offline_hub):
         got = clf.model.state_dict()
         assert clf.num_classes == 1000 and all(torch.equal(got[k], v) for k, v in sd.items())
     refused(lambda: load_classifier("test_resnet", num_classes=10), "pretrained head has 1000 classes", "10")
+    from cao2_fast.hub import timm_identity
+
+    # what a config records of it: the Hub id and the commit the weights came from, never a cache path
+    assert timm_identity(clf.model) == {"hub": "timm/test_resnet.r160_in1k",
+                                        "revision": "0123456789abcdef0123456789abcdef01234567"}
 
 
 def test_an_eval_student_from_the_hub_offline_is_one_line(tmp_path, capsys, offline_hub):

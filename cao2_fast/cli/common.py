@@ -99,6 +99,14 @@ class PresetName(str, Enum):
     digits = "digits"
 
 
+def check_real_models(dit: str | None, classifier: str | None) -> None:
+    """Real models need a DiT and a classifier; the VAE may come from a DiT that is a diffusers pipeline."""
+    missing = [name for name, v in (("--dit", dit), ("--classifier", classifier)) if v is None]
+    if missing:
+        raise UserError(f"real checkpoints need --dit and --classifier, and --vae unless the DiT is a diffusers "
+                        f"pipeline holding its VAE (missing {', '.join(missing)})")
+
+
 def user_cache_dir() -> Path:
     """``$CAO2_FAST_CACHE``, else ``~/.cache/cao2-fast``: where cao2-fast keeps what is not part of a result."""
     base = os.environ.get("CAO2_FAST_CACHE")

@@ -15,8 +15,8 @@ import typer
 from .. import distributed
 from ..errors import UserError, require_file
 from ..fileio import overlaps
-from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, make_progress,
-                     parse_counts, resolve_device, set_threads)
+from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, check_real_models,
+                     make_progress, parse_counts, resolve_device, set_threads)
 from .main import app
 
 
@@ -53,6 +53,9 @@ EXAMPLES = """
 Examples:
 
   cao2-fast distill                  # digits preset -> cao2-out/digits-ipc10
+
+  cao2-fast distill --dit facebook/DiT-XL-2-256 \\
+      --classifier resnet18.tv_in1k --dataset imagenet-1k --ipc 10
 
   cao2-fast distill --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ \\
       --classifier resnet18:resnet18.pth --dataset imagenet-1k --ipc 10
@@ -114,8 +117,8 @@ MODELS, RECIPE, STAGE1, STAGE2, OUTPUT, RUNTIME = ("Models", "Recipe", "Stage 1:
 def distill(
     dataset: Annotated[Dataset | None, typer.Option(metavar="NAME", help="Class list and per-dataset settings: digits, imagenet-1k, imagenette, imagewoof or imagenet-100.", show_default="digits; imagenet-1k with --dit; custom with --classes", rich_help_panel=MODELS)] = None,
     classes: Annotated[str | None, typer.Option(help="Your own class ids: '1,7,100-109' or '@file'.", rich_help_panel=MODELS)] = None,
-    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
-    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
+    dit: Annotated[str | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, a diffusers dir, or a Hugging Face Hub id ORG/NAME[@REVISION] (e.g. facebook/DiT-XL-2-256, fetched into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only). A local path that exists wins.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
+    vae: Annotated[str | None, typer.Option(help="diffusers AutoencoderKL directory or Hub id.", show_default="the digits preset's; with --dit, the VAE of a diffusers DiT pipeline", rich_help_panel=MODELS)] = None,
     classifier: Annotated[str | None, typer.Option(help="timm NAME:CHECKPOINT (local weights, e.g. resnet18:resnet18.pth), a pretrained NAME (resnet18.tv_in1k, hf-hub:timm/..., from the Hugging Face cache) or random:NAME (random weights, for tests).", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
     ipc: Annotated[int, typer.Option(help="Images per class.", rich_help_panel=RECIPE)] = 10,
     recipe: Annotated[RecipeName, typer.Option(help="official: the released code's behaviour; consistent: its quirks fixed.", rich_help_panel=RECIPE)] = RecipeName.official,
@@ -199,9 +202,7 @@ def _distiller(ds, dit, vae, classifier, class_ids, ipc, recipe, dev, progress, 
 
     real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
     if real:
-        if len(real) < 3:
-            missing = sorted({"--dit", "--vae", "--classifier"} - set(real))
-            raise UserError(f"real checkpoints need all of --dit, --vae and --classifier (missing {', '.join(missing)})")
+        check_real_models(dit, classifier)
         if ds == "digits":
             raise UserError("--dataset digits uses the embedded preset models; drop --dit/--vae/--classifier or pick "
                             "an ImageNet dataset")
@@ -209,7 +210,8 @@ def _distiller(ds, dit, vae, classifier, class_ids, ipc, recipe, dev, progress, 
         return Distiller.from_paths(dit, vae, classifier, dataset=ds, ipc=ipc, recipe=recipe, class_ids=class_ids,
                                     device=dev, progress=progress, **overrides)
     if ds not in (None, "digits"):
-        raise UserError(f"--dataset {ds} needs real checkpoints: --dit, --vae and --classifier")
+        raise UserError(f"--dataset {ds} needs real checkpoints: --dit and --classifier (and --vae unless the DiT is "
+                        "a diffusers pipeline holding its VAE)")
     return Distiller.from_preset("digits", ipc=ipc, recipe=recipe, device=dev, progress=progress,
                                  class_ids=class_ids, **overrides)
 

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .common import ENGINE_DIR_DEFAULT, Device, DType, PresetName, RecipeName, resolve_device
+from .common import ENGINE_DIR_DEFAULT, Device, DType, PresetName, RecipeName, check_real_models, resolve_device
 from .main import app
 
 
@@ -50,8 +50,8 @@ def export(
     device: Annotated[Device, typer.Option("--device", help="Where to build: auto picks CUDA when present.", rich_help_panel=BUILD)] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model instead of text.", rich_help_panel=BUILD)] = False,
     preset: Annotated[PresetName | None, typer.Option(help="Embedded preset whose models to export.", show_default="digits without --dit/--vae/--classifier", rich_help_panel=MODELS)] = None,
-    dit: Annotated[Path | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, or a diffusers dir.", rich_help_panel=MODELS)] = None,
-    vae: Annotated[Path | None, typer.Option(help="diffusers AutoencoderKL directory.", rich_help_panel=MODELS)] = None,
+    dit: Annotated[str | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, a diffusers dir, or a Hugging Face Hub id ORG/NAME[@REVISION] (e.g. facebook/DiT-XL-2-256). A local path that exists wins.", rich_help_panel=MODELS)] = None,
+    vae: Annotated[str | None, typer.Option(help="diffusers AutoencoderKL directory or Hub id.", show_default="with --dit, the VAE of a diffusers DiT pipeline", rich_help_panel=MODELS)] = None,
     classifier: Annotated[str | None, typer.Option(help="timm NAME:CHECKPOINT (local weights), a pretrained NAME (resnet18.tv_in1k, from the Hugging Face cache) or random:NAME.", rich_help_panel=MODELS)] = None,
     recipe: Annotated[RecipeName, typer.Option(help="It decides the classifier's input normalisation, part of its graph.", rich_help_panel=MODELS)] = RecipeName.official,
     ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.", rich_help_panel=MODELS)] = 10,
@@ -67,9 +67,7 @@ def export(
     overrides = {"dtype": dtype.value, **({"stage1_batch": batch} if batch is not None else {})}
     real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
     if real:
-        if len(real) < 3:
-            missing = sorted({"--dit", "--vae", "--classifier"} - set(real))
-            raise UserError(f"real checkpoints need all of --dit, --vae and --classifier (missing {', '.join(missing)})")
+        check_real_models(dit, classifier)
         if preset is not None:
             raise UserError("--preset and --dit/--vae/--classifier exclude each other: pick one set of models")
         distiller = Distiller.from_paths(dit, vae, classifier, dataset="custom", class_ids=[0], ipc=ipc,

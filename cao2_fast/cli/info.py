@@ -33,9 +33,38 @@ def gather_info(engine_dir: Path | None = None) -> dict:
                         for m in ("onnxruntime", "tensorrt", "triton", "accelerate", "webdataset", "datasets")}
     d = preset_dir("digits")
     info["presets"] = {"digits": str(d) if (d / "preset.json").is_file() else "missing"}
+    info["hub"] = _hub_models()
     cache = EngineCache(engine_dir)
     info["engines"] = {"dir": str(cache.root), **{e["name"]: _describe_entry(e) for e in cache.entries()}}
     return info
+
+
+def _hub_models() -> dict:
+    """Every model repository in the Hugging Face Hub cache (``HF_HOME``/``HF_HUB_CACHE``), each revision with the
+    options that can take it (``--dit``, ``--vae``, ``--classifier`` for timm's ``hf-hub:`` models)."""
+    from .. import generators, hub
+
+    data = hub.cached_models()
+    data["listed"] = "every model repository in the cache; 'use' names the options that take a revision"
+    for repo in data["repos"]:
+        for rev in repo["revisions"]:
+            folder, names = Path(rev["path"]), set(rev["files"])
+            rev["use"] = generators.hub_uses(folder, names)
+            if _is_timm(folder, names):
+                rev["use"].append(f"--classifier hf-hub:{repo['repo']}")
+    return data
+
+
+def _is_timm(folder: Path, names: set[str]) -> bool:
+    """A timm model on the Hub: a config.json naming its ``architecture`` beside its weights."""
+    if "config.json" not in names:
+        return False
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = any(n.startswith(("model.", "pytorch_model.")) for n in names)
+    return isinstance(cfg, dict) and "architecture" in cfg and weights
 
 
 def _versions() -> dict:
@@ -98,7 +127,8 @@ def _model_of(folder: Path) -> str:
 @app.command(epilog="\nExamples:\n\n  cao2-fast info\n\n  cao2-fast info --json --engine-dir /scratch/cao2-engines\n")
 def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
          engine_dir: EngineDirOpt = None) -> None:
-    """Library versions, devices, optional backends, presets and cached engines (which model each belongs to)."""
+    """Library versions, devices, optional backends, presets, the models in the Hugging Face Hub cache and cached
+    engines (which model each belongs to)."""
     data = gather_info(engine_dir)
     if as_json:
         data["engines"] = {"dir": data["engines"]["dir"], "entries": _entries_json(engine_dir)}
@@ -112,12 +142,26 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instea
     print("optional  " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in data["optional"].items()))
     for name, where in data["presets"].items():
         print(f"preset    {name}: {where}")
+    _print_hub(data["hub"])
     engines = dict(data["engines"])
     root = engines.pop("dir")
     print(f"engines   {root} ({len(engines)} cached)")
     for name, desc in engines.items():  # full paths on lines of their own: nothing is cut at the terminal's width
         print(f"  {desc}")
         print(f"    {Path(root) / name}")
+
+
+def _print_hub(hub: dict) -> None:
+    repos = hub["repos"]
+    state = f"unreadable: {hub['error']}" if "error" in hub else f"{len(repos)} model repos cached, all listed"
+    print(f"hub       {hub['cache']} ({state})")
+    for repo in repos:
+        print(f"  {repo['repo']}  {repo['bytes'] / 1e6:.1f} MB")
+        for rev in repo["revisions"]:
+            refs = f" ({', '.join(rev['refs'])})" if rev["refs"] else ""
+            use = f", use as {', '.join(rev['use'])}" if rev["use"] else ""
+            print(f"    {rev['commit'][:12]}{refs}: {len(rev['files'])} files, {rev['bytes'] / 1e6:.1f} MB{use}")
+        print(f"    {repo['path']}")
 
 
 class PresetName(str, Enum):

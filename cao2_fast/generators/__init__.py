@@ -1,29 +1,58 @@
 """The generator families and the loader branch that picks one: the only place that knows which families exist.
 
 A family is one module here holding a :class:`~cao2_fast.generator.Generator` (``dit``: a class-conditional latent
-DiT and its VAE). :func:`from_paths` and :func:`from_preset` load a family's models from the files a user names and
-say, for the config's fingerprint, which weights they are (``weights_id`` of each file).
+DiT and its VAE). :func:`from_paths` and :func:`from_preset` load a family's models from the files a user names
+(local paths, or Hugging Face Hub ids resolved by :mod:`cao2_fast.hub`) and say, for the config's fingerprint, which
+weights they are (``weights_id`` of each local file; a Hub model's id, commit and file digests).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .. import hub
 from ..errors import UserError
 from ..generator import Generator
 from ..identity import weights_id
 
 
 def from_paths(dit: str | Path | None = None, vae: str | Path | None = None) -> tuple[Generator, dict]:
-    """(the generator, the identity of its weight files) for the checkpoints given: a DiT (original ``.pt`` /
-    ``.safetensors`` or a diffusers folder) and its diffusers VAE folder."""
-    if dit is not None:
-        if vae is None:
-            raise UserError("a DiT needs its VAE (--vae, a diffusers AutoencoderKL folder)")
-        from .dit import DiTGenerator
+    """(the generator, the identity of its weights) for the checkpoints given: a DiT (original ``.pt`` /
+    ``.safetensors``, a diffusers folder, or a Hugging Face Hub id ``org/name[@revision]``) and its VAE (a diffusers
+    AutoencoderKL folder or Hub id). Without ``vae`` the DiT must be a diffusers pipeline (a Hub id or a local
+    folder) that holds its own VAE. A local path that exists always wins over a Hub id."""
+    if dit is None:
+        raise UserError("no generator given: pass a DiT checkpoint (--dit) and its VAE (--vae)")
+    from .dit import DiTGenerator
 
-        return DiTGenerator.from_paths(dit, vae), {"dit": weights_id(Path(dit)), "vae": weights_id(Path(vae))}
-    raise UserError("no generator given: pass a DiT checkpoint (--dit) and its VAE (--vae)")
+    dit_ref, vae_ref = hub.parse(dit), hub.parse(vae)
+    snaps: dict[str, hub.Snapshot] = {}  # role -> the Hub snapshot it loads from
+    if dit_ref is not None:
+        snap = hub.resolve(dit_ref, "DiT", lambda names, index: DiTGenerator.hub_parts(names, index, vae is None))
+        snaps["dit"] = snap
+        if vae is None:
+            if "vae" not in snap.parts:
+                raise UserError(f"{dit_ref}: holds no VAE beside its DiT (a diffusers pipeline with "
+                                "model_index.json and vae/ does); pass --vae, a diffusers AutoencoderKL folder or "
+                                "Hub id")
+            snaps["vae"] = snap
+    elif vae is None and DiTGenerator.pipeline_vae(Path(dit).expanduser()) is None:
+        raise UserError(f"{dit}: a DiT needs its VAE (--vae, a diffusers AutoencoderKL folder or Hub id); only a "
+                        "diffusers pipeline folder with model_index.json and vae/ holds its own")
+    if vae_ref is not None:
+        snaps["vae"] = hub.resolve(vae_ref, "VAE", DiTGenerator.vae_parts)
+    paths = {"dit": Path(dit), "vae": Path(dit if vae is None else vae)}  # a local pipeline folder holds its VAE
+    paths.update({role: snap.path(role) for role, snap in snaps.items()})
+    gen = DiTGenerator.from_paths(paths["dit"], paths["vae"])
+    return gen, {role: snaps[role].identity(role) if role in snaps else weights_id(paths[role])
+                 for role in ("dit", "vae")}
+
+
+def hub_uses(folder: Path, names: set[str]) -> list[str]:
+    """The model options (``--dit``, ``--vae``) that can take a cached Hub snapshot holding ``names``."""
+    from .dit import DiTGenerator
+
+    return DiTGenerator.hub_uses(folder, names)
 
 
 def from_preset(folder: Path, meta: dict) -> tuple[Generator, dict]:

@@ -92,6 +92,62 @@ class DiTGenerator(Generator):
         """An original/diffusers DiT checkpoint and a diffusers AutoencoderKL folder."""
         return cls(load_dit(dit), load_vae(vae))
 
+    @staticmethod
+    def hub_parts(names: set[str], read_index: Callable[[], dict], with_vae: bool) -> dict:
+        """The files of a Hub repository the loaders read (see :func:`cao2_fast.hub.resolve`): its DiT, and its
+        VAE too when ``with_vae`` and it is a diffusers pipeline that holds one."""
+        from ..models import dit as dit_model
+        from ..models import vae as vae_model
+
+        parts = {"dit": dit_model.checkpoint_files(names, read_index)}
+        if with_vae:
+            found = vae_model.checkpoint_files(names, read_index) if dit_model.PIPELINE_INDEX in names else None
+            if found is not None:
+                parts["vae"] = found
+        return parts
+
+    @staticmethod
+    def vae_parts(names: set[str], read_index: Callable[[], dict]) -> dict:
+        """The files of a Hub repository the VAE loader reads (an AutoencoderKL, or a pipeline's VAE)."""
+        from ..models import vae as vae_model
+
+        found = vae_model.checkpoint_files(names, read_index)
+        if found is None:
+            raise LookupError("no AutoencoderKL (expected config.json with diffusion_pytorch_model.safetensors or "
+                              ".bin, or a diffusers pipeline with vae/)")
+        return {"vae": found}
+
+    @staticmethod
+    def hub_uses(folder: Path, names: set[str]) -> list[str]:
+        """The options that can take a cached Hub snapshot (``folder``, holding ``names``): ``--dit`` when the DiT
+        loader finds a checkpoint in it, ``--vae`` when the VAE loader finds one (a pipeline holds both)."""
+        from ..errors import UserError
+        from ..models.dit import DIFFUSERS_CLASSES
+        from ..models.weights import PIPELINE_INDEX, read_json_object
+
+        def read_index() -> dict:
+            return read_json_object(folder / PIPELINE_INDEX, "a diffusers pipeline model_index.json")
+
+        uses = []
+        for option, role, classes, parts in (
+                ("--dit", "dit", DIFFUSERS_CLASSES, lambda: DiTGenerator.hub_parts(names, read_index, False)),
+                ("--vae", "vae", ("AutoencoderKL",), lambda: DiTGenerator.vae_parts(names, read_index))):
+            try:
+                configs = [f for f in parts()[role][1] if f.endswith("config.json")]
+                if all(read_json_object(folder / f, "a diffusers config.json").get("_class_name") in classes
+                       for f in configs):  # a diffusers model of the right class, or an original checkpoint
+                    uses.append(option)
+            except (LookupError, UserError):
+                pass
+        return uses
+
+    @staticmethod
+    def pipeline_vae(path: Path) -> Path | None:
+        """``path`` when it is a local diffusers pipeline folder holding its VAE, else None."""
+        from ..models.vae import pipeline_holds_vae
+
+        return path if pipeline_holds_vae(path) else None
+
     @classmethod
     def random(cls, cfg: DiTConfig, tiny_vae: bool = True, seed: int = 0) -> "DiTGenerator":
         """Random weights of the DiT ``cfg`` and of a VAE (a tiny x2 one, or sd-vae-ft-mse's x8 architecture): what

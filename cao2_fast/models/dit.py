@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ from torch import nn
 
 from ..errors import UserError, require_file
 from . import dit_cpu
-from .weights import (check_fits, config_int, config_number, first_line, held_values, load_checked,
-                      read_diffusers_config, read_weights)
+from .weights import (DIFFUSERS_WEIGHTS, PIPELINE_INDEX, check_fits, component_in_index, config_int, config_number,
+                      diffusers_model_files, first_line, held_values, load_checked, read_diffusers_config,
+                      read_weights)
 
 NAMED_SIZES = {  # (depth, hidden, heads), docs/method.md
     "XL": (28, 1152, 16),
@@ -557,12 +559,11 @@ _DIFFUSERS_REQUIRED = ("num_layers", "num_attention_heads", "attention_head_dim"
 
 
 def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
-    p, dc = read_diffusers_config(p, "transformer", "DiTTransformer2DModel")
+    p, dc = read_diffusers_config(p, "transformer", "DiTTransformer2DModel", DIFFUSERS_CLASSES)
     cfg_file = p / "config.json"
     if dc.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
         raise UserError(f"{cfg_file}: is a {dc.get('_class_name')!r}, not a DiT transformer")
-    weights = [p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
-    wfile = next((w for w in weights if w.exists()), None)
+    wfile = next((p / n for n in DIFFUSERS_WEIGHTS if (p / n).exists()), None)
     if wfile is None:
         raise UserError(f"{p}: no diffusion_pytorch_model.safetensors or .bin (expected DiT transformer weights)")
     size = {k: config_int(dc, k, cfg_file) for k in _DIFFUSERS_REQUIRED}
@@ -593,6 +594,33 @@ def _load_diffusers_dir(p: Path, freq_shift: int | None) -> DiT:
     model = DiT(cfg)
     _load_into(model, osd, wfile)
     return model
+
+
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the class names of a diffusers DiT's config
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")  # an original checkpoint at a repository's root
+
+
+def checkpoint_files(names: set[str], read_index: Callable[[], dict]) -> tuple[str, list[str]]:
+    """What :func:`load_dit` reads of a repository, from the list of its files (paths relative to its root):
+    (the path to load, relative to the root, ``""`` for the root itself; the files it reads). The same order as
+    the loader: a pipeline's transformer component (the folder ``model_index.json`` names, read through
+    ``read_index``), a diffusers transformer at the root (``config.json`` and its weights, safetensors before
+    ``.bin``), else the one original checkpoint at the root. What is missing raises ``LookupError`` saying so."""
+    index = read_index() if PIPELINE_INDEX in names else None
+    sub = "transformer" if index is None else component_in_index(index, "transformer", DIFFUSERS_CLASSES)
+    if any(n.startswith(f"{sub}/") for n in names) or (index is not None and "config.json" not in names):
+        files = diffusers_model_files(names, sub, "the DiT transformer of a diffusers pipeline")
+        return "", ([PIPELINE_INDEX] if index is not None else []) + files
+    if "config.json" in names:
+        return "", diffusers_model_files(names, "", "the weights of a diffusers DiT transformer")
+    roots = sorted(n for n in names if "/" not in n and n.endswith(CHECKPOINT_SUFFIXES))
+    if len(roots) > 1:
+        raise LookupError(f"{len(roots)} checkpoints ({', '.join(roots[:4])}), not one; download the one you want and "
+                          "pass its path")
+    if not roots:
+        raise LookupError("no DiT checkpoint (expected a diffusers pipeline: model_index.json with transformer/, a "
+                          "diffusers transformer: config.json with its weights, or one .pt or .safetensors file)")
+    return roots[0], roots
 
 
 def save_dit(model: DiT, path: str | Path) -> None:

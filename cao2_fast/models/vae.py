@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import UserError, require_dir
-from .weights import (check_fits, config_int, config_number, first_line, held_values, load_checked,
+from .weights import (DIFFUSERS_WEIGHTS, PIPELINE_INDEX, check_fits, component_in_index, config_int, config_number,
+                      diffusers_model_files, first_line, held_values, load_checked, pipeline_component,
                       read_diffusers_config, read_weights, shown)
 
 
@@ -51,15 +53,14 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu")
     weights hold is refused before anything is built, and each failure is one ``UserError`` line naming its file.
     """
     p = require_dir(path, "a diffusers AutoencoderKL directory with config.json and weights")
-    p, cfg = read_diffusers_config(p, "vae", "AutoencoderKL")
+    p, cfg = read_diffusers_config(p, "vae", "AutoencoderKL", ("AutoencoderKL",))
     cfg_file = p / "config.json"
     if cfg.get("_class_name") != "AutoencoderKL":
         raise UserError(f"{cfg_file}: is a {cfg.get('_class_name')!r}, not an AutoencoderKL (is this the VAE "
                         "directory?)")
     scaling_factor = config_number(cfg, "scaling_factor", cfg_file, default=0.18215)
     init = _init_args(cfg, cfg_file)
-    weights = [p / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
-    wfile = next((w for w in weights if w.exists()), None)
+    wfile = next((p / n for n in DIFFUSERS_WEIGHTS if (p / n).exists()), None)
     if wfile is None:
         raise UserError(f"{p}: no diffusion_pytorch_model.safetensors or .bin (expected AutoencoderKL weights)")
     sd = read_weights(wfile)
@@ -80,6 +81,31 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu")
     ae.requires_grad_(False)
     vae = VAE(ae, scaling_factor)
     return vae.eval().to(device=device, dtype=dtype)
+
+
+def checkpoint_files(names: set[str], read_index: Callable[[], dict]) -> tuple[str, list[str]] | None:
+    """What :func:`load_vae` reads of a repository, from the list of its files (paths relative to its root):
+    (``""``, the root being what is loaded; the files it reads), in the loader's order: a pipeline's
+    AutoencoderKL component (the folder ``model_index.json`` names, read through ``read_index``), else an
+    AutoencoderKL at the root (``config.json`` and its weights, safetensors before ``.bin``). None when the
+    repository holds neither; a VAE with files missing raises ``LookupError`` saying which."""
+    index = read_index() if PIPELINE_INDEX in names else None
+    sub = "vae" if index is None else component_in_index(index, "vae", ("AutoencoderKL",))
+    listed = index is not None and isinstance(index.get(sub), list)
+    if any(n.startswith(f"{sub}/") for n in names) or (listed and "config.json" not in names):
+        files = diffusers_model_files(names, sub, "the VAE of a diffusers pipeline")
+        return "", ([PIPELINE_INDEX] if index is not None else []) + files
+    if "config.json" in names:
+        return "", diffusers_model_files(names, "", "the weights of a diffusers AutoencoderKL")
+    return None
+
+
+def pipeline_holds_vae(path: Path) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder (``model_index.json``) with its AutoencoderKL component
+    (``vae/``, or the folder the index names)."""
+    if not path.is_dir() or not (path / PIPELINE_INDEX).is_file():
+        return False
+    return (path / pipeline_component(path, "vae", ("AutoencoderKL",)) / "config.json").is_file()
 
 
 def _init_args(cfg: dict, where: Path) -> dict:

@@ -174,15 +174,23 @@ def load_checked(model: torch.nn.Module, sd: dict, where: Path, what: str) -> No
                         f"unexpected {sorted(unexpected)[:3]})")
 
 
-def read_diffusers_config(folder: Path, subfolder: str, what: str) -> tuple[Path, dict]:
-    """(model folder, parsed config.json) of a diffusers model: ``folder`` itself or its ``subfolder`` (a pipeline
-    root). A missing, oversized or malformed config, or one that is not a JSON object, is a one-line error naming
-    the file."""
-    if (folder / subfolder).is_dir():
-        folder = folder / subfolder
-    cfg_file = require_file(folder / "config.json", f"a diffusers {what} config.json")
+def read_diffusers_config(folder: Path, subfolder: str, what: str, classes: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """(model folder, parsed config.json) of a diffusers model: ``folder`` itself or, for a pipeline root, the folder
+    of its ``what`` component: the one its ``model_index.json`` lists with a class in ``classes``, else
+    ``subfolder``. A missing, oversized or malformed config, or one that is not a JSON object, is a one-line error
+    naming the file."""
+    sub = pipeline_component(folder, subfolder, classes or (what,))
+    if (folder / sub).is_dir():
+        folder = folder / sub
+    return folder, read_json_object(folder / "config.json", f"a diffusers {what} config.json")
+
+
+def read_json_object(file: Path, what: str) -> dict:
+    """A small JSON file that must hold an object (a config, a pipeline index); every failure is one line naming
+    it."""
+    cfg_file = require_file(file, what)
     if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
-        raise UserError(f"{cfg_file}: {cfg_file.stat().st_size} bytes is too large for a diffusers config.json")
+        raise UserError(f"{cfg_file}: {cfg_file.stat().st_size} bytes is too large for {what}")
     try:
         cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -191,7 +199,43 @@ def read_diffusers_config(folder: Path, subfolder: str, what: str) -> tuple[Path
         raise UserError(f"{cfg_file}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{cfg_file}: is a JSON {_json_kind(cfg)}, not an object of config keys")
-    return folder, cfg
+    return cfg
+
+
+PIPELINE_INDEX = "model_index.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # in order of preference
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def pipeline_component(root: Path, default: str, classes: tuple[str, ...]) -> str:
+    """The subfolder of a diffusers pipeline root holding the component of one of ``classes``, as the root's
+    ``model_index.json`` lists it (``"vae": ["diffusers", "AutoencoderKL"]``); ``default`` when there is no index
+    or it lists no such component. An index that is not a JSON object is a one-line error."""
+    index = root / PIPELINE_INDEX
+    if not index.exists():
+        return default
+    return component_in_index(read_json_object(index, "a diffusers pipeline model_index.json"), default, classes)
+
+
+def component_in_index(index: dict, default: str, classes: tuple[str, ...]) -> str:
+    """``pipeline_component`` on a parsed index: the listed components whose class is one of ``classes`` (the
+    default name first if it is among them); names that are not a plain folder name are passed over."""
+    found = sorted(k for k, v in index.items() if isinstance(k, str) and _COMPONENT.fullmatch(k) and ".." not in k
+                   and isinstance(v, list) and len(v) == 2 and v[1] in classes)
+    return default if default in found or not found else found[0]
+
+
+def diffusers_model_files(names: set[str], folder: str, what: str) -> list[str]:
+    """In a listing of repository files, the ones a diffusers model folder's loader reads: ``config.json`` and the
+    first of ``DIFFUSERS_WEIGHTS`` present (``folder`` is ``""`` for the root). A missing one raises
+    ``LookupError`` naming it and ``what`` the folder holds."""
+    prefix = f"{folder}/" if folder else ""
+    if prefix + "config.json" not in names:
+        raise LookupError(f"no {prefix}config.json ({what})")
+    weights = next((prefix + w for w in DIFFUSERS_WEIGHTS if prefix + w in names), None)
+    if weights is None:
+        raise LookupError(f"no {prefix}{DIFFUSERS_WEIGHTS[0]} or .bin ({what})")
+    return [prefix + "config.json", weights]
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json is a few hundred bytes
