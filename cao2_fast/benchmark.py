@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from . import reference, stage1, stage2
+from . import reference, selection, stage1, stage2
 from .config import RECIPES, early_check_list
 from .errors import UserError
 from .numerics import tf32
@@ -463,25 +463,25 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
             z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels, cfg.num_classes,
                                 s.guidance_scale, 3, dev, fdt, batch=len(labels))
             with clock:
-                stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
+                selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
 
     checks_short = [(step * b.steps1 // 50, keep) for step, keep in b.early]
 
     def early_stage1(clock):
         def score(x0):
             with clock:
-                _, probs = stage1.decode_and_score(vae_f.decode, clf_f, x0, dev, fdt, batch=min(64, len(x0)))
+                _, probs = selection.decode_and_score(vae_f.decode, clf_f, x0, dev, fdt, batch=min(64, len(x0)))
             return probs, probs.isfinite().all(1)
 
         def rank(j, idx, probs, finite):  # class j is label j here
-            return stage1.early_rank(probs, j, "confident", "desc", valid=finite)
+            return selection.early_rank(probs, j, "confident", "desc", valid=finite)
 
         with torch.no_grad():
             z, _, _ = stage1.generate_early(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels,
                                             n_cand, cfg.num_classes, s.guidance_scale, 3, dev, fdt, len(labels),
                                             checks_short, score, rank)
             with clock:
-                stage1.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(z)))
+                selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(z)))
 
     return [("reference", ref_stage1), ("fast", fast_stage1)] + ([("fast+early", early_stage1)] if b.early else [])
 

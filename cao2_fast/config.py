@@ -115,7 +115,7 @@ class DistillConfig:
 
     early_reject_step / early_reject_keep: early candidate rejection. After ``early_reject_step`` of the
         ``sample_steps`` sampling steps (1 ≤ STEP < sample_steps) every candidate's x̂0 prediction is decoded and
-        scored, the candidates are ranked by :func:`cao2_fast.stage1.early_rank` (the selection rule and order applied
+        scored, the candidates are ranked by :func:`cao2_fast.selection.early_rank` (the selection rule and order applied
         to the early scores), and only the best ``early_reject_keep`` = M (IPC ≤ M ≤ K·IPC) of each class finish
         sampling. Survivors keep their own pre-drawn noise, so each survivor's latent is the full run's up to float
         rounding; where the early ranking keeps all of the full run's picks, the picks are the same. Trades stage-1

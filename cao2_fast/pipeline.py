@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import numerics, stage1
+from . import numerics, selection
 from .config import DistillConfig, build_config, check_class_ids
 from .errors import UserError
 from .generator import Candidates, Generator, Optimised, class_generator
@@ -274,7 +274,7 @@ class Distiller:
     def _score(self, latents: torch.Tensor):
         """Decode and classify: (images, softmax, finite), where a candidate whose latent, image or probabilities
         are not finite (NaN/Inf in a model) is marked so and never kept."""
-        images, probs = stage1.decode_and_score(self.generator.decode, self.classify, latents, self.device,
+        images, probs = selection.decode_and_score(self.generator.decode, self.classify, latents, self.device,
                                                 self.dtype, self.config.decode_batch)
         finite = (latents.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
                   & probs.isfinite().all(1))
@@ -284,19 +284,19 @@ class Distiller:
         return self.config.early_reject_step is not None or self.config.guidance_interval is not None
 
     def _rank(self, class_ids: list[int]):
-        """The ranking of a class's candidates at an early check (see :func:`cao2_fast.stage1.early_rank`)."""
+        """The ranking of a class's candidates at an early check (see :func:`cao2_fast.selection.early_rank`)."""
         cfg, n = self.config, self.config.num_candidates
 
         def rank(j, idx, probs, finite):
             c = class_ids[j]
             if cfg.selection == "random":  # the class's one permutation, restricted to idx (see early_rank)
-                perm = stage1.early_rank(torch.zeros(n, 1), 0, "random",
+                perm = selection.early_rank(torch.zeros(n, 1), 0, "random",
                                          generator=class_generator(cfg.seed, c, "select"))
                 place = torch.empty(n, dtype=torch.long)
                 place[perm] = torch.arange(n)
                 order = torch.sort(place[idx], stable=True).indices
                 return torch.cat([order[finite[order]], order[~finite[order]]])
-            return stage1.early_rank(probs, self._target_index[c], cfg.selection, cfg.order, valid=finite)
+            return selection.early_rank(probs, self._target_index[c], cfg.selection, cfg.order, valid=finite)
 
         return rank
 
@@ -319,12 +319,12 @@ class Distiller:
         if n_ok < cfg.ipc:
             keep = torch.zeros(0, dtype=torch.long)
         elif not self._early():
-            keep = stage1.select(p, target, cfg.ipc, cfg.selection, cfg.order,
+            keep = selection.select(p, target, cfg.ipc, cfg.selection, cfg.order,
                                  class_generator(cfg.seed, c, "select"), valid=ok)
         elif cfg.selection == "random":
             keep = self._rank(class_ids)(j, cand.index, p, ok)[:cfg.ipc]
         else:
-            keep = stage1.select(p, target, cfg.ipc, cfg.selection, cfg.order, valid=ok)
+            keep = selection.select(p, target, cfg.ipc, cfg.selection, cfg.order, valid=ok)
         surviving = "surviving " if self._early() else ""
         return {
             "latents": cand.latents[keep],
@@ -388,7 +388,7 @@ class Distiller:
         ids = torch.tensor([c for c in class_ids for _ in range(cfg.ipc)])
         r2 = self.stage2(lat, ids, bar=bars.get("stage2"))
         with self._numerics():
-            images, probs = stage1.decode_and_score(self.generator.decode, self.classify, r2.latents, self.device,
+            images, probs = selection.decode_and_score(self.generator.decode, self.classify, r2.latents, self.device,
                                                     self.dtype, cfg.decode_batch)
         out = {}
         for j, c in enumerate(class_ids):

@@ -255,7 +255,7 @@ def _stage2_checks(r: _Runner, dit, dev: torch.device) -> None:
 
 
 def _throughput(r: _Runner, s, dit, vae, clf, dev: torch.device) -> None:
-    from . import stage1
+    from . import selection, stage1
     from .benchmark import _sync
     from .diffusion import Diffusion
 
@@ -272,7 +272,7 @@ def _throughput(r: _Runner, s, dit, vae, clf, dev: torch.device) -> None:
         def go():
             with torch.no_grad():
                 z = stage1.generate(dit, diffusion, noise, labels, dit.null_class, 2.7, 3, dev, torch.float32, n)
-                stage1.decode_and_score(vae.decode, clf, z, dev, torch.float32, n)
+                selection.decode_and_score(vae.decode, clf, z, dev, torch.float32, n)
 
         go()
         _sync(dev)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cao2_fast import stage1
+from cao2_fast import selection, stage1
 from cao2_fast.config import build_config
 from cao2_fast.diffusion import Diffusion, guided_steps, sample
 from cao2_fast.errors import UserError
@@ -66,26 +66,26 @@ PROBS = torch.tensor([[0.70, 0.20, 0.10],   # 0: correct (target 0), 0.70
 
 @pytest.mark.parametrize("order,expected", [("desc", [2, 0, 4, 5, 1, 3]), ("asc", [4, 0, 2, 5, 1, 3])])
 def test_confident_ranking_keeps_the_rule_order_for_correct_ones_then_the_nearest_wrong_ones(order, expected):
-    assert stage1.early_rank(PROBS, 0, "confident", order).tolist() == expected
+    assert selection.early_rank(PROBS, 0, "confident", order).tolist() == expected
     # its first IPC are select's picks whenever enough are correct
-    assert stage1.early_rank(PROBS, 0, "confident", order)[:3].tolist() == stage1.select(PROBS, 0, 3, "confident",
+    assert selection.early_rank(PROBS, 0, "confident", order)[:3].tolist() == selection.select(PROBS, 0, 3, "confident",
     order).tolist()
 
 
 @pytest.mark.parametrize("order", ["desc", "asc"])
 def test_el2n_ranking_is_selects_order(order):
-    assert stage1.early_rank(PROBS, 0, "el2n", order).tolist() == stage1.select(PROBS, 0, 6, "el2n", order).tolist()
+    assert selection.early_rank(PROBS, 0, "el2n", order).tolist() == selection.select(PROBS, 0, 6, "el2n", order).tolist()
 
 
 def test_random_ranking_is_the_permutation_select_draws():
-    ranked = stage1.early_rank(PROBS, 0, "random", generator=torch.Generator().manual_seed(7))
-    picks = stage1.select(PROBS, 0, 2, "random", generator=torch.Generator().manual_seed(7))
+    ranked = selection.early_rank(PROBS, 0, "random", generator=torch.Generator().manual_seed(7))
+    picks = selection.select(PROBS, 0, 2, "random", generator=torch.Generator().manual_seed(7))
     assert sorted(ranked.tolist()) == list(range(6)) and ranked[:2].tolist() == picks.tolist()
 
 
 def test_non_finite_candidates_rank_last():
     valid = torch.tensor([True, True, False, True, True, True])
-    assert stage1.early_rank(PROBS, 0, "confident", "desc", valid=valid).tolist() == [0, 4, 5, 1, 3, 2]
+    assert selection.early_rank(PROBS, 0, "confident", "desc", valid=valid).tolist() == [0, 4, 5, 1, 3, 2]
 
 
 # -- sampling hooks: off is bitwise the old path --------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_when_the_early_ranking_is_right_the_picks_are_the_exact_ones(exact, mon
     # an oracle ranking: each class's final exact picks first (as a perfect early score would rank them)
     d = make_distiller(early_reject_step=3, early_reject_keep=2)
     picks = {j: exact[c]["candidate_index"] for j, c in enumerate(CLASSES)}
-    real_rank = stage1.early_rank
+    real_rank = selection.early_rank
     seen = []
 
     def oracle(probs, target, rule="confident", order="desc", generator=None, valid=None):
@@ -149,7 +149,7 @@ def test_when_the_early_ranking_is_right_the_picks_are_the_exact_ones(exact, mon
         return torch.tensor(first + [i for i in real_rank(probs, target, rule, order).tolist() if i not in first][:n -
         len(first)])
 
-    monkeypatch.setattr(stage1, "early_rank", oracle)
+    monkeypatch.setattr(selection, "early_rank", oracle)
     early = run_stage1(d)
     assert sorted(seen) == [0, 1, 2]
     for c in CLASSES:
@@ -188,7 +188,7 @@ def test_counted_dit_and_decode_calls_match_the_model(single_thread, opts):
     d.generator.sampler, d.generator.decoder = Counted(d.generator.sampler), Counted(d.generator.decoder)
     run_stage1(d)
     assert d.generator.sampler.images == len(CLASSES) * d.generator.stage1_forwards(d.config)
-    checks = stage1.early_checks(d.config.early_reject_step, d.config.early_reject_keep)
+    checks = selection.early_checks(d.config.early_reject_step, d.config.early_reject_keep)
     scored = d.config.num_candidates + sum(k for _, k in checks)  # every check scores the live ones, then the end
     assert d.generator.decoder.images == len(CLASSES) * scored
     assert d.generator.stage1_forwards(d.config) < d.config.num_candidates * 8 * 2  # less than the exact run's

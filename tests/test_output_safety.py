@@ -260,7 +260,7 @@ def test_non_finite_candidates_are_never_kept_and_are_counted(tmp_path):
     ([False, True, True, False, True, True], "subset"),
 ])
 def test_select_skips_invalid_candidates_under_every_rule(valid, expect):
-    from cao2_fast.stage1 import select
+    from cao2_fast.selection import select
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(6, 3, generator=g), 1)

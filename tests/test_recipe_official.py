@@ -13,7 +13,7 @@ from test_pipeline import make_distiller
 from cao2_fast import numerics
 from cao2_fast.config import RECIPES, build_config
 from cao2_fast.output import png_bytes, to_uint8
-from cao2_fast.stage1 import select
+from cao2_fast.selection import select
 
 
 def table(rows):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cao2_fast import reference, stage1, stage2
+from cao2_fast import reference, selection, stage1, stage2
 from cao2_fast.diffusion import Diffusion
 from cao2_fast.models.dit import DiTConfig, random_dit
 
@@ -97,25 +97,25 @@ def test_select_confident_orders_and_fills():
         [0.1, 0.2, 0.7],  # wrong, conf 0.7
         [0.3, 0.4, 0.3],  # correct, 0.4
     ])
-    assert stage1.select(probs, 1, 3, "confident", "desc").tolist() == [3, 0, 2]
-    assert stage1.select(probs, 1, 3, "confident", "asc").tolist() == [5, 2, 0]
+    assert selection.select(probs, 1, 3, "confident", "desc").tolist() == [3, 0, 2]
+    assert selection.select(probs, 1, 3, "confident", "asc").tolist() == [5, 2, 0]
     # only 4 correct: the 5th and 6th picks are the most confident wrong ones
-    assert stage1.select(probs, 1, 6, "confident", "desc").tolist() == [3, 0, 2, 5, 4, 1]
+    assert selection.select(probs, 1, 6, "confident", "desc").tolist() == [3, 0, 2, 5, 4, 1]
 
 
 def test_select_el2n_and_random():
     probs = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), 1)
     onehot = torch.nn.functional.one_hot(torch.tensor(2), 4).float()
     el2n = (probs - onehot).norm(dim=1)
-    hardest = stage1.select(probs, 2, 3, "el2n", "desc")
+    hardest = selection.select(probs, 2, 3, "el2n", "desc")
     assert torch.equal(hardest, el2n.argsort(descending=True)[:3])
-    easiest = stage1.select(probs, 2, 3, "el2n", "asc")
+    easiest = selection.select(probs, 2, 3, "el2n", "asc")
     assert torch.equal(easiest, el2n.argsort()[:3])
-    r1 = stage1.select(probs, 2, 4, "random", generator=torch.Generator().manual_seed(5))
-    r2 = stage1.select(probs, 2, 4, "random", generator=torch.Generator().manual_seed(5))
+    r1 = selection.select(probs, 2, 4, "random", generator=torch.Generator().manual_seed(5))
+    r2 = selection.select(probs, 2, 4, "random", generator=torch.Generator().manual_seed(5))
     assert torch.equal(r1, r2) and len(set(r1.tolist())) == 4
     with pytest.raises(ValueError):
-        stage1.select(probs, 2, 11)
+        selection.select(probs, 2, 11)
 
 
 def test_stage1_generate_is_independent_of_batching(dit):

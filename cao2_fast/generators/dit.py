@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import stage1, stage2
+from .. import selection, stage1, stage2
 from ..config import NOISE_BANK_SIZE
 from ..diffusion import Diffusion, guided_steps
 from ..engines.specs import ModelSpec, TensorSpec, plain, vae_decode_spec
@@ -215,7 +215,7 @@ class DiTGenerator(Generator):
             else:
                 latents, alive, early_bad = stage1.generate_early(
                     *args, n, self.dit.null_class, cfg.guidance_scale, cfg.recipe.guided_channels, device, dtype,
-                    cfg.stage1_batch, stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
+                    cfg.stage1_batch, selection.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
                     lambda x0: score(x0)[1:], rank, progress=progress, guidance_interval=cfg.guidance_interval)
         images, probs, finite = score(latents)
         bad = early_bad.clone()
@@ -232,13 +232,13 @@ class DiTGenerator(Generator):
         interval counted)."""
         gi = cfg.guidance_interval
         return stage1.dit_forwards(cfg.num_candidates, cfg.sample_steps,
-                                   stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
+                                   selection.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
                                    cfg.guidance_scale, None if gi is None else guided_steps(self.diffusion(cfg), gi))
 
     def stage1_ticks(self, groups: list[list[int]], cfg) -> int:
         """Sampling steps × DiT batches, with fewer batches after an early-rejection check."""
         total, done, alive = 0, 0, cfg.num_candidates
-        for step, keep in [*stage1.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
+        for step, keep in [*selection.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
                            (cfg.sample_steps, None)]:
             total += (step - done) * sum(-(-len(g) * alive // cfg.stage1_batch) for g in groups)
             done, alive = step, keep
