@@ -17,7 +17,7 @@ from typing import Literal
 from .errors import UserError
 
 Order = Literal["desc", "asc"]
-Selection = Literal["confident", "el2n", "random"]
+Selection = Literal["confident", "el2n", "random", "stability", "stable-correct"]
 Label = Literal["null", "true"]
 TimestepMode = Literal["official", "consistent"]
 
@@ -40,6 +40,25 @@ class Recipe:
         noises drawn with seed 42, shared by all classes, as released; the entry is drawn from the class's own seeded
         stream (the released numpy draw is unseeded) and recorded as ``noise_bank_index``. Otherwise ε is drawn from
         the class's own stream.
+    MAR fields (``mar_``; they apply to the MAR family only and enter only a MAR config's fingerprint):
+
+    mar_stage2_cond: the condition stage 2 optimises under: ``zero`` (the released call passes an all-zero label
+        vector through the class embedding: a zero condition, neither the class nor the learned null) or ``class``
+        (the image's own class embedding).
+    mar_target_grad: ``detached`` noises a detached copy of the latent (the released stage 2: the latent's gradient
+        comes only through the visible tokens the encoder sees) or ``attached`` (the noised tokens carry gradient
+        too, as in the DiT path).
+    mar_mask_rule: how many tokens stage 2 hides per step, with the rate r drawn from MAR's truncated normal on
+        [0.7, 1]: ``max`` hides max(⌈L·r⌉, ⌊L/4⌋) (released: 70–100 % hidden, the ¼ never binds) or ``min`` hides
+        min(⌈L·r⌉, ⌊L/4⌋) (¼ hidden, what the released ``max_ratio=0.25`` reads as).
+    mar_select: ``stability`` keeps the IPC candidates whose teacher softmax moves least between the last two
+        sampling iterations (cosine similarity), never checking the class (released); ``stable-correct`` ranks the
+        teacher-correct candidates first, each part by stability.
+    mar_teacher_io: ``jpeg`` scores the decodes the way the release does (8-bit, JPEG quality 75, PIL bilinear
+        resize, then mean/std); ``tensor`` scores them in memory (resized and normalised as tensors).
+    mar_stage2_vb: add the variational-bound term of the learned variance to the stage-2 loss (released) or not.
+    mar_autocast: run stage 1 under fp16 autocast on CUDA (released) or in the run's dtype.
+
     tf32: run fp32 matmuls and convolutions in TF32 on CUDA during the job (every released script sets
         ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` before anything runs);
         both flags are restored when the call returns. ``consistent`` keeps strict fp32 (off), so an fp32 run equals
@@ -54,8 +73,16 @@ class Recipe:
     guided_channels: int = 3
     noise_bank: bool = False
     tf32: bool = False
+    mar_stage2_cond: Literal["zero", "class"] = "zero"
+    mar_target_grad: Literal["detached", "attached"] = "detached"
+    mar_mask_rule: Literal["max", "min"] = "max"
+    mar_select: Literal["stability", "stable-correct"] = "stability"
+    mar_teacher_io: Literal["jpeg", "tensor"] = "jpeg"
+    mar_stage2_vb: bool = True
+    mar_autocast: bool = True
 
 
+FAMILIES = ("dit", "mar")  # generator families; a recipe field named "<family>_..." is that family's
 NOISE_BANK_SIZE = 1024
 NOISE_BANK_SEED = 42
 
@@ -63,7 +90,9 @@ RECIPES = {
     "official": Recipe("official", timestep_mode="official", classifier_normalize=False, stage2_label="null",
                        label_dropout=True, noise_bank=True, tf32=True),
     "consistent": Recipe("consistent", timestep_mode="consistent", classifier_normalize=True, stage2_label="true",
-                         label_dropout=False),
+                         label_dropout=False, mar_stage2_cond="class", mar_target_grad="attached", mar_mask_rule="min",
+                         mar_select="stable-correct", mar_teacher_io="tensor", mar_stage2_vb=False,
+                         mar_autocast=False),
 }
 
 
@@ -144,6 +173,9 @@ class DistillConfig:
     early_reject_step: int | tuple[int, ...] | None = None
     early_reject_keep: int | tuple[int, ...] | None = None
     guidance_interval: tuple[float, float] | None = None
+    guidance_schedule: Literal["constant", "linear"] = "constant"  # linear: MAR's ramp 1 → scale over the tokens
+    temperature: float = 1.0  # MAR: the DiffLoss sampler's noise scale
+    token_steps: int | None = None  # MAR: DiffLoss sampling steps per token (None for a DiT)
     # stage 2
     stage2_steps: int = 100
     lr: float = 6e-4
@@ -157,6 +189,7 @@ class DistillConfig:
     engine: str = "eager"  # the stage-1 engine (Distiller.use_engines sets it): engines round differently
     stage2_engine: str = "eager"  # the stage-2 DiT's engine, likewise
     models: dict = field(default_factory=dict)  # paths and fingerprints of the weights
+    family: str = "dit"  # the generator family (dit, mar); MAR reads sample_steps as its sampling iterations
 
     @property
     def num_candidates(self) -> int:
@@ -172,6 +205,13 @@ class DistillConfig:
         for name in ("engine", "stage2_engine"):  # another engine can move a pixel by a grey level: another set
             if d[name] == "eager":
                 d.pop(name)
+        for name, default in (("family", "dit"), ("guidance_schedule", "constant"), ("temperature", 1.0),
+                              ("token_steps", None)):  # a DiT config's fingerprint from before MAR existed
+            if d[name] == default:
+                d.pop(name)
+        for name in list(d["recipe"]):  # a family's recipe fields enter only its own configs' fingerprints
+            if name.split("_")[0] in FAMILIES and name.split("_")[0] != self.family:
+                d["recipe"].pop(name)
         d["stage1_group"] = self.classes_per_group  # the grouping of classes into batches does change rounding
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -197,8 +237,10 @@ _NOT_OVERRIDES = ("dataset", "class_ids", "class_names", "ipc", "recipe")  # giv
 
 def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | None = None,
                  class_names: list[str] | None = None, num_model_classes: int | None = None,
-                 **overrides) -> DistillConfig:
-    """Resolve dataset preset + recipe + user overrides into a validated config (errors name the fix)."""
+                 family_defaults=None, **overrides) -> DistillConfig:
+    """Resolve dataset preset + recipe + user overrides into a validated config (errors name the fix).
+    ``family_defaults(recipe)``: the generator family's own settings (its ``Generator.config_defaults``), between
+    the dataset preset's and the user's."""
     if not isinstance(recipe, str) or recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if not isinstance(dataset, str) or (dataset not in DATASETS and dataset != "custom"):
@@ -227,6 +269,8 @@ def build_config(dataset: str, ipc: int, recipe: str, class_ids: list[int] | Non
     label = preset.stage2_label if (preset.stage2_label and rec.name == "official") else rec.stage2_label
     stage2_steps = preset.stage2_steps if rec.name == "official" else 100
     base = dict(k=preset.k, order=preset.order, t_max=preset.t_max, stage2_label=label, stage2_steps=stage2_steps)
+    if family_defaults is not None:
+        base.update(family_defaults(rec))
     valid = sorted(f.name for f in fields(DistillConfig) if f.name not in _NOT_OVERRIDES)
     unknown = sorted(set(overrides) - set(valid))
     engines = sorted(set(overrides) & {"engine", "stage2_engine"})
@@ -259,10 +303,11 @@ def check_class_ids(class_ids, what: str = "class ids") -> list[int]:
 _INT_FIELDS = ("ipc", "k", "seed", "sample_steps", "stage2_steps", "t_max", "stage1_batch", "stage2_batch",
                "classifier_input_size")
 _FLOAT_FIELDS = {  # name: (option, lowest allowed, whether the lowest itself is allowed)
-    "guidance_scale": ("--guidance", 0.0, True), "lr": ("--lr", 0.0, False), "lam": ("--lam", 0.0, True)}
-_CHOICES = {"selection": ("confident", "el2n", "random"), "order": ("desc", "asc"), "stage2_label": ("null", "true"),
+    "guidance_scale": ("--guidance", 0.0, True), "lr": ("--lr", 0.0, False), "lam": ("--lam", 0.0, True),
+    "temperature": ("--temperature", 0.0, False)}
+_CHOICES = {"selection": ("confident", "el2n", "random", "stability", "stable-correct"), "order": ("desc", "asc"), "stage2_label": ("null", "true"),
             "dtype": ("float32", "bfloat16", "float16"), "engine": ("eager", "compile", "onnx", "trt"),
-            "stage2_engine": ("eager", "compile")}
+            "stage2_engine": ("eager", "compile"), "family": FAMILIES, "guidance_schedule": ("constant", "linear")}
 SCHEDULE_STEPS = 1000  # the DiT's training schedule: stage 1 respaces it, so it can take at most this many steps
 
 
@@ -306,9 +351,6 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError(f"--ipc must be at least 1 (got {cfg.ipc})")
     if cfg.sample_steps < 1:
         raise UserError(f"--sample-steps must be at least 1 (got {cfg.sample_steps})")
-    if cfg.sample_steps > SCHEDULE_STEPS:
-        raise UserError(f"--sample-steps {cfg.sample_steps}: stage 1 respaces the DiT's {SCHEDULE_STEPS}-step "
-                        f"schedule, so it takes at most {SCHEDULE_STEPS} steps")
     if cfg.stage2_steps < 0:
         raise UserError(f"--stage2-steps must be 0 or more (got {cfg.stage2_steps})")
     for name in ("stage1_batch", "stage2_batch", "classifier_input_size"):
@@ -316,10 +358,21 @@ def validate(cfg: DistillConfig) -> None:
             raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.k < 1:
         raise UserError(f"--k must be at least 1 (got {cfg.k})")
+    _FAMILY_RULES[cfg.family](cfg)
+
+
+def _dit_rules(cfg: DistillConfig) -> None:
+    """What a DiT config must satisfy (its stage-1 schedule, stage-2 window and stage-1 savings)."""
+    if cfg.sample_steps > SCHEDULE_STEPS:
+        raise UserError(f"--sample-steps {cfg.sample_steps}: stage 1 respaces the DiT's {SCHEDULE_STEPS}-step "
+                        f"schedule, so it takes at most {SCHEDULE_STEPS} steps")
     if cfg.t_max < 1:
         raise UserError(f"stage-2 timestep window {{1..{cfg.t_max}}} is empty")
     if cfg.t_max >= cfg.sample_steps:
         raise UserError(f"stage-2 t_max {cfg.t_max} must be below the {cfg.sample_steps} respaced steps")
+    for name, value, default, option in _MAR_ONLY:
+        if getattr(cfg, name) != default and value(cfg):
+            raise UserError(f"{option} applies to the MAR generator only, not to a DiT")
     early_check_list(cfg.early_reject_step, cfg.early_reject_keep, cfg.sample_steps, cfg.ipc, cfg.num_candidates)
     if cfg.guidance_interval is not None:
         gi = cfg.guidance_interval
@@ -331,6 +384,29 @@ def validate(cfg: DistillConfig) -> None:
         if not 0 <= lo < hi:
             raise UserError(f"guidance interval ({lo:g}, {hi:g}]: need 0 <= lo < hi (noise levels σ)")
 
+
+_MAR_ONLY = (  # (field, whether its value is MAR's own, the DiT value, the option that sets it)
+    ("guidance_schedule", lambda c: True, "constant", "--guidance-schedule linear"),
+    ("temperature", lambda c: True, 1.0, "--temperature"),
+    ("token_steps", lambda c: True, None, "--token-steps"),
+    ("selection", lambda c: c.selection in ("stability", "stable-correct"), "confident", "--selection stability"),
+)
+
+
+def _mar_rules(cfg: DistillConfig) -> None:
+    """What a MAR config must satisfy: a DiffLoss step count, a positive temperature, none of the DiT's stage-1
+    savings (MAR's sampler has no x̂0 to check early and guides by its own schedule)."""
+    if cfg.token_steps is None or not _is_int(cfg.token_steps) or not 1 <= cfg.token_steps <= SCHEDULE_STEPS:
+        raise UserError(f"--token-steps must be a whole number from 1 to {SCHEDULE_STEPS} (got {cfg.token_steps!r})")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature must be above 0 (got {cfg.temperature:g})")
+    if cfg.early_reject_step is not None or cfg.early_reject_keep is not None:
+        raise UserError("--early-reject/--early-keep apply to the DiT sampler only, not to MAR")
+    if cfg.guidance_interval is not None:
+        raise UserError("--guidance-interval applies to the DiT sampler only; MAR guides by --guidance-schedule")
+
+
+_FAMILY_RULES = {"dit": _dit_rules, "mar": _mar_rules}
 
 
 def early_check_list(steps, keeps, sample_steps: int, ipc: int, num_candidates: int) -> list[tuple[int, int]]:

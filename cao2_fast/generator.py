@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-# latents (n, *latent_shape) -> (images (n, 3, H, W) in [-1, 1], classifier softmax (n, classes), finite (n,) bool)
-Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# latents (n, *latent_shape) -> (images (n, 3, H, W) in [-1, 1], classifier softmax (n, classes), finite (n,) bool);
+# ``score(latents, io="jpeg")`` shows the classifier the decodes as 8-bit JPEG files (quality 75) resized by PIL
+Scorer = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # (class position j in the batch, candidate indices, their early softmax, finite) -> positions, best first
 Ranker = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +42,8 @@ class Candidates:
     latents: (m, *latent_shape). images: (m, 3, H, W) decoded, in [-1, 1]. probs: (m, classes) classifier softmax.
     finite: (m,) whether latent, image and probabilities are all finite (a candidate that is not is never kept).
     nonfinite: how many of the class's K·IPC candidates were found not finite (at an early check or at the end).
+    scores: (m,) the family's own per-candidate score where its selection rule needs one (MAR: stability), else
+        None; recorded per kept image as ``stage1_score``.
     """
 
     index: torch.Tensor
@@ -49,6 +52,7 @@ class Candidates:
     probs: torch.Tensor
     finite: torch.Tensor
     nonfinite: int
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,7 +70,21 @@ class Generator(abc.ABC):
     """A class-conditional generative model as the method drives it. ``cfg`` is the run's
     :class:`~cao2_fast.config.DistillConfig`; ``device``/``dtype`` where and how the models compute."""
 
-    family: str = ""  # recorded in the config (``DistillConfig.models``)
+    family: str = ""  # recorded in the config (``DistillConfig.family``)
+    engines: tuple[str, ...] = ("eager", "compile", "onnx", "trt")  # what its stage 1 can run on (stage 2: the
+    # first two, where listed)
+
+    def config_defaults(self, recipe) -> dict:
+        """The family's own settings of a config under ``recipe`` (a :class:`~cao2_fast.config.Recipe`), applied
+        over the dataset preset's and under the user's."""
+        return {"family": self.family}
+
+    def check_config(self, cfg) -> None:
+        """Refuse (one ``UserError`` line) a config these models cannot run, beyond what the config checks."""
+        if cfg.family != self.family:
+            from .errors import UserError
+
+            raise UserError(f"a {cfg.family} config cannot drive a {self.family} generator")
 
     @property
     @abc.abstractmethod

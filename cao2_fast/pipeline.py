@@ -34,7 +34,7 @@ _log = logging.getLogger("cao2_fast")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-PRESETS = ("digits",)  # the embedded presets
+PRESETS = ("digits", "digits-mar")  # the embedded presets
 
 
 def preset_dir(name: str = "digits") -> Path:
@@ -76,7 +76,8 @@ class ClassOutput:
 
     # Record fields by type: a column keeps its dtype whichever values one class happens to have.
     _INT_FIELDS = ("class_id", "candidate_index", "stage2_steps", "stage1_nonfinite_candidates", "noise_bank_index")
-    _FLOAT_FIELDS = ("prob_before", "prob_after", "loss_first", "loss_last", "stage1_candidate_accuracy")
+    _FLOAT_FIELDS = ("prob_before", "prob_after", "loss_first", "loss_last", "stage1_candidate_accuracy",
+                     "stage1_score")
 
     def as_item(self) -> dict:
         """This class as one training item: tensors, ints and strings only, no ``None`` anywhere, so torch's
@@ -133,6 +134,7 @@ class Distiller:
         self.classifier.input_size = config.classifier_input_size
         self.classify: Callable = classifier  # the stage-1 classifier call (an engine after use_engines)
         self._target_index = self._classifier_targets()
+        generator.check_config(config)
         self._check_fits()
         self.to(device)  # ready on the device it names, in the config's dtype
 
@@ -155,16 +157,21 @@ class Distiller:
         d = preset_dir(name)
         gen, models = generators.from_preset(d, meta)
         clf_meta = meta["classifier"]
-        clf = load_classifier(f"{clf_meta['model']}:{d / 'classifier.safetensors'}", input_size=clf_meta["input_size"],
+        clf_file = clf_meta.get("weights", "classifier.safetensors")
+        clf = load_classifier(f"{clf_meta['model']}:{d / clf_file}", input_size=clf_meta["input_size"],
                               num_classes=len(meta["class_names"]), mean=clf_meta["mean"], std=clf_meta["std"])
         overrides.setdefault("classifier_input_size", clf_meta["input_size"])
         overrides.setdefault("stage1_batch", 2 * 2 * ipc)  # two classes per group: several groups to shard
         overrides.setdefault("stage2_batch", 64)
-        clf_id = weights_id(d / "classifier.safetensors")
-        clf_id["path"] = f"<preset {name}>/classifier.safetensors"
+        clf_id = weights_id(d / clf_file)
+        clf_id["path"] = f"<preset {name}>/{Path(clf_file).name}"
         models = {"preset": name, **models, "classifier": clf_id}
+        for key, setting in (("guidance_scale", "guidance_scale"), ("num_iter", "sample_steps")):
+            if key in meta:  # the preset's own sampling settings (what its training check found best)
+                overrides.setdefault(setting, meta[key])
         cfg = build_config(name, ipc, recipe, class_ids=ids, class_names=[names[i] for i in ids],
-                           num_model_classes=gen.num_classes, models=models, **overrides)
+                           num_model_classes=gen.num_classes, models=models,
+                           family_defaults=gen.config_defaults, **overrides)
         return cls(gen, clf, cfg, device=device, progress=progress)
 
     @classmethod
@@ -200,7 +207,7 @@ class Distiller:
             clf_id = {}
         models["classifier"] = {"name": name, **clf_id}
         cfg = build_config(dataset, ipc, recipe, class_ids=class_ids, class_names=names,
-                           num_model_classes=gen.num_classes, models=models,
+                           num_model_classes=gen.num_classes, models=models, family_defaults=gen.config_defaults,
                            classifier_input_size=classifier_input_size, **overrides)
         return cls(gen, clf, cfg, device=device, progress=progress)
 
@@ -250,6 +257,12 @@ class Distiller:
         from .engines import EngineCache, check_engines, stage1_engines, stage1_specs, stage2_engine
 
         cfg, gen = self.config, self.generator
+        if stage2 is None and "compile" not in gen.engines:
+            stage2 = "eager"
+        for which, name in (("stage-1", engine), ("stage-2", stage2)):
+            if name is not None and name not in gen.engines:
+                raise UserError(f"the {gen.family} generator runs {which} on {', '.join(gen.engines)} only, not "
+                                f"{name}")
         check_engines(engine, stage2, self.device, cfg.dtype)
         batches = {**gen.engine_batches(cfg), "classifier": cfg.decode_batch}
         built = stage1_engines(engine, stage1_specs(gen, self.classifier), batches, self.device, cfg.dtype,
@@ -271,14 +284,22 @@ class Distiller:
         """The recipe's process-wide numerics (TF32 on CUDA under ``official``), set for one call and restored."""
         return numerics.tf32(self.config.recipe.tf32, self.device)
 
-    def _score(self, latents: torch.Tensor):
+    def _score(self, latents: torch.Tensor, io: str = "tensor"):
         """Decode and classify: (images, softmax, finite), where a candidate whose latent, image or probabilities
-        are not finite (NaN/Inf in a model) is marked so and never kept."""
-        images, probs = selection.decode_and_score(self.generator.decode, self.classify, latents, self.device,
-                                                self.dtype, self.config.decode_batch)
+        are not finite (NaN/Inf in a model) is marked so and never kept. ``io="jpeg"`` shows the classifier each
+        decode as an 8-bit JPEG (quality 75) resized by PIL and normalised (see :func:`selection.jpeg_view`)."""
+        classify = self._classify_jpeg if io == "jpeg" else self.classify
+        images, probs = selection.decode_and_score(self.generator.decode, classify, latents, self.device,
+                                                   self.dtype, self.config.decode_batch)
         finite = (latents.flatten(1).isfinite().all(1) & images.flatten(1).isfinite().all(1)
                   & probs.isfinite().all(1))
         return images, probs, finite
+
+    def _classify_jpeg(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits of images seen through JPEG files (always mean/std normalised, as released)."""
+        clf = self.classifier
+        view = selection.jpeg_view(images, clf.input_size).to(images.device, images.dtype)
+        return clf.model((view - clf.mean.to(view.dtype)) / clf.std.to(view.dtype))
 
     def _early(self) -> bool:
         return self.config.early_reject_step is not None or self.config.guidance_interval is not None
@@ -320,7 +341,7 @@ class Distiller:
             keep = torch.zeros(0, dtype=torch.long)
         elif not self._early():
             keep = selection.select(p, target, cfg.ipc, cfg.selection, cfg.order,
-                                 class_generator(cfg.seed, c, "select"), valid=ok)
+                                    class_generator(cfg.seed, c, "select"), valid=ok, scores=cand.scores)
         elif cfg.selection == "random":
             keep = self._rank(class_ids)(j, cand.index, p, ok)[:cfg.ipc]
         else:
@@ -333,6 +354,7 @@ class Distiller:
             "prob": p[keep, target],
             "candidate_accuracy": float(((p.argmax(1) == target) & ok).float().mean()),
             "nonfinite_candidates": cand.nonfinite,
+            "score": None if cand.scores is None else cand.scores[keep],
             "failure": None if n_ok >= cfg.ipc else
             f"only {n_ok} of {len(cand.index)} {surviving}stage-1 candidates are finite (NaN/Inf in the generator, "
             f"decoder or classifier output), {cfg.ipc} are needed",
@@ -420,6 +442,7 @@ class Distiller:
                 "stage2_status": "ok" if bool(r2.finite[b]) else "stopped: non-finite loss or latent",
                 "stage1_nonfinite_candidates": s1c["nonfinite_candidates"],
                 "stage1_candidate_accuracy": round(s1c["candidate_accuracy"], 6),
+                **({} if s1c["score"] is None else {"stage1_score": _num(s1c["score"][i])}),
                 **extra[i],
             })
         return records

@@ -71,7 +71,8 @@ def decode_and_score(decode: Fn, classify: Fn, latents: torch.Tensor, device, dt
 
 
 def select(probs: torch.Tensor, target: int, ipc: int, rule: str = "confident", order: str = "desc",
-           generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, valid: torch.Tensor | None = None,
+           scores: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the ``ipc`` kept candidates of one class, in keeping order.
 
     confident: candidates whose argmax is ``target``, by max softmax probability (``desc`` most confident first,
@@ -79,16 +80,29 @@ def select(probs: torch.Tensor, target: int, ipc: int, rule: str = "confident", 
         taken in the *same* order (``desc``: most confident wrong first; ``asc``: least confident wrong first).
     el2n: all candidates by EL2N = ‖softmax − onehot(target)‖₂; ``desc`` keeps the hardest, ``asc`` the easiest.
     random: a uniform random subset drawn from ``generator``.
+    stability: by the generator's per-candidate ``scores`` (MAR: how little the classifier's softmax moves between
+        the last two sampling iterations), keeping the IPC highest in ascending order (the least stable kept one
+        first), with no look at the class: the released MAR rule.
+    stable-correct: the candidates whose argmax is ``target`` first, then the others, each part most stable first.
     Ties are broken by candidate index, so the choice is deterministic. ``valid`` (bool, per candidate) excludes the
     candidates marked False from every rule (non-finite ones); the returned indices still index all of ``probs``.
     """
     if valid is not None and not bool(valid.all()):
         kept = torch.nonzero(valid).flatten()
-        return kept[select(probs[kept], target, ipc, rule, order, generator)]
+        return kept[select(probs[kept], target, ipc, rule, order, generator,
+                           scores=None if scores is None else scores[kept])]
     n = probs.shape[0]
     if ipc > n:
         raise ValueError(f"cannot keep {ipc} of {n} candidates")
     idx = torch.arange(n)
+    if rule in ("stability", "stable-correct"):
+        if scores is None:
+            raise ValueError(f"the {rule} rule needs the generator's candidate scores")
+        if rule == "stability":
+            return _ordered(idx, scores, descending=False)[n - ipc:]
+        correct = probs.argmax(dim=1) == target
+        return torch.cat([_ordered(idx[correct], scores[correct], descending=True),
+                          _ordered(idx[~correct], scores[~correct], descending=True)])[:ipc]
     if rule == "random":
         return torch.randperm(n, generator=generator)[:ipc]
     if rule == "el2n":
@@ -112,3 +126,26 @@ def _ordered(idx: torch.Tensor, score: torch.Tensor, descending: bool) -> torch.
     # a stable sort on the score keeps index order among equal scores
     order = torch.sort(score.double(), descending=descending, stable=True).indices
     return idx[order]
+
+
+def jpeg_view(images: torch.Tensor, size: int, quality: int = 75) -> torch.Tensor:
+    """What a classifier sees of decoded images that went through files as the released MAR scoring does: each
+    image in [−1, 1] to 8 bits (the PNG arithmetic), saved as a JPEG of ``quality`` (PIL's default, 75), read
+    back, resized to ``size``×``size`` by PIL (bilinear) and mapped to [0, 1]. Returns float32 (N, 3, size, size)
+    on the CPU; normalising is the caller's."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .output.folder import to_uint8
+
+    views = []
+    for arr in to_uint8(images.detach().float().cpu()):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as img:
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            views.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
+    return torch.stack(views).permute(0, 3, 1, 2).float().div(255)
