@@ -71,6 +71,7 @@ class Generator(abc.ABC):
     :class:`~cao2_fast.config.DistillConfig`; ``device``/``dtype`` where and how the models compute."""
 
     family: str = ""  # recorded in the config (``DistillConfig.family``)
+    record_fields: dict = {}  # per-image manifest fields the family adds: {name: accepted Python types}
     engines: tuple[str, ...] = ("eager", "compile", "onnx", "trt")  # what its stage 1 can run on (stage 2: the
     # first two, where listed)
 

@@ -169,24 +169,30 @@ class Distiller:
         for key, setting in (("guidance_scale", "guidance_scale"), ("num_iter", "sample_steps")):
             if key in meta:  # the preset's own sampling settings (what its training check found best)
                 overrides.setdefault(setting, meta[key])
-        cfg = build_config(name, ipc, recipe, class_ids=ids, class_names=[names[i] for i in ids],
+        cfg = build_config(meta.get("dataset", name), ipc, recipe, class_ids=ids, class_names=[names[i] for i in ids],
                            num_model_classes=gen.num_classes, models=models,
                            family_defaults=gen.config_defaults, **overrides)
         return cls(gen, clf, cfg, device=device, progress=progress)
 
     @classmethod
-    def from_paths(cls, dit: str | Path, vae: str | Path | None, classifier: str, dataset: str = "imagenet-1k",
-                   ipc: int = 10, recipe: str = "official", class_ids: list[int] | None = None, device: str = "auto",
-                   progress: bool = False, classifier_input_size: int = 224, **overrides) -> "Distiller":
+    def from_paths(cls, dit: str | Path | None = None, vae: str | Path | None = None, classifier: str | None = None,
+                   dataset: str = "imagenet-1k", ipc: int = 10, recipe: str = "official",
+                   class_ids: list[int] | None = None, device: str = "auto", progress: bool = False,
+                   classifier_input_size: int = 224, mar: str | Path | None = None, **overrides) -> "Distiller":
         """Real checkpoints: an original/diffusers DiT (a file, a folder, or a Hugging Face Hub id
         ``org/name[@revision]`` such as ``facebook/DiT-XL-2-256``), a diffusers VAE (a folder or Hub id; None when
         the DiT is a diffusers pipeline holding its own), and a classifier (``NAME:CHECKPOINT``, a pretrained timm
-        ``NAME``, or ``random:NAME``). A local path that exists always wins over a Hub id."""
+        ``NAME``, or ``random:NAME``). A local path that exists always wins over a Hub id.
+
+        Or, instead of ``dit``, a MAR (``mar``: a folder holding ``checkpoint-last.pth``, the file, or
+        ``.safetensors``; local only) with its VAE (``kl16.ckpt`` or a diffusers AutoencoderKL folder)."""
         from . import generators
 
         _check_ipc(ipc)
+        if classifier is None:
+            raise UserError("no classifier given: pass NAME:CHECKPOINT, a pretrained timm NAME, or random:NAME")
         class_ids = None if class_ids is None else check_class_ids(class_ids)
-        gen, models = generators.from_paths(dit=dit, vae=vae)
+        gen, models = generators.from_paths(dit=dit, vae=vae, mar=mar)
         name, ckpt = parse_spec(classifier)
         clf = load_classifier(classifier, input_size=classifier_input_size)
         if class_ids is not None:

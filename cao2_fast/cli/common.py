@@ -99,11 +99,12 @@ class PresetName(str, Enum):
     digits = "digits"
 
 
-def check_real_models(dit: str | None, classifier: str | None) -> None:
-    """Real models need a DiT and a classifier; the VAE may come from a DiT that is a diffusers pipeline."""
-    missing = [name for name, v in (("--dit", dit), ("--classifier", classifier)) if v is None]
+def check_real_models(model: str | None, classifier: str | None, option: str = "--dit") -> None:
+    """Real models need a generator (``option``: --dit or --mar) and a classifier; the VAE may come from a DiT
+    that is a diffusers pipeline."""
+    missing = [name for name, v in ((option, model), ("--classifier", classifier)) if v is None]
     if missing:
-        raise UserError(f"real checkpoints need --dit and --classifier, and --vae unless the DiT is a diffusers "
+        raise UserError(f"real checkpoints need {option} and --classifier, and --vae unless the DiT is a diffusers "
                         f"pipeline holding its VAE (missing {', '.join(missing)})")
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from .. import distributed
+from ..config import FAMILIES
 from ..errors import UserError, require_file
 from ..fileio import overlaps
 from .common import (ENGINE_DIR_DEFAULT, Device, DType, EngineName, RecipeName, Stage2EngineName, check_real_models,
@@ -37,6 +38,18 @@ class SelectionRule(str, Enum):
     confident = "confident"
     el2n = "el2n"
     random = "random"
+    stability = "stability"
+    stable_correct = "stable-correct"
+
+
+class Backbone(str, Enum):
+    dit = "dit"
+    mar = "mar"
+
+
+class GuidanceSchedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
 
 
 class Order(str, Enum):
@@ -59,6 +72,11 @@ Examples:
 
   cao2-fast distill --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ \\
       --classifier resnet18:resnet18.pth --dataset imagenet-1k --ipc 10
+
+  cao2-fast distill --backbone mar    # the digits MAR preset -> cao2-out/digits-mar-ipc10
+
+  cao2-fast distill --mar pretrained_models/mar/mar_base --vae kl16.ckpt \\
+      --classifier resnet18.tv_in1k --dataset imagenet-1k --ipc 10
 
   cao2-fast distill --dit D --vae V --classifier C --classes 1,9,130 \\
       --ipc 1 --dry-run               # the plan only; writes nothing
@@ -118,16 +136,21 @@ def distill(
     dataset: Annotated[Dataset | None, typer.Option(metavar="NAME", help="Class list and per-dataset settings: digits, imagenet-1k, imagenette, imagewoof or imagenet-100.", show_default="digits; imagenet-1k with --dit; custom with --classes", rich_help_panel=MODELS)] = None,
     classes: Annotated[str | None, typer.Option(help="Your own class ids: '1,7,100-109' or '@file'.", rich_help_panel=MODELS)] = None,
     dit: Annotated[str | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, a diffusers dir, or a Hugging Face Hub id ORG/NAME[@REVISION] (e.g. facebook/DiT-XL-2-256, fetched into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only). A local path that exists wins.", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
-    vae: Annotated[str | None, typer.Option(help="diffusers AutoencoderKL directory or Hub id.", show_default="the digits preset's; with --dit, the VAE of a diffusers DiT pipeline", rich_help_panel=MODELS)] = None,
+    mar: Annotated[str | None, typer.Option(help="MAR checkpoint (local): a folder holding checkpoint-last.pth (its EMA weights are used), the file itself, or .safetensors. Pair it with --vae kl16.ckpt.", rich_help_panel=MODELS)] = None,
+    backbone: Annotated[Backbone | None, typer.Option(help="Generator family: dit or mar.", show_default="the family of --dit/--mar; dit without either", rich_help_panel=MODELS)] = None,
+    vae: Annotated[str | None, typer.Option(help="The generator's VAE: a diffusers AutoencoderKL directory or Hub id; for MAR also kl16.ckpt (LDM layout).", show_default="the digits preset's; with --dit, the VAE of a diffusers DiT pipeline", rich_help_panel=MODELS)] = None,
     classifier: Annotated[str | None, typer.Option(help="timm NAME:CHECKPOINT (local weights, e.g. resnet18:resnet18.pth), a pretrained NAME (resnet18.tv_in1k, hf-hub:timm/..., from the Hugging Face cache) or random:NAME (random weights, for tests).", show_default="the digits preset's", rich_help_panel=MODELS)] = None,
     ipc: Annotated[int, typer.Option(help="Images per class.", rich_help_panel=RECIPE)] = 10,
     recipe: Annotated[RecipeName, typer.Option(help="official: the released code's behaviour; consistent: its quirks fixed.", rich_help_panel=RECIPE)] = RecipeName.official,
     seed: Annotated[int, typer.Option("--seed", help="Master seed; a class's randomness depends on (seed, class id) only.", rich_help_panel=RECIPE)] = 0,
     k: Annotated[int | None, typer.Option("--k", help="Oversampling: K·IPC candidates per class.", show_default="4; 2 for imagenette, imagenet-100, digits", rich_help_panel=STAGE1)] = None,
-    selection: Annotated[SelectionRule, typer.Option(help="Which candidates to keep.", rich_help_panel=STAGE1)] = SelectionRule.confident,
+    selection: Annotated[SelectionRule | None, typer.Option(help="Which candidates to keep: confident, el2n, random; MAR also stability, stable-correct.", show_default="confident; MAR official stability, consistent stable-correct", rich_help_panel=STAGE1)] = None,
     order: Annotated[Order | None, typer.Option(help="Selection order by classifier confidence.", show_default="asc for imagenet-100, else desc", rich_help_panel=STAGE1)] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", rich_help_panel=STAGE1)] = 2.7,
-    sample_steps: Annotated[int, typer.Option(help="Respaced DDPM sampling steps.", rich_help_panel=STAGE1)] = 50,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.", show_default="2.7; MAR 2.9; a preset's own", rich_help_panel=STAGE1)] = None,
+    sample_steps: Annotated[int | None, typer.Option(help="Respaced DDPM sampling steps (MAR: sampling iterations).", show_default="50; MAR 32; a preset's own", rich_help_panel=STAGE1)] = None,
+    guidance_schedule: Annotated[GuidanceSchedule | None, typer.Option(help="MAR: linear ramps guidance from 1 as tokens are revealed (released); constant keeps it.", show_default="MAR linear", rich_help_panel=STAGE1)] = None,
+    temperature: Annotated[float | None, typer.Option(help="MAR: the token sampler's noise scale.", show_default="MAR 1.0", rich_help_panel=STAGE1)] = None,
+    token_steps: Annotated[int | None, typer.Option(help="MAR: diffusion steps per sampled token.", show_default="MAR 100", rich_help_panel=STAGE1)] = None,
     stage1_batch: Annotated[int | None, typer.Option(help="Candidates per DiT call (the guided call runs twice this).", show_default="256; digits 4·IPC", rich_help_panel=STAGE1)] = None,
     early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Early rejection: after STEP sampling steps score every candidate's x0 prediction and let only the best --early-keep per class finish (saves DiT work; may change a few picks). 'S1,S2' checks twice.", show_default="off", rich_help_panel=STAGE1)] = None,
     early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive --early-reject (IPC..K·IPC); 'M1,M2' for two checks.", rich_help_panel=STAGE1)] = None,
@@ -164,7 +187,9 @@ def distill(
     out_given = output.check_out_path(out) if out is not None else None
     s1_given = output.check_out_path(stage1_out, "--stage1-out") if stage1_out is not None else None
     class_ids = parse_classes(classes) if classes is not None else None
-    overrides = dict(k=k, selection=selection.value, order=order.value if order else None, guidance_scale=guidance,
+    overrides = dict(k=k, selection=selection.value if selection else None, order=order.value if order else None,
+                     guidance_scale=guidance, temperature=temperature, token_steps=token_steps,
+                     guidance_schedule=guidance_schedule.value if guidance_schedule else None,
                      sample_steps=sample_steps, stage2_steps=stage2_steps, lr=lr, lam=lam, t_max=t_max,
                      stage2_label=stage2_label.value if stage2_label else None, seed=seed, dtype=dtype.value,
                      stage1_batch=stage1_batch, stage2_batch=stage2_batch,
@@ -173,8 +198,12 @@ def distill(
                      guidance_interval=_interval(guidance_interval))
     state = distributed.join(dev, rank_timeout)  # after every cheap check: bad input never waits on a rendezvous
     rank, world = (state.rank, state.world) if state else (0, 1)
-    distiller = _distiller(dataset.value if dataset else None, dit, vae, classifier, class_ids, ipc, recipe.value,
-                           dev, make_progress(no_progress), {k_: v for k_, v in overrides.items() if v is not None})
+    from ..generators import backbone_of
+
+    family = backbone_of(dit, mar, backbone.value if backbone else None)
+    distiller = _distiller(dataset.value if dataset else None, family, dit or mar, vae, classifier, class_ids, ipc,
+                           recipe.value, dev, make_progress(no_progress),
+                           {k_: v for k_, v in overrides.items() if v is not None})
     out_dir, s1_dir = _folders(distiller.config, out_given, s1_given, save_stage1, engine.value, engine_dir)
     if dry_run:
         if rank == 0:
@@ -196,23 +225,28 @@ def distill(
         _report(manifest, distiller, out_dir, s1_dir, world, as_json)
 
 
-def _distiller(ds, dit, vae, classifier, class_ids, ipc, recipe, dev, progress, overrides):
-    """The Distiller for the models given: real checkpoints (all three), or the digits preset."""
+PRESET_OF = {"dit": "digits", "mar": "digits-mar"}  # the embedded preset of each backbone
+
+
+def _distiller(ds, family, model, vae, classifier, class_ids, ipc, recipe, dev, progress, overrides):
+    """The Distiller for the models given: real checkpoints (the generator, its VAE, a classifier), or the
+    backbone's embedded digits preset."""
     from ..pipeline import Distiller
 
-    real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
+    option = f"--{family}"
+    real = [n for n, v in ((option, model), ("--vae", vae), ("--classifier", classifier)) if v is not None]
     if real:
-        check_real_models(dit, classifier)
+        check_real_models(model, classifier, option)
         if ds == "digits":
-            raise UserError("--dataset digits uses the embedded preset models; drop --dit/--vae/--classifier or pick "
-                            "an ImageNet dataset")
+            raise UserError(f"--dataset digits uses the embedded preset models; drop {option}/--vae/--classifier or "
+                            "pick an ImageNet dataset")
         ds = ds or ("custom" if class_ids else "imagenet-1k")
-        return Distiller.from_paths(dit, vae, classifier, dataset=ds, ipc=ipc, recipe=recipe, class_ids=class_ids,
-                                    device=dev, progress=progress, **overrides)
+        return Distiller.from_paths(**{family: model}, vae=vae, classifier=classifier, dataset=ds, ipc=ipc,
+                                    recipe=recipe, class_ids=class_ids, device=dev, progress=progress, **overrides)
     if ds not in (None, "digits"):
-        raise UserError(f"--dataset {ds} needs real checkpoints: --dit and --classifier (and --vae unless the DiT is "
-                        "a diffusers pipeline holding its VAE)")
-    return Distiller.from_preset("digits", ipc=ipc, recipe=recipe, device=dev, progress=progress,
+        raise UserError(f"--dataset {ds} needs real checkpoints: {option} and --classifier (and --vae unless the "
+                        "DiT is a diffusers pipeline holding its VAE)")
+    return Distiller.from_preset(PRESET_OF[family], ipc=ipc, recipe=recipe, device=dev, progress=progress,
                                  class_ids=class_ids, **overrides)
 
 
@@ -223,7 +257,8 @@ def _folders(cfg, out: Path | None, stage1_out: Path | None, save_stage1: bool, 
     from ..engines import EngineCache
 
     suffix = "" if cfg.recipe.name == "official" else f"-{cfg.recipe.name}"
-    out = out if out is not None else Path("cao2-out") / f"{cfg.dataset}-ipc{cfg.ipc}{suffix}"
+    family = "" if cfg.family == FAMILIES[0] else f"-{cfg.family}"  # the first family's folders keep their names
+    out = out if out is not None else Path("cao2-out") / f"{cfg.dataset}{family}-ipc{cfg.ipc}{suffix}"
     if stage1_out is None and save_stage1:  # named after the folder itself, also for `--out .`
         whole = Path(os.path.abspath(out))
         stage1_out = whole.parent / f"{whole.name}-stage1"

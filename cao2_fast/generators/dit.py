@@ -77,6 +77,7 @@ class DiTGenerator(Generator):
     :meth:`use_engines`); stage 2 differentiates through ``stage2_call``."""
 
     family = "dit"
+    record_fields = {"noise_bank_index": (int, type(None))}
 
     def __init__(self, dit: DiT, vae: VAE):
         self.dit, self.vae = dit, vae

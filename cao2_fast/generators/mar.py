@@ -261,6 +261,7 @@ class MARGenerator(Generator):
 
     family = "mar"
     engines = ("eager",)  # MAR itself runs eagerly in both stages
+    record_fields = {"stage1_score": (int, float, type(None))}  # the kept candidate's stability
 
     def __init__(self, mar: MAR, vae: VAE):
         self.mar, self.vae = mar, vae

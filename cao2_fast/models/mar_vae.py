@@ -202,8 +202,8 @@ def random_kl16(seed: int = 0, scaling_factor: float = KL16_SCALE, **overrides) 
     mode (for tests and timing)."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    with warnings.catch_warnings(), _quiet_diffusers():
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _quiet_diffusers():
+        torch.manual_seed(seed)  # inside fork_rng: the caller's global generator is left as it was
         warnings.simplefilter("ignore")
         ae = AutoencoderKL(**{**KL16_INIT, **overrides}, scaling_factor=scaling_factor)
     ae.requires_grad_(False)

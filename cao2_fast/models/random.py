@@ -19,9 +19,10 @@ def random_vae(tiny: bool = True, seed: int = 0, scaling_factor: float = 0.18215
 
     spec = TINY_VAE if tiny else SD_VAE
     n = len(spec["block_out_channels"])
-    torch.manual_seed(seed)
-    ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                       up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4, **spec)
+    with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+        torch.manual_seed(seed)
+        ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                           up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4, **spec)
     ae.requires_grad_(False)
     return VAE(ae.eval(), scaling_factor).eval()
 
@@ -30,8 +31,9 @@ def random_classifier(name: str = "test_resnet", num_classes: int = 1000, input_
                       normalize: bool = False, seed: int = 0) -> Classifier:
     import timm
 
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     model.requires_grad_(False)
     return Classifier(model.eval(), input_size, normalize).eval()
 

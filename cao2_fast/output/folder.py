@@ -99,7 +99,7 @@ PICK_FIELDS = {"class_id": _INT, "candidate_index": _INT, "prob_before": _NUM + 
                "stage1_candidate_accuracy": _NUM + (type(None),)}  # a stage-1 pick's record
 IMAGE_FIELDS = {**PICK_FIELDS, "prob_after": _NUM + (type(None),), "loss_first": _NUM + (type(None),),
                 "loss_last": _NUM + (type(None),), "stage2_steps": _INT, "stage2_status": (str,),
-                "stage1_nonfinite_candidates": _INT, "noise_bank_index": _INT + (type(None),)}  # a distilled image's
+                "stage1_nonfinite_candidates": _INT}  # a distilled image's, plus its generator's ``record_fields``
 
 
 def records_problem(records: list, fields: dict) -> str | None:

@@ -108,7 +108,7 @@ class _SetWriter:
 
     def fields(self, root: Path) -> dict:
         """The per-image record fields a class marker in ``root`` must hold (a stage-1 tree records the picks)."""
-        return fmt.IMAGE_FIELDS if root == self.out else fmt.PICK_FIELDS
+        return {**fmt.IMAGE_FIELDS, **self.d.generator.record_fields} if root == self.out else fmt.PICK_FIELDS
 
     def complete(self, classes: list[int]) -> bool:
         return all(fmt.read_complete(root, self.names[c], self.fp, self.cfg.ipc, self.fields(root)) is not None
