@@ -115,7 +115,7 @@ def run_checks(device: str = "cpu", model: str = "tiny", with_compile: bool | No
 
 def _mar_checks(r: _Runner, dev: torch.device) -> None:
     from .generators import mar as G
-    from .models.mar import MARConfig, MARDiffusion, random_mar
+    from .generators.mar import MARConfig, MARDiffusion, random_mar
 
     cfg = MARConfig(img_size=128, vae_stride=16, vae_embed_dim=16, buffer_size=8, encoder_embed_dim=64,
                     encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,

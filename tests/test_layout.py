@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"cao2_fast": ROOT / "cao2_fast", "cao2_fast.engines": ROOT / "engines",
             "cao2_fast.kernels": ROOT / "kernels"}
@@ -33,9 +35,10 @@ def imports(name: str, path: Path, is_pkg: bool) -> set[str]:
     return found
 
 
-def test_only_the_dit_generator_the_loaders_and_the_presets_import_the_dit_model():
+@pytest.mark.parametrize("model", ["cao2_fast.models.dit", "cao2_fast.models.mar"])
+def test_only_the_generators_the_loaders_and_the_presets_import_a_family_model(model):
     allowed = ("cao2_fast.models", "cao2_fast.generators", "cao2_fast.presets")
-    users = [name for name, path, pkg in modules() if "cao2_fast.models.dit" in imports(name, path, pkg)
+    users = [name for name, path, pkg in modules() if model in imports(name, path, pkg)
              and not name.startswith(allowed)]
     assert users == []
 
@@ -56,13 +59,12 @@ def test_the_method_and_the_output_know_no_generator_family():
         if any(name == p or name.startswith(p + ".") for p in family_free):
             found = imports(name, path, pkg)
             assert not any(i.startswith("cao2_fast.generators.") for i in found), name
-            assert "DiTGenerator" not in path.read_text(), name
+            text = path.read_text()
+            assert "DiTGenerator" not in text and "MARGenerator" not in text, name
 
 
 def test_every_package_folder_is_installed():
     """A sub-package missing from pyproject's list would be missing from a regular install."""
-    import pytest
-
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as CI runs
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {name for name, _, pkg in modules() if pkg}

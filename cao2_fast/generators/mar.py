@@ -31,7 +31,8 @@ from ..models.mar import (MAR, MARConfig, MARDiffusion, linear_cfg, load_mar, ma
 from ..models.vae import VAE
 from ..progress import RetryTicks
 
-__all__ = ["MARGenerator", "MARStage1Noise", "MARStage2Noise", "sample_tokens", "optimise_tokens", "mask_rates",
+# the family's architecture and schedule, for its checks and benchmarks
+__all__ = ["MAR", "MARConfig", "MARDiffusion", "random_mar", "MARGenerator", "MARStage1Noise", "MARStage2Noise", "sample_tokens", "optimise_tokens", "mask_rates",
            "stage2_mask_counts", "revealed_counts", "stability", "MASK_FLOOR"]
 
 MASK_RATE_MIN, MASK_RATE_STD = 0.7, 0.25  # MAR's training mask rate: N(1, 0.25²) truncated to [0.7, 1]
