@@ -9,6 +9,8 @@ split as the ceiling:
   stage1          objective-guided selection only (official recipe, 0 stage-2 steps)
   stage1+2        official recipe, both stages
   consistent      consistent recipe, both stages
+  mar-official    the digits MAR preset, official recipe (stability selection, the released stage 2)
+  mar-consistent  the digits MAR preset, consistent recipe
   full-train      every real train image (ceiling)
 
 Per set it also records the classifier's view of it (stage-1 candidates' accuracy, mean p(class) before and after
@@ -37,12 +39,15 @@ from cao2_fast.fileio import atomic_write, json_bytes, save_figure
 from cao2_fast.pipeline import Distiller
 from cao2_fast.presets.digits_data import CLASS_NAMES, digits_split
 
-VARIANTS = ["real-random", "diffusion", "stage1", "stage1+2", "consistent", "full-train"]
+VARIANTS = ["real-random", "diffusion", "stage1", "stage1+2", "consistent", "mar-official", "mar-consistent",
+            "full-train"]
+DIT_SETS = {"real-random", "diffusion", "stage1", "stage1+2", "consistent"}
 PROTOCOLS = ["soft", "hard"]
 
 
-def distilled_sets(ipc: int, seed: int) -> tuple[dict[str, ImageSet], dict]:
-    """The five distilled sets of one (IPC, seed), plus what the classifier saw."""
+def distilled_sets(ipc: int, seed: int, want: set[str]) -> tuple[dict[str, ImageSet], dict]:
+    """The sets of one (IPC, seed) among ``want`` (the DiT ones are built together, each MAR one alone), plus what
+    the classifier saw."""
     x, y = digits_split("train")
     g = torch.Generator().manual_seed(seed)
     idx = torch.cat([(y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)[:ipc]]
@@ -55,20 +60,27 @@ def distilled_sets(ipc: int, seed: int) -> tuple[dict[str, ImageSet], dict]:
         labels = torch.tensor([r.class_id for r in results for _ in range(len(r.records))])
         return ImageSet(imgs, labels, CLASS_NAMES)
 
-    plain = Distiller.from_preset("digits", ipc=ipc, recipe="official", seed=seed, selection="random", stage2_steps=0)
-    sets["diffusion"] = as_set(plain.distill())
-    for recipe in ("official", "consistent"):
-        d = Distiller.from_preset("digits", ipc=ipc, recipe=recipe, seed=seed)
+    builds = [("mar", r) for r in ("official", "consistent") if f"mar-{r}" in want]
+    if want & DIT_SETS:
+        plain = Distiller.from_preset("digits", ipc=ipc, recipe="official", seed=seed, selection="random",
+                                      stage2_steps=0)
+        sets["diffusion"] = as_set(plain.distill())
+        builds = [("dit", "official"), ("dit", "consistent"), *builds]
+    for family, recipe in builds:
+        preset = "digits" if family == "dit" else "digits-mar"
+        d = Distiller.from_preset(preset, ipc=ipc, recipe=recipe, seed=seed)
         res = d.distill()
         recs = [rec for r in res for rec in r.records]
-        stats[recipe] = {
+        stats[recipe if family == "dit" else f"mar {recipe}"] = {
             "candidate_accuracy": statistics.fmean(r.records[0]["stage1_candidate_accuracy"] for r in res),
             "prob_before": statistics.fmean(rec["prob_before"] for rec in recs),
             "prob_after": statistics.fmean(rec["prob_after"] for rec in recs),
             "loss_first": statistics.fmean(rec["loss_first"] for rec in recs),
             "loss_last": statistics.fmean(rec["loss_last"] for rec in recs),
         }
-        if recipe == "official":
+        if family == "mar":
+            sets[f"mar-{recipe}"] = as_set(res)
+        elif recipe == "official":
             sets["stage1"] = as_set(res, stage1_only=True)
             sets["stage1+2"] = as_set(res)
         else:
@@ -111,9 +123,11 @@ LABELS = {  # what each bar is, in words a reader of the chart needs no glossary
     "stage1": "stage 1 only (selected samples)",
     "stage1+2": "stage 1 + stage 2, official recipe",
     "consistent": "stage 1 + stage 2, consistent recipe",
+    "mar-official": "MAR, stage 1 + 2, official recipe",
+    "mar-consistent": "MAR, stage 1 + 2, consistent recipe",
     "full-train": "whole real train split (ceiling)",
 }
-COLORS = ["#999999", "#7aabbf", "#4a90c0", "#23629a", "#c7702a", "#cccccc"]
+COLORS = ["#999999", "#7aabbf", "#4a90c0", "#23629a", "#c7702a", "#6b9e4a", "#2f6b2a", "#cccccc"]
 
 
 def plot(summary: dict, ipcs: list[int], path: Path) -> None:
@@ -125,7 +139,7 @@ def plot(summary: dict, ipcs: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = [(i, p) for i in ipcs for p in PROTOCOLS]
-    fig, axes = plt.subplots(1, len(cells), figsize=(2.6 * len(cells), 3.6), sharey=True, layout="constrained")
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.0 * len(cells), 3.8), sharey=True, layout="constrained")
     for ax, (i, p) in zip(axes, cells):
         vals = [summary.get(f"{i}|{p}|{v}") for v in VARIANTS]
         bars = ax.bar(range(len(VARIANTS)), [s["mean"] if s else 0 for s in vals],
@@ -141,7 +155,7 @@ def plot(summary: dict, ipcs: list[int], path: Path) -> None:
     ceiling = sorted({s["n"] for k, s in summary.items() if "full-train" in k})
     seed_text = "/".join(map(str, seeds)) + (f" (ceiling: {'/'.join(map(str, ceiling))})" if ceiling != seeds else "")
     fig.suptitle(f"digits ablation: bar = mean top-1, error bar = ±1 std over {seed_text} seeds", fontsize=9)
-    fig.legend(bars, [LABELS[v] for v in VARIANTS], loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(bars, [LABELS[v] for v in VARIANTS], loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     save_figure(fig, path, dpi=110)
 
 
@@ -173,7 +187,7 @@ def main(argv=None) -> int:
             if not todo:
                 continue
             t0 = time.perf_counter()
-            sets, stats = distilled_sets(ipc, seed)
+            sets, stats = distilled_sets(ipc, seed, {v for _, v in todo})
             for recipe, s in stats.items():
                 results["stats"][f"{recipe}, IPC {ipc}, seed {seed}"] = s
             print(f"ipc {ipc} seed {seed}: sets built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
