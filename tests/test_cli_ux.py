@@ -106,7 +106,7 @@ def test_unknown_presets_are_refused_without_suggesting_a_refused_command(capsys
     from cao2_fast import UserError
     from cao2_fast.pipeline import read_preset
 
-    with pytest.raises(UserError, match="unknown preset 'foo' \\(available: digits\\)"):
+    with pytest.raises(UserError, match="unknown preset 'foo' \\(available: digits, digits-mar\\)"):
         read_preset("foo")
     for args in (["export", "--preset", "foo"], ["train-preset", "foo"], ["bench", "--preset", "foo"]):
         code, _, err = run_cli(args, capsys)

@@ -73,7 +73,7 @@ Examples:
   cao2-fast distill --dit DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ \\
       --classifier resnet18:resnet18.pth --dataset imagenet-1k --ipc 10
 
-  cao2-fast distill --backbone mar    # the digits MAR preset -> cao2-out/digits-mar-ipc10
+  cao2-fast distill --backbone mar    # the digits MAR preset
 
   cao2-fast distill --mar pretrained_models/mar/mar_base --vae kl16.ckpt \\
       --classifier resnet18.tv_in1k --dataset imagenet-1k --ipc 10
