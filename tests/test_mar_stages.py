@@ -265,3 +265,23 @@ def test_mar_configs_refuse_what_mar_cannot_do(override, message):
     with pytest.raises(UserError, match=message):
         build_config("digits", 2, "official", class_ids=[0], class_names=["a"], family_defaults=gen.config_defaults,
                      **override)
+
+
+def test_jpeg_teacher_view_is_the_released_file_round_trip(tmp_path):
+    """The release saves each decode with torchvision's save_image as .jpg, reads it back through a DataLoader with
+    Resize((224, 224)) and ToTensor: the same pixels as selection.jpeg_view."""
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.utils import save_image
+
+    from cao2_fast.selection import jpeg_view
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1  # overshoots too
+    expected = []
+    for i, img in enumerate(images):
+        save_image(img, tmp_path / f"{i}.jpg", normalize=True, value_range=(-1, 1))
+        with Image.open(tmp_path / f"{i}.jpg") as f:
+            expected.append(transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])(f.convert("RGB")))
+    got = jpeg_view(images, 32)
+    assert got.shape == (3, 3, 32, 32)
+    assert torch.equal(got, torch.stack(expected))
