@@ -285,3 +285,16 @@ def test_jpeg_teacher_view_is_the_released_file_round_trip(tmp_path):
     got = jpeg_view(images, 32)
     assert got.shape == (3, 3, 32, 32)
     assert torch.equal(got, torch.stack(expected))
+
+
+def test_the_released_execution_computes_what_the_batched_stage_2_does(model):
+    """The benchmark's baseline (batch 1, torch Adam, weight gradients on) is the same arithmetic."""
+    noise = G.MARStage2Noise.draw(2, 3, L, C, torch.Generator().manual_seed(6))
+    tokens = torch.randn(2, L, C, generator=torch.Generator().manual_seed(7))
+    cond = model.class_embedding(torch.tensor([3, 8]))
+    batched = G.optimise_tokens(model, tokens, cond, noise, 3, 0.05, 10.0, "max", False, True)
+    for b in range(2):
+        one = G.MARStage2Noise(*(getattr(noise, f)[b] for f in ("orders", "u", "t", "eps")))
+        ref = G.released_stage2_image(model, tokens[b], cond[b:b + 1], one, 3, 0.05, 10.0, "max", False, True)
+        assert (ref - batched.tokens[b]).abs().max() <= TOL
+    assert not any(p.requires_grad for p in model.parameters())  # put back as it was

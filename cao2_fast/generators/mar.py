@@ -470,3 +470,33 @@ class MARGenerator(Generator):
 
     def stage2_module(self) -> torch.nn.Module:
         return self.mar
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The released execution (the baseline a benchmark measures against): the same arithmetic, executed as released
+
+
+def released_stage2_image(model: MAR, tokens: torch.Tensor, cond: torch.Tensor, noise: MARStage2Noise, steps: int,
+                          lr: float, lam: float, rule: str = "max", attached: bool = False,
+                          include_vb: bool = True) -> torch.Tensor:
+    """One image's tokens (L, C) optimised as the release does: batch 1, a fresh ``torch.optim.Adam``, the model's
+    weights left trainable (every backward also computes weight gradients nobody uses). ``noise`` holds this
+    image's draws step-major (orders (K, L), u (K,), t (K, L), eps (K, L, C)). Returns the tokens."""
+    was = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)
+    try:
+        latent = torch.nn.Parameter(tokens.detach().clone()[None])
+        opt = torch.optim.Adam([latent], lr=lr)
+        counts = stage2_mask_counts(mask_rates(noise.u), tokens.shape[0], rule)
+        for k in range(steps):
+            opt.zero_grad()
+            model.zero_grad(set_to_none=True)
+            mask = mask_by_order(counts[k:k + 1], noise.orders[k:k + 1]).float()
+            loss = stage2_loss(model, latent, cond, mask, noise.t[k][None], noise.eps[k][None], lam, attached,
+                               include_vb)
+            loss.sum().backward()
+            opt.step()
+        return latent.detach()[0]
+    finally:
+        for p, r in zip(model.parameters(), was):
+            p.requires_grad_(r)
