@@ -22,7 +22,7 @@ def gather_info(engine_dir: Path | None = None) -> dict:
     import torch
 
     from ..engines import EngineCache
-    from ..pipeline import preset_dir
+    from ..pipeline import PRESETS, preset_dir
 
     info = {"versions": _versions()}  # python's version is among them
     info["devices"] = {
@@ -31,8 +31,8 @@ def gather_info(engine_dir: Path | None = None) -> dict:
     }
     info["optional"] = {m: importlib.util.find_spec(m) is not None  # engines, launchers, then `convert`'s formats
                         for m in ("onnxruntime", "tensorrt", "triton", "accelerate", "webdataset", "datasets")}
-    d = preset_dir("digits")
-    info["presets"] = {"digits": str(d) if (d / "preset.json").is_file() else "missing"}
+    info["presets"] = {name: str(preset_dir(name)) if (preset_dir(name) / "preset.json").is_file() else "missing"
+                       for name in PRESETS}
     info["hub"] = _hub_models()
     cache = EngineCache(engine_dir)
     info["engines"] = {"dir": str(cache.root), **{e["name"]: _describe_entry(e) for e in cache.entries()}}
@@ -166,6 +166,7 @@ def _print_hub(hub: dict) -> None:
 
 class PresetName(str, Enum):
     digits = "digits"
+    digits_mar = "digits-mar"
 
 
 TRAIN_EXAMPLES = """
@@ -174,6 +175,8 @@ Examples:
   cao2-fast train-preset digits --out /tmp/digits-preset    # a fresh copy
 
   cao2-fast train-preset digits --replace-shipped    # over the shipped one
+
+  cao2-fast train-preset digits-mar --replace-shipped    # the digits MAR
 """
 
 
@@ -185,7 +188,8 @@ def train_preset(
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     quick: Annotated[bool, typer.Option(help="A few steps per model (smoke test), not the shipped quality.")] = False,
 ) -> None:
-    """Train the embedded preset's VAE, classifier and DiT from scratch with fixed seeds (into --out)."""
+    """Train an embedded preset from scratch with fixed seeds (into --out): digits (VAE, classifier and DiT) or
+    digits-mar (a tiny MAR on the shipped digits VAE, whose VAE and classifier it reuses)."""
     from ..pipeline import preset_dir
 
     shipped = preset_dir(name.value)
@@ -197,13 +201,19 @@ def train_preset(
     if out is not None and overlaps(out.expanduser(), shipped):
         raise UserError(f"--out {out} is the shipped preset folder (or inside it, or around it, under another name): "
                         "pass --replace-shipped to overwrite the shipped preset, or choose another --out")
-    if out is not None:
-        from ..presets.train_digits import prepare_out_dir
+    if name is PresetName.digits_mar:
+        from ..presets.train_digits_mar import BASE_PRESET, prepare_out_dir, train_digits_mar as train
 
+        base = preset_dir(BASE_PRESET)
+        if out is not None and overlaps(out.expanduser(), base):
+            raise UserError(f"--out {out} is the shipped {BASE_PRESET} preset folder (or inside it, or around it), "
+                            f"whose VAE and classifier {name.value} reads: choose another --out")
+    else:
+        from ..presets.train_digits import prepare_out_dir, train_digits as train
+    if out is not None:
         prepare_out_dir(out.expanduser())  # refusals (foreign files, not writable) before minutes of training
-    from ..presets.train_digits import train_digits
 
     target = shipped if replace_shipped else out.expanduser()
-    report = train_digits(target, seed=seed, quick=quick, progress=bars_enabled(False))
+    report = train(target, seed=seed, quick=quick, progress=bars_enabled(False))
     print(json.dumps(report, indent=1, default=str))
     print(f"wrote the {name.value} preset to {target}", file=sys.stderr)
