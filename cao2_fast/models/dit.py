@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import UserError, require_file
 from . import dit_cpu
 from .weights import (DIFFUSERS_WEIGHTS, PIPELINE_INDEX, check_fits, component_in_index, config_int, config_number,
+                      metadata_config,
                       diffusers_model_files, first_line, held_values, load_checked, read_diffusers_config,
                       read_weights)
 
@@ -637,33 +638,11 @@ def _saved_config(p: Path) -> DiTConfig | None:
     checked against the values the file's header says its tensors hold, before any tensor is read."""
     if p.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), "pt") as f:  # reads the header only
-            meta = f.metadata() or {}
-            held = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception as e:
-        raise UserError(f"{p}: cannot read weights ({type(e).__name__}: {first_line(str(e))})") from None
-    if "dit_config" not in meta:
+    raw, held = metadata_config(p, "dit_config", {f.name for f in dataclasses.fields(DiTConfig)}, _INT_FIELDS,
+                                _FLOAT_FIELDS, "DiT", expected_hint=True)
+    if raw is None:
         return None
     where = f"{p}: dit_config metadata"
-    try:
-        raw = json.loads(meta["dit_config"])
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise UserError(f"{where} is not valid JSON ({first_line(str(e))})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} is not a JSON object of DiT config fields")
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
-    unknown = sorted(k for k in raw if k not in fields)
-    if unknown:
-        raise UserError(f"{where} has unknown keys {unknown[:4]} (expected some of {', '.join(sorted(fields))})")
-    for name in _INT_FIELDS:
-        if name in raw:
-            config_int(raw, name, where, minimum=0)
-    for name in _FLOAT_FIELDS:
-        if name in raw:
-            config_number(raw, name, where, positive=False)
     if raw.get("mlp_norm_eps") is not None:
         config_number(raw, "mlp_norm_eps", where)
     if "learn_sigma" in raw and not isinstance(raw["learn_sigma"], bool):

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError, require_file
-from .weights import (_check_torch_zip, _check_views, _unpickling_message, check_fits, config_int, config_number,
-                      first_line, held_values, load_checked, read_weights)
+from ..diffusion import discretized_gaussian_log_likelihood, normal_kl
+from .weights import (_check_torch_zip, _check_views, _unpickling_message, check_fits, first_line, held_values,
+                      load_checked, metadata_config, read_weights)
 
 NAMED_SIZES = {  # name: (width, depth, heads) of encoder and decoder alike; (DiffLoss depth, width) of the release
     "mar_base": (768, 12, 12, 6, 1024),
@@ -691,27 +692,6 @@ def _column(value: float | torch.Tensor, like: torch.Tensor):
     return value
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
-
-
-def _approx_std_normal_cdf(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
-
-
 def guided_output(net: SimpleMLPAdaLN, x: torch.Tensor, t_model: torch.Tensor, z: torch.Tensor,
                   z_uncond: torch.Tensor | None, cfg: float | torch.Tensor | None) -> torch.Tensor:
     """The net's [N, 2C] output for rows x at net timesteps ``t_model``. With ``z_uncond``, one call on [x; x]
@@ -977,33 +957,10 @@ def save_mar(model: MAR, path: str | Path) -> None:
 def _saved_config(p: Path) -> MARConfig | None:
     """``save_mar``'s config from the safetensors metadata, checked field by field and against the values the
     header says the tensors hold (before any tensor is read); None when there is none."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
-            held = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception as e:
-        raise UserError(f"{p}: cannot read weights ({type(e).__name__}: {first_line(str(e))})") from None
-    if "mar_config" not in meta:
+    raw, held = metadata_config(p, "mar_config", {f.name for f in dataclasses.fields(MARConfig)}, _INT_FIELDS,
+                                _FLOAT_FIELDS, "MAR")
+    if raw is None:
         return None
-    where = f"{p}: mar_config metadata"
-    try:
-        raw = json.loads(meta["mar_config"])
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise UserError(f"{where} is not valid JSON ({first_line(str(e))})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} is not a JSON object of MAR config fields")
-    fields = {f.name for f in dataclasses.fields(MARConfig)}
-    unknown = sorted(k for k in raw if k not in fields)
-    if unknown:
-        raise UserError(f"{where} has unknown keys {unknown[:4]}")
-    for name in _INT_FIELDS:
-        if name in raw:
-            config_int(raw, name, where, minimum=0)
-    for name in _FLOAT_FIELDS:
-        if name in raw:
-            config_number(raw, name, where, positive=False)
     cfg = MARConfig(**raw)
     check_config(cfg, p)
     check_fits(param_count(cfg), held, p, f"MAR (encoder {cfg.encoder_embed_dim}×{cfg.encoder_depth}, decoder "

@@ -282,3 +282,39 @@ def shown(v) -> str:
         return "null"
     text = json.dumps(v) if not isinstance(v, float) else repr(v)
     return f"{_json_kind(v)} {text if len(text) <= 40 else text[:40] + ' …'}"
+
+
+def metadata_config(p: Path, key: str, fields: set[str], int_fields, float_fields, what: str,
+                    expected_hint: bool = False) -> tuple[dict | None, int]:
+    """A config saved as JSON under ``key`` in a safetensors file's metadata, and how many values its tensors hold
+    (read from the header alone, before any tensor). The config is checked before anything is built from it: a JSON
+    object, no key outside ``fields``, whole numbers in ``int_fields`` and finite numbers in ``float_fields``.
+    Returns (None, held) when there is no such key; every problem is one ``UserError`` line naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:  # reads the header only
+            meta = f.metadata() or {}
+            held = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:
+        raise UserError(f"{p}: cannot read weights ({type(e).__name__}: {first_line(str(e))})") from None
+    if key not in meta:
+        return None, held
+    where = f"{p}: {key} metadata"
+    try:
+        raw = json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{where} is not valid JSON ({first_line(str(e))})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} is not a JSON object of {what} config fields")
+    unknown = sorted(k for k in raw if k not in fields)
+    if unknown:
+        hint = f" (expected some of {', '.join(sorted(fields))})" if expected_hint else ""
+        raise UserError(f"{where} has unknown keys {unknown[:4]}{hint}")
+    for name in int_fields:
+        if name in raw:
+            config_int(raw, name, where, minimum=0)
+    for name in float_fields:
+        if name in raw:
+            config_number(raw, name, where, positive=False)
+    return raw, held
