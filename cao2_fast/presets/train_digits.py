@@ -390,10 +390,13 @@ VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 _OUR_TEMPORARY = re.compile(r"^\.(preset\.json\.\w+\.tmp|(dit|classifier)\.safetensors\.tmp\d+|vae\.(tmp|old)\d+)$")
 
 
-def prepare_out_dir(out: Path) -> None:
+def prepare_out_dir(out: Path, output_files: tuple[str, ...] = OUTPUT_FILES, temporary: re.Pattern = _OUR_TEMPORARY,
+                    preset: str = "digits") -> None:
     """Make ``out`` ready for a training run, or refuse in one line before any training: the folder must be new or
     empty, or hold what an earlier run of this trainer wrote (it marks its folders with ``.cao2-preset`` first),
-    and be writable. The trainer replaces only its own files, so a folder holding anything else is refused."""
+    and be writable. The trainer replaces only its own files, so a folder holding anything else is refused.
+    ``output_files``, ``temporary`` and ``preset``: what the trainer of ``preset`` writes (its files by name, the
+    temporaries of its atomic saves), for the presets whose trainers share this folder rule."""
     from ..errors import UserError
 
     if out.exists() and not out.is_dir():
@@ -401,8 +404,8 @@ def prepare_out_dir(out: Path) -> None:
     ours = (out / OWN_MARKER).is_file()
     foreign = []
     for e in sorted(out.iterdir()) if out.is_dir() else []:
-        if e.name == OWN_MARKER or ours and (e.name in OUTPUT_FILES and e.is_file() and not e.is_symlink()
-                                             or _OUR_TEMPORARY.match(e.name)):
+        if e.name == OWN_MARKER or ours and (e.name in output_files and e.is_file() and not e.is_symlink()
+                                             or temporary.match(e.name)):
             continue
         if ours and e.name == "vae" and e.is_dir() and not e.is_symlink():
             foreign += [f for f in sorted(e.rglob("*")) if f.parent != e or f.name not in VAE_FILES or not f.is_file()]
@@ -415,7 +418,7 @@ def prepare_out_dir(out: Path) -> None:
                         "move them away or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / OWN_MARKER, b"a digits preset written by cao2-fast train-preset\n")
+        atomic_write(out / OWN_MARKER, f"a {preset} preset written by cao2-fast train-preset\n".encode())
     except OSError as e:
         raise UserError(f"{out}: cannot write there ({e.strerror or e}); choose a writable --out") from None
 

@@ -58,9 +58,10 @@ from ..models.mar import (MAR, MARConfig, linear_cfg, mask_by_order, next_mask_l
                           random_orders, save_mar, unpatchify)
 from ..models.vae import VAE
 from .digits_data import CLASS_NAMES, IMAGE_SIZE, digits_split
-from .train_digits import (OWN_MARKER, VAE_FILES, _atomic_save_dir, _atomic_save_file, _progress, _versions,
+from .train_digits import (VAE_FILES, _atomic_save_dir, _atomic_save_file, _progress, _versions,
                            augment, batch_indices, decode_all, encode_all, predict, recommended_scale, set_lr,
                            warmup_cosine)
+from .train_digits import prepare_out_dir as _prepare_out_dir
 
 NAME = "digits-mar"
 BASE_PRESET = "digits"
@@ -361,34 +362,12 @@ _OUR_TEMPORARY = re.compile(r"^\.(preset\.json\.\w+\.tmp|(mar|classifier)\.safet
 
 
 def prepare_out_dir(out: Path) -> None:
-    """Make ``out`` ready for a training run, or refuse in one line before any training: the folder must be new or
-    empty, or hold what an earlier run of this trainer wrote (marked with ``.cao2-preset``: ``mar.safetensors``,
-    ``preset.json``, the copied ``vae/`` and ``classifier.safetensors``), and be writable. A folder holding anything
-    else (a digits preset's ``dit.safetensors`` included) is refused."""
-    from ..errors import UserError
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder (train-preset --out takes a folder)")
-    ours = (out / OWN_MARKER).is_file()
-    foreign = []
-    for e in sorted(out.iterdir()) if out.is_dir() else []:
-        if e.name == OWN_MARKER or ours and (e.name in OUTPUT_FILES and e.is_file() and not e.is_symlink()
-                                             or _OUR_TEMPORARY.match(e.name)):
-            continue
-        if ours and e.name == "vae" and e.is_dir() and not e.is_symlink():
-            foreign += [f for f in sorted(e.rglob("*")) if f.parent != e or f.name not in VAE_FILES or not f.is_file()]
-            continue
-        foreign.append(e)
-    if foreign:
-        shown = ", ".join(str(f.relative_to(out)) for f in foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{out}: holds files train-preset did not write ({shown}); it replaces only its own files, so "
-                        "move them away or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / OWN_MARKER, b"a digits-mar preset written by cao2-fast train-preset\n")
-    except OSError as e:
-        raise UserError(f"{out}: cannot write there ({e.strerror or e}); choose a writable --out") from None
+    """Make ``out`` ready for a training run, or refuse in one line before any training (the digits trainer's rule,
+    :func:`train_digits.prepare_out_dir`): new or empty, or holding what an earlier run of this trainer wrote
+    (marked with ``.cao2-preset``: ``mar.safetensors``, ``preset.json``, the copied ``vae/`` and
+    ``classifier.safetensors``), and writable. A folder holding anything else (a digits preset's
+    ``dit.safetensors`` included) is refused."""
+    _prepare_out_dir(out, OUTPUT_FILES, _OUR_TEMPORARY, NAME)
 
 
 def _sha256(path: Path) -> str:
