@@ -150,8 +150,7 @@ def sample_tokens(model: MAR, diffusion: MARDiffusion, cond: torch.Tensor, noise
         for i in reversed(range(diffusion.num_steps)):
             x_rows = p_sample(model.diffloss.net, diffusion, x_rows, i, zc, step_noise[:, i].to(device, zc.dtype),
                               temperature, scale, zu)
-        tokens = tokens.clone()
-        tokens[rows] = x_rows.float()
+        tokens[rows] = x_rows.float()  # in place: this step's forward is done, and kept snapshots are copies
         mask = mask_next if step < num_iter - 1 else torch.zeros_like(mask)
         if step in keep_after or step == num_iter - 1:
             kept[step] = tokens.clone()
