@@ -370,8 +370,8 @@ def _dit_rules(cfg: DistillConfig) -> None:
         raise UserError(f"stage-2 timestep window {{1..{cfg.t_max}}} is empty")
     if cfg.t_max >= cfg.sample_steps:
         raise UserError(f"stage-2 t_max {cfg.t_max} must be below the {cfg.sample_steps} respaced steps")
-    for name, value, default, option in _MAR_ONLY:
-        if getattr(cfg, name) != default and value(cfg):
+    for name, mar_only, option in _MAR_ONLY:
+        if mar_only(getattr(cfg, name)):
             raise UserError(f"{option} applies to the MAR generator only, not to a DiT")
     early_check_list(cfg.early_reject_step, cfg.early_reject_keep, cfg.sample_steps, cfg.ipc, cfg.num_candidates)
     if cfg.guidance_interval is not None:
@@ -385,11 +385,11 @@ def _dit_rules(cfg: DistillConfig) -> None:
             raise UserError(f"guidance interval ({lo:g}, {hi:g}]: need 0 <= lo < hi (noise levels σ)")
 
 
-_MAR_ONLY = (  # (field, whether its value is MAR's own, the DiT value, the option that sets it)
-    ("guidance_schedule", lambda c: True, "constant", "--guidance-schedule linear"),
-    ("temperature", lambda c: True, 1.0, "--temperature"),
-    ("token_steps", lambda c: True, None, "--token-steps"),
-    ("selection", lambda c: c.selection in ("stability", "stable-correct"), "confident", "--selection stability"),
+_MAR_ONLY = (  # (field, whether its value is one only MAR takes, the option that sets it)
+    ("guidance_schedule", lambda v: v != "constant", "--guidance-schedule linear"),
+    ("temperature", lambda v: v != 1.0, "--temperature"),
+    ("token_steps", lambda v: v is not None, "--token-steps"),
+    ("selection", lambda v: v in ("stability", "stable-correct"), "--selection stability"),
 )
 
 
