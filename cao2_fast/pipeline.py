@@ -166,7 +166,8 @@ class Distiller:
         clf_id = weights_id(d / clf_file)
         clf_id["path"] = f"<preset {name}>/{Path(clf_file).name}"
         models = {"preset": name, **models, "classifier": clf_id}
-        for key, setting in (("guidance_scale", "guidance_scale"), ("num_iter", "sample_steps")):
+        for key, setting in (("guidance_scale", "guidance_scale"), ("num_iter", "sample_steps"),
+                             ("token_steps", "token_steps")):
             if key in meta:  # the preset's own sampling settings (what its training check found best)
                 overrides.setdefault(setting, meta[key])
         cfg = build_config(meta.get("dataset", name), ipc, recipe, class_ids=ids, class_names=[names[i] for i in ids],

@@ -65,6 +65,9 @@ def test_the_shipped_preset_distills_and_feeds_a_dataloader():
     d = Distiller.from_preset("digits-mar", ipc=1, class_ids=[3, 7], device="cpu", stage2_steps=2, token_steps=5,
                               sample_steps=4)
     assert d.config.family == "mar" and d.config.dataset == "digits"
+    default = Distiller.from_preset("digits-mar", device="cpu").config  # the preset's own sampling settings
+    assert (default.guidance_scale, default.sample_steps, default.token_steps) == (
+        meta["guidance_scale"], meta["num_iter"], meta["token_steps"]) == (2.9, 16, tm.TOKEN_STEPS)
     outs = d.distill()
     assert [o.class_id for o in outs] == [3, 7] and all(o.images.shape == (1, 3, 16, 16) for o in outs)
     assert all(o.records[0]["stage2_steps"] == 2 and "stage1_score" in o.records[0] for o in outs)
@@ -105,6 +108,7 @@ def test_the_trainer_writes_a_complete_preset_beside_copies_of_the_digits_vae_an
     assert (on_disk["image_size"], on_disk["latent_size"], on_disk["latent_channels"]) == (16, 8, 4)
     assert on_disk["classifier"] == {**base["classifier"], "weights": "classifier.safetensors"}
     assert on_disk["guidance_scale"] in tm.CHECK_SCALES and on_disk["num_iter"] == tm.MARSchedule.quick().num_iter
+    assert on_disk["token_steps"] == tm.TOKEN_STEPS
     acc = on_disk["generation_check"]["accuracy"]
     assert sorted(float(s) for s in acc) == sorted(tm.CHECK_SCALES)
     assert all(0.0 <= v[m] <= 1.0 for v in acc.values() for m in ("normalize", "raw"))

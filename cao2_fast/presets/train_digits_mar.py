@@ -66,6 +66,10 @@ from .train_digits import prepare_out_dir as _prepare_out_dir
 NAME = "digits-mar"
 BASE_PRESET = "digits"
 CHECK_SCALES = (1.0, 2.0, 2.9, 4.0)
+# The head's diffusion steps per token that a distill on this preset uses by default: at guidance 2.9 its samples are
+# recognised as often with 25 steps as with the trained 100 (93.0 / 90.7 / 91.0 % at 25 / 50 / 100 steps, 300
+# samples each), and stage 1 costs a quarter of the head's work.
+TOKEN_STEPS = 25
 MASK_RATE_MIN, MASK_RATE_LOC, MASK_RATE_SCALE = 0.7, 1.0, 0.25  # the released truncated normal on [0.7, 1]
 
 MAR_CONFIG = MARConfig(img_size=IMAGE_SIZE, vae_stride=2, patch_size=1, vae_embed_dim=4, buffer_size=8,
@@ -477,6 +481,7 @@ def train_digits_mar(out_dir: Path, seed: int = 0, quick: bool = False, threads:
         "classifier": {**base_meta["classifier"], "weights": clf_ref},
         "guidance_scale": scale,
         "num_iter": sched.num_iter,
+        "token_steps": TOKEN_STEPS,
         "temperature": 1.0,
         "generation_check": {"per_class": sched.check_per_class, "num_iter": sched.num_iter,
                              "sample_steps": sched.check_steps, "temperature": 1.0,
