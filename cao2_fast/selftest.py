@@ -4,12 +4,14 @@ Each check compares a fast path with its reference on the same inputs and says p
 (the largest difference, or a throughput) and, for every skip or failure, the reason and what to do. Checks:
 
 * every engine available here (compile, onnx on each usable ONNX Runtime provider, trt when importable) against
-  eager on the DiT, the VAE decoder and the classifier;
+  eager on the DiT, the VAE decoder, the classifier, and MAR's encoder/decoder (in its fixed-shape form, against
+  the released form) and diffusion head;
 * the Triton kernels of stage 2 (noising, loss gradient, Adam) natively against their PyTorch references;
 * one stage-2 step captured in a CUDA graph and replayed, against the same steps uncaptured;
 * bf16 stage 2 against fp32;
 * the MAR generator (a small random MAR): its fused attention against the released arithmetic, and its batched
-  sampler and stage 2 against the same candidates and images run one at a time;
+  sampler and stage 2 against the same candidates and images run one at a time, and (on CUDA) its head's steps
+  replayed from a CUDA graph against the same steps stepped;
 * a short throughput figure for each stage.
 
 Tolerances: fp32 engines 1e-4 (max abs, outputs of order 1; TF32 is off during the checks), VAE images 1e-3 (a
@@ -113,14 +115,22 @@ def run_checks(device: str = "cpu", model: str = "tiny", with_compile: bool | No
 # -- MAR -----------------------------------------------------------------------------------------------------------
 
 
-def _mar_checks(r: _Runner, dev: torch.device) -> None:
-    from .generators import mar as G
-    from .generators.mar import MARConfig, MARDiffusion, random_mar
+def _mar_model(dev: torch.device):
+    """The MAR the checks use: 64 tokens of 16 channels (MAR's own), small widths, random weights."""
+    from .generators.mar import MARConfig, random_mar
 
     cfg = MARConfig(img_size=128, vae_stride=16, vae_embed_dim=16, buffer_size=8, encoder_embed_dim=64,
                     encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                     class_num=10, diffloss_d=2, diffloss_w=128)
-    model = random_mar(cfg, seed=3).to(dev)
+    return random_mar(cfg, seed=3).to(dev)
+
+
+def _mar_checks(r: _Runner, dev: torch.device) -> None:
+    from .generators import mar as G
+    from .generators.mar import MARDiffusion
+
+    model = _mar_model(dev)
+    cfg = model.cfg
     g = torch.Generator().manual_seed(4)
     n, seq, c = 4, cfg.seq_len, cfg.token_embed_dim
     labels = torch.arange(n, device=dev)
@@ -159,14 +169,35 @@ def _mar_checks(r: _Runner, dev: torch.device) -> None:
         return measured(d <= 1e-4, f"max |diff| {d:.1e} after 3 steps", "" if d <= 1e-4 else
                         "an image's stage 2 depends on its batch; report it", "max_abs_diff", d, 1e-4)
 
+    def head_loop():
+        if dev.type != "cuda":
+            return skip("the head's steps replay from a CUDA graph on CUDA only")
+        diffusion = MARDiffusion.create("20")
+        rows = 48
+        x, z, zu = (torch.randn(rows, k, generator=g).to(dev) for k in (c, cfg.decoder_embed_dim,
+                                                                          cfg.decoder_embed_dim))
+        noise = torch.randn(rows, 20, c, generator=g).to(dev)
+        with torch.no_grad():
+            want = x
+            for i in reversed(range(20)):
+                want = G.p_sample(model.diffloss.net, diffusion, want, i, z, noise[:, i], 1.0, 2.9, zu)
+            loop = G.HeadLoop(model.diffloss.net, diffusion, guided=True)
+            loop(x, z, zu, noise, 1.0, 2.9)  # the first call captures
+            got = loop(x, z, zu, noise, 1.0, 2.9)
+        d = _max_diff(got, want) / max(1.0, float(want.abs().max()))
+        return measured(d <= 1e-4, f"relative |diff| {d:.1e} (20 steps, replayed)", "" if d <= 1e-4 else
+                        "the CUDA-graph head loop differs from stepping it; run with --engine onnx", "relative_error",
+                        d, 1e-4)
+
     r.run("MAR fused attention vs released", attention)
     r.run("MAR sampler batched vs one by one", sampler)
     r.run("MAR stage 2 batched vs one by one", optimise)
+    r.run("MAR head steps as a CUDA graph vs stepped", head_loop)
 
 
 # -- engines -------------------------------------------------------------------------------------------------------
 
-TOL = {"dit": 1e-4, "vae_decode": 1e-3, "classifier": 1e-3}
+TOL = {"dit": 1e-4, "vae_decode": 1e-3, "classifier": 1e-3, "mar_mae": 1e-4, "mar_head": 1e-4}
 
 
 def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: bool) -> None:
@@ -191,6 +222,8 @@ def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: b
         ref = {"dit": models[0](*inputs["dit"]), "vae_decode": models[1].decode(z)}
         inputs["classifier"] = (ref["vae_decode"].clamp(-1, 1),)
         ref["classifier"] = models[2](*inputs["classifier"])
+        for part, more in zip((specs, inputs, ref), _mar_engine_problem(on, g)):
+            part.update(more)
         return specs, inputs, ref
 
     problems = {}
@@ -241,6 +274,23 @@ def _engine_checks(r: _Runner, dit, vae, clf, dev: torch.device, with_compile: b
                                                    "--engine onnx or compile"))
     else:
         check("trt", dev, "engine trt", "run with --engine onnx or compile")
+
+
+def _mar_engine_problem(on: torch.device, g: torch.Generator) -> tuple[dict, dict, dict]:
+    """(specs, inputs, eager outputs) of MAR's engines: its encoder/decoder in the fixed-shape form (against the
+    released form, which drops the hidden tokens) and its diffusion head."""
+    from .generators.mar import head_spec, mae_spec
+
+    mar = _mar_model(on)
+    seq, c, w = mar.cfg.seq_len, mar.cfg.token_embed_dim, mar.cfg.decoder_embed_dim
+    mask = (torch.rand(2, seq, generator=g) < 0.7).float().to(on)
+    inputs = {"mar_mae": (torch.randn(2, seq, c, generator=g).to(on), mask,
+                          mar.class_embedding(torch.tensor([1, 2], device=on))),
+              "mar_head": (torch.randn(4, c, generator=g).to(on), torch.tensor([0.0, 10.0, 500.0, 999.0], device=on),
+                           torch.randn(4, w, generator=g).to(on))}
+    x, t, z = inputs["mar_head"]
+    ref = {"mar_mae": mar(*inputs["mar_mae"]), "mar_head": mar.diffloss.net(x, t.long(), z)}
+    return {"mar_mae": mae_spec(mar), "mar_head": head_spec(mar)}, inputs, ref
 
 
 # -- stage 2 -------------------------------------------------------------------------------------------------------

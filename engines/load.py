@@ -30,10 +30,11 @@ from .cache import FORMAT, META, EngineCache, file_sha256, files_table_problem, 
 from .registry import BACKENDS
 from .specs import FLOAT, ModelSpec, TensorSpec
 
-ORDER = {"dit": ("x", "t", "y"), "vae_decode": ("latents",), "classifier": ("images",)}  # the call's positions
+ORDER = {"dit": ("x", "t", "y"), "vae_decode": ("latents",), "classifier": ("images",),  # the call's positions
+         "mar_mae": ("tokens", "mask", "cond"), "mar_head": ("x", "t", "z")}
 ALIASES = {"dit": {"hidden_states": "x", "timestep": "t", "class_labels": "y"},  # diffusers' DiT names
            "vae_decode": {"z": "latents"}, "classifier": {}}  # diffusers' AutoencoderKL.decode(z)
-BROADCAST = {"dit": ("t", "y")}  # inputs where one number (or a 0-d tensor) stands for the whole batch
+BROADCAST = {"dit": ("t", "y"), "mar_head": ("t",)}  # inputs where one number (or a 0-d tensor) stands for the whole batch
 FLOATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 INTS = {torch.int64: "int64", torch.int32: "int32"}
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
@@ -91,6 +92,22 @@ def _meanings(model: str, sig: dict) -> tuple[dict, str]:
                  "null class (the unconditional half of guidance); one id serves the whole batch",
         }, (f"{2 * c if c else '2C'} channels: the predicted noise eps in the first {c or 'C'}, then the learned "
             "variance interpolation values" if cfg.get("learn_sigma", True) else "the predicted noise eps")
+    if model == "mar_mae":
+        n, w = _config_int(sig, "buffer_size"), _config_int(sig, "decoder_embed_dim")
+        return {
+            "tokens": "the token grid (patchified VAE latents x scale); hidden positions may hold anything",
+            "mask": "1 where a token is hidden (to be predicted), 0 where it is visible",
+            "cond": f"the class embedding that fills the {n or 'buffer'} buffer rows (a class_emb row, the learned "
+                    "null fake_latent for guidance's unconditional half, or a label vector @ class_emb)",
+        }, (f"z: the diffusion head's condition of every token ({w or 'decoder width'} values each, the buffer "
+            "rows dropped)")
+    if model == "mar_head":
+        return {
+            "x": "noisy token rows x_t",
+            "t": "timestep per row on the head's 1000-step training schedule (0..999; a respaced sampler passes "
+                 "each step's original timestep); one number serves the whole batch",
+            "z": "each row's condition from mar_mae's z",
+        }, "the predicted noise eps in the first C channels, then the learned variance interpolation values"
     if model == "vae_decode":
         return {"latents": f"latents x scaling factor ({sig.get('scaling_factor', 'the VAE config')}) as the "
                            "DiT samples them"}, "decoded images, about [-1, 1] (clamp before use)"
@@ -451,12 +468,14 @@ def _checked(runner, spec: ModelSpec, null_id: int | None):
             raise UserError(f"{where}: the batch is empty (0 samples); call it with at least one")
         ins = {k: a.reshape(1).expand(n) if scalar else a for k, (a, scalar) in got.items()}
         if spec.name == "dit" and {"t", "y"} <= set(ins):
-            t, y = ins["t"], ins["y"]
+            y = ins["y"]
             if null_id is not None and (int(y.min()) < 0 or int(y.max()) > null_id):
                 raise UserError(f"dit engine: class ids must lie in 0..{null_id} ({null_id} is the null class), "
                                 f"got {int(y.min())}..{int(y.max())}")
+        if spec.name in ("dit", "mar_head") and "t" in ins:
+            t = ins["t"]
             if not (bool(torch.isfinite(t).all()) and float(t.min()) >= 0 and float(t.max()) < 1000):
-                raise UserError("dit engine: timesteps must be finite and in [0, 1000) (the training schedule)")
+                raise UserError(f"{where}: timesteps must be finite and in [0, 1000) (the training schedule)")
         try:
             out = runner(*(ins[k] for k in names))
         except UserError:

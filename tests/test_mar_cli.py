@@ -105,7 +105,7 @@ def test_dry_run_plans_mar_flops(mar_file, capsys):
     (["--temperature", "0"], "--temperature must be above 0"),
     (["--early-reject", "2", "--early-keep", "1"], "apply to the DiT sampler only"),
     (["--sample-steps", "65"], "at most 64 iterations"),
-    (["--engine", "onnx"], "runs stage-1 on eager only"),
+    (["--engine", "trt", "--device", "cpu"], "--engine trt needs"),
     (["--backbone", "dit"], "--backbone dit with a --mar checkpoint"),
 ])
 def test_bad_mar_input_is_one_line_and_exit_2(mar_file, capsys, tmp_path, extra, message):

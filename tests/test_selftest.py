@@ -15,14 +15,15 @@ def test_selftest_on_cpu_passes_and_explains_every_skip(tmp_path, capsys):
     record = json.loads((tmp_path / "selftest.json").read_text())
     checks = {c["name"]: c for c in record["checks"]}
     assert record["failed"] == 0 and record["device"] == "cpu"
-    for m in ("dit", "vae_decode", "classifier"):
+    for m in ("dit", "vae_decode", "classifier", "mar_mae", "mar_head"):
         assert checks[f"engine onnx (CPU provider): {m}"]["result"] == "pass"
         assert checks[f"engine trt: {m}"]["result"] == "skip" and "cao2-fast[trt]" in checks[f"engine trt: {m}"]["reason"]
     assert checks["stage 2 bf16 vs fp32"]["result"] == "pass"
     assert "candidates/s" in checks["throughput stage 1"]["figure"]
     assert "latent-steps/s" in checks["throughput stage 2"]["figure"]
     # the numbers behind each figure, as numbers
-    for m in ("dit", "vae_decode", "classifier"):
+    assert checks["MAR head steps as a CUDA graph vs stepped"]["result"] == "skip"
+    for m in ("dit", "vae_decode", "classifier", "mar_mae", "mar_head"):
         c = checks[f"engine onnx (CPU provider): {m}"]
         assert c["metric"] == "max_abs_diff" and isinstance(c["value"], float) and isinstance(c["tol"], float)
         assert 0 <= c["value"] <= c["tol"] == selftest.TOL[m] and f"{c['value']:.1e}" in c["figure"]
@@ -46,6 +47,7 @@ def test_a_failing_check_exits_1_and_says_what_to_do(monkeypatch, capsys):
 
     real = engines.stage1_specs
     monkeypatch.setattr(engines, "stage1_specs", lambda *a: {"dit": real(*a)["dit"]})  # one export is enough here
+    monkeypatch.setattr(selftest, "_mar_engine_problem", lambda *a: ({}, {}, {}))
     code, stdout, _ = run_cli(["selftest", "--device", "cpu"], capsys)
     assert code == 1
     line = next(x for x in stdout.splitlines() if x.startswith("engine onnx (CPU provider): dit"))

@@ -130,3 +130,24 @@ def test_the_engine_resizes_in_torch_and_equals_the_classifier(imagenet_specs, t
     with torch.no_grad():
         want = spec.module.classifier(images)  # the eager classifier: resize (antialiased) + network
     torch.testing.assert_close(engine(images), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mar_base_specs():
+    """MAR's two engines at mar_base's shapes (256 tokens of 16 channels, a 64-row buffer) with tiny widths."""
+    from cao2_fast.generators.mar import head_spec, mae_spec
+    from cao2_fast.models.mar import MARConfig, random_mar
+
+    mar = random_mar(MARConfig(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64,
+                               encoder_embed_dim=16, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=16,
+                               decoder_depth=1, decoder_num_heads=2, diffloss_d=1, diffloss_w=16)).eval()
+    return {"mar_mae": mae_spec(mar), "mar_head": head_spec(mar)}
+
+
+@pytest.mark.parametrize("name", ["mar_mae", "mar_head"])
+def test_mar_graphs_hold_only_what_tensorrt_10_parses(mar_base_specs, tmp_path, name):
+    spec = mar_base_specs[name]
+    assert spec.inputs[0].shape == ((256, 16) if name == "mar_mae" else (16,))
+    export_onnx(spec, tmp_path)
+    model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert problems(model) == []

@@ -16,6 +16,7 @@ import typer
 
 from ..errors import UserError
 from .common import ENGINE_DIR_DEFAULT, Device, DType, PresetName, RecipeName, check_real_models, resolve_device
+from .distill import PRESET_OF, Backbone
 from .main import app
 
 
@@ -28,6 +29,8 @@ EXAMPLES = """
 Examples:
 
   cao2-fast export --engine onnx           # the digits preset's three models
+
+  cao2-fast export --engine onnx --backbone mar     # the digits MAR preset's four
 
   cao2-fast export --engine trt --dit DiT-XL-2-256x256.pt \\
       --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\
@@ -50,14 +53,18 @@ def export(
     device: Annotated[Device, typer.Option("--device", help="Where to build: auto picks CUDA when present.", rich_help_panel=BUILD)] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per model instead of text.", rich_help_panel=BUILD)] = False,
     preset: Annotated[PresetName | None, typer.Option(help="Embedded preset whose models to export.", show_default="digits without --dit/--vae/--classifier", rich_help_panel=MODELS)] = None,
+    backbone: Annotated[Backbone | None, typer.Option(help="Generator family: dit or mar.", show_default="the family of --dit/--mar; dit without either", rich_help_panel=MODELS)] = None,
+    mar: Annotated[str | None, typer.Option(help="MAR checkpoint (local): a folder holding checkpoint-last.pth, the file itself, or .safetensors; pair it with --vae kl16.ckpt.", rich_help_panel=MODELS)] = None,
     dit: Annotated[str | None, typer.Option(help="DiT checkpoint: original .pt / .safetensors, a diffusers dir, or a Hugging Face Hub id ORG/NAME[@REVISION] (e.g. facebook/DiT-XL-2-256). A local path that exists wins.", rich_help_panel=MODELS)] = None,
     vae: Annotated[str | None, typer.Option(help="diffusers AutoencoderKL directory or Hub id.", show_default="with --dit, the VAE of a diffusers DiT pipeline", rich_help_panel=MODELS)] = None,
     classifier: Annotated[str | None, typer.Option(help="timm NAME:CHECKPOINT (local weights), a pretrained NAME (resnet18.tv_in1k, from the Hugging Face cache) or random:NAME.", rich_help_panel=MODELS)] = None,
     recipe: Annotated[RecipeName, typer.Option(help="It decides the classifier's input normalisation, part of its graph.", rich_help_panel=MODELS)] = RecipeName.official,
     ipc: Annotated[int, typer.Option(help="Images per class: the digits preset's default batch depends on it.", rich_help_panel=MODELS)] = 10,
 ) -> None:
-    """Export the stage-1 models (DiT, VAE decoder, classifier) and build their engines into the engine cache."""
+    """Export the stage-1 models (the generator's: a DiT, or MAR's encoder/decoder and diffusion head; the VAE
+    decoder; the classifier) and build their engines into the engine cache."""
     from ..engines import EngineCache, check_engines
+    from ..generators import backbone_of
     from ..pipeline import Distiller
 
     dev = resolve_device(device)
@@ -65,21 +72,26 @@ def export(
     if batch is not None and batch < 1:
         raise UserError(f"--batch must be at least 1 (got {batch})")
     overrides = {"dtype": dtype.value, **({"stage1_batch": batch} if batch is not None else {})}
-    real = [n for n, v in (("--dit", dit), ("--vae", vae), ("--classifier", classifier)) if v is not None]
+    family = backbone_of(dit, mar, backbone.value if backbone else None)
+    model = dit if family == "dit" else mar
+    real = [n for n, v in ((f"--{family}", model), ("--vae", vae), ("--classifier", classifier)) if v is not None]
     if real:
-        check_real_models(dit, classifier)
+        check_real_models(model, classifier, f"--{family}")
         if preset is not None:
-            raise UserError("--preset and --dit/--vae/--classifier exclude each other: pick one set of models")
-        distiller = Distiller.from_paths(dit, vae, classifier, dataset="custom", class_ids=[0], ipc=ipc,
-                                         recipe=recipe.value, **overrides)
+            raise UserError(f"--preset and --{family}/--vae/--classifier exclude each other: pick one set of models")
+        distiller = Distiller.from_paths(**{family: model}, vae=vae, classifier=classifier, dataset="custom",
+                                         class_ids=[0], ipc=ipc, recipe=recipe.value, **overrides)
     else:
-        distiller = Distiller.from_preset(preset.value if preset else "digits", ipc=ipc, recipe=recipe.value,
-                                          **overrides)
+        if preset is not None and family == "mar":
+            raise UserError(f"--preset {preset.value} is a DiT preset; --backbone mar exports the digits MAR preset")
+        distiller = Distiller.from_preset(PRESET_OF[family] if preset is None else preset.value, ipc=ipc,
+                                          recipe=recipe.value, **overrides)
     distiller.to(dev)
     built = distiller.use_engines(engine.value, "eager", engine_dir)
     root = EngineCache(engine_dir).root
-    for name in ("dit", "vae_decode", "classifier"):
-        e = built[name]
+    for name, e in built.items():
+        if name == "stage2":
+            continue
         if as_json:
             print(json.dumps(e.describe()))
         else:

@@ -16,6 +16,7 @@ noises) is pre-drawn from its class's stream, so its result does not depend on t
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..engines.specs import vae_decode_spec
+from ..engines.specs import ModelSpec, TensorSpec, plain, vae_decode_spec
 from ..errors import UserError
 from ..generator import Candidates, Generator, Optimised, Ranker, Scorer, class_generator
 from ..models.mar import (MAR, MARConfig, MARDiffusion, linear_cfg, load_mar, mask_by_order, next_mask_len,
@@ -35,6 +36,7 @@ from ..progress import RetryTicks
 __all__ = ["MAR", "MARConfig", "MARDiffusion", "random_mar", "MARGenerator", "MARStage1Noise", "MARStage2Noise", "sample_tokens", "optimise_tokens", "mask_rates",
            "stage2_mask_counts", "revealed_counts", "stability", "MASK_FLOOR"]
 
+_log = logging.getLogger("cao2_fast")
 MASK_RATE_MIN, MASK_RATE_STD = 0.7, 0.25  # MAR's training mask rate: N(1, 0.25²) truncated to [0.7, 1]
 MASK_FLOOR = 0.25  # the released stage 2's ``max_ratio``
 
@@ -117,12 +119,16 @@ class MARStage2Noise:
 @torch.no_grad()
 def sample_tokens(model: MAR, diffusion: MARDiffusion, cond: torch.Tensor, noise: MARStage1Noise, num_iter: int,
                   guidance: float, schedule: str = "linear", temperature: float = 1.0, keep_after=(),
-                  progress=None) -> dict[int, torch.Tensor]:
+                  progress=None, mae=None, head=None) -> dict[int, torch.Tensor]:
     """MAR's sampling loop for a batch of candidates with class embeddings ``cond`` (B, width): tokens (B, L, C)
     after each iteration listed in ``keep_after`` (0-based; the tokens not yet sampled are zero), and under the key
     ``num_iter - 1`` the finished tokens. Guidance ``guidance`` (1 = none) pairs every candidate with the
     unconditional row (``fake_latent``); ``schedule`` ``linear`` scales it as 1 + (s − 1)·(L − hidden next)/L,
-    ``constant`` keeps s. The DiffLoss sampler runs the respaced ``diffusion`` with each token's own noises."""
+    ``constant`` keeps s. The DiffLoss sampler runs the respaced ``diffusion`` with each token's own noises.
+
+    ``mae`` ``(tokens, mask, cond) -> z`` and ``head`` ``(x, t float32, z) -> out`` replace the model's encoder/decoder
+    and DiffLoss MLP (engines of :meth:`MARGenerator.engine_specs`); ``head`` may also be a :class:`HeadLoop`, which
+    runs a whole token's steps per call."""
     b, seq_len, c = noise.init.shape
     device = cond.device
     param = next(model.parameters())
@@ -136,7 +142,7 @@ def sample_tokens(model: MAR, diffusion: MARDiffusion, cond: torch.Tensor, noise
         x, m, emb = tokens.to(param.dtype), mask, cond
         if guided:
             x, m, emb = torch.cat([x, x]), torch.cat([m, m]), torch.cat([cond, null])
-        z = model(x, m.float(), emb)
+        z = model(x, m.float(), emb) if mae is None else mae(x, m.to(x.dtype), emb)
         mask_len = next_mask_len(step, num_iter, int(mask[0].sum()), seq_len)
         mask_next = mask_by_order(mask_len, orders)
         pred = mask if step >= num_iter - 1 else mask & ~mask_next
@@ -147,9 +153,13 @@ def sample_tokens(model: MAR, diffusion: MARDiffusion, cond: torch.Tensor, noise
                  else torch.tensor(float(guidance))).item() if guided else None
         x_rows = noise.init[pred.cpu()].to(device, zc.dtype)  # each sampled token's own noises
         step_noise = noise.steps[pred.cpu()]  # (rows, S, C)
-        for i in reversed(range(diffusion.num_steps)):
-            x_rows = p_sample(model.diffloss.net, diffusion, x_rows, i, zc, step_noise[:, i].to(device, zc.dtype),
-                              temperature, scale, zu)
+        if isinstance(head, HeadLoop):
+            x_rows = head(x_rows, zc, zu, step_noise.to(device, zc.dtype), temperature, scale)
+        else:
+            net = model.diffloss.net if head is None else _float_timesteps(head)
+            for i in reversed(range(diffusion.num_steps)):
+                x_rows = p_sample(net, diffusion, x_rows, i, zc, step_noise[:, i].to(device, zc.dtype),
+                                  temperature, scale, zu)
         tokens[rows] = x_rows.float()  # in place: this step's forward is done, and kept snapshots are copies
         mask = mask_next if step < num_iter - 1 else torch.zeros_like(mask)
         if step in keep_after or step == num_iter - 1:
@@ -157,6 +167,71 @@ def sample_tokens(model: MAR, diffusion: MARDiffusion, cond: torch.Tensor, noise
         if progress is not None:
             progress()
     return kept
+
+
+def _float_timesteps(head):
+    """``head`` called with its timesteps as float32, as its engine's contract takes them."""
+    return lambda x, t, z: head(x, t.float(), z)
+
+
+class HeadLoop:
+    """Every respaced DiffLoss step of one iteration's tokens as one call, replayed from a CUDA graph.
+
+    ``__call__(x, z, z_uncond, step_noise (rows, S, C), temperature, scale)`` returns the sampled rows, the same
+    arithmetic as stepping :func:`~cao2_fast.models.mar.p_sample` S times. On first sight of a row count (every
+    candidate of a batch reveals as many tokens per iteration, so a run has at most ``num_iter`` of them) the loop is
+    captured into a graph over static buffers; later calls copy their inputs into the buffers and replay it, which
+    removes S·(layers) kernel launches and the Python between them. ``capture`` makes the graph: by default a
+    ``torch.cuda.CUDAGraph`` on ``device``; a test passes a stand-in to check the buffer handling on CPU. Should a
+    capture fail (a driver or library that cannot capture), the loop logs why once and steps uncaptured: the same
+    arithmetic, only slower."""
+
+    def __init__(self, net, diffusion: MARDiffusion, guided: bool, capture=None):
+        self.net, self.diffusion, self.guided = net, diffusion, guided
+        self.capture = capture or _cuda_graph
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed: str | None = None
+
+    def _loop(self, buf: dict) -> torch.Tensor:
+        x = buf["x"]
+        for i in reversed(range(self.diffusion.num_steps)):
+            x = p_sample(self.net, self.diffusion, x, i, buf["z"], buf["noise"][:, i], buf["temperature"],
+                         buf["scale"] if self.guided else None, buf["zu"] if self.guided else None)
+        return x
+
+    def __call__(self, x, z, zu, step_noise, temperature, scale) -> torch.Tensor:
+        key = (tuple(x.shape), tuple(z.shape), x.dtype, str(x.device), torch.is_autocast_enabled(x.device.type))
+        inputs = {"x": x, "z": z, "zu": z if zu is None else zu, "noise": step_noise,
+                  "temperature": torch.full((x.shape[0],), float(temperature), device=x.device),
+                  "scale": torch.full((x.shape[0],), 1.0 if scale is None else float(scale), device=x.device)}
+        if self.failed is not None:
+            return self._loop(inputs)
+        if key not in self.graphs:
+            buf = {k: v.clone() for k, v in inputs.items()}
+            try:
+                self.graphs[key] = (buf, *self.capture(lambda: self._loop(buf), x.device))
+            except RuntimeError as e:
+                self.failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _log.warning("MAR head steps: CUDA graph capture failed (%s); stepping them uncaptured", self.failed)
+                return self._loop(inputs)
+        buf, replay, out = self.graphs[key]
+        for k, v in inputs.items():
+            buf[k].copy_(v)
+        replay()
+        return out.clone()
+
+
+def _cuda_graph(fn, device):
+    """(replay, output) of ``fn`` captured in a CUDA graph on ``device`` after a warm-up on a side stream."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # warm-up: lazy initialisation must not happen inside the capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
 
 
 def revealed_counts(num_iter: int, seq_len: int) -> list[int]:
@@ -203,14 +278,27 @@ def stage2_loss(model: MAR, x: torch.Tensor, cond: torch.Tensor, mask: torch.Ten
     return masked + lam * linf
 
 
+class Stage2Objective(torch.nn.Module):
+    """:func:`stage2_loss` of ``mar`` as a module's forward: what a stage-2 engine compiles."""
+
+    def __init__(self, mar: MAR):
+        super().__init__()
+        self.mar = mar
+
+    def forward(self, x, cond, mask, t, eps, lam: float, attached: bool, include_vb: bool) -> torch.Tensor:
+        return stage2_loss(self.mar, x, cond, mask, t, eps, lam, attached, include_vb)
+
+
 def optimise_tokens(model: MAR, tokens: torch.Tensor, cond: torch.Tensor, noise: MARStage2Noise, steps: int,
                     lr: float, lam: float, rule: str = "max", attached: bool = False, include_vb: bool = True,
-                    device="cpu", progress=None) -> TokenResult:
+                    device="cpu", progress=None, objective=None) -> TokenResult:
     """Adam (torch's defaults: β (0.9, 0.999), ε 1e-8) on each image's tokens (B, L, C) for ``steps`` steps; the
     gradient of an image is its own loss's (the batch's losses are summed, and Adam is elementwise), so a batch
     equals its images optimised one by one. An image whose loss, gradient or update is not finite stops there and
-    keeps its last finite tokens."""
+    keeps its last finite tokens. ``objective`` (a :class:`Stage2Objective` or its compiled engine) computes the
+    losses instead of :func:`stage2_loss` on ``model``."""
     device = torch.device(device)
+    objective = objective if objective is not None else Stage2Objective(model)
     b1, b2, adam_eps = 0.9, 0.999, 1e-8
     x = tokens.detach().to(device, torch.float32, copy=True)
     m, v = torch.zeros_like(x), torch.zeros_like(x)
@@ -225,8 +313,8 @@ def optimise_tokens(model: MAR, tokens: torch.Tensor, cond: torch.Tensor, noise:
         mask = mask_by_order(counts[:, k].to(device), noise.orders[:, k].to(device)).float()
         xg = x.clone().requires_grad_(True)
         with torch.enable_grad():
-            loss = stage2_loss(model, xg, cond, mask, noise.t[:, k].to(device), noise.eps[:, k].to(device), lam,
-                               attached, include_vb)
+            loss = objective(xg, cond, mask, noise.t[:, k].to(device), noise.eps[:, k].to(device), lam, attached,
+                             include_vb)
             (g,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
         g = torch.zeros_like(x) if g is None else g
         loss = loss.detach().cpu()
@@ -260,12 +348,12 @@ class MARGenerator(Generator):
     MAR's tokens live in, to images in [−1, 1]). A latent is the token grid unpatchified: (C, h·p, h·p)."""
 
     family = "mar"
-    engines = ("eager",)  # MAR itself runs eagerly in both stages
     record_fields = {"stage1_score": (int, float, type(None))}  # the kept candidate's stability
 
     def __init__(self, mar: MAR, vae: VAE):
         self.mar, self.vae = mar, vae
         self.decoder = vae.decode
+        self.mae_call = self.head_call = self.stage2_call = None  # None: the model itself (see use_engines)
         self._diffusion: dict[int, MARDiffusion] = {}
         c = mar.cfg
         if vae.latent_channels != c.vae_embed_dim:
@@ -367,7 +455,8 @@ class MARGenerator(Generator):
             with torch.autocast("cuda", dtype=torch.float16) if fp16 else nullcontext():
                 kept = sample_tokens(self.mar, self.diffusion(cfg), self.mar.class_embedding(labels[a:b]),
                                      noise.slice(a, b), cfg.sample_steps, cfg.guidance_scale,
-                                     cfg.guidance_schedule, cfg.temperature, keep_after=(start,), progress=progress)
+                                     cfg.guidance_schedule, cfg.temperature, keep_after=(start,), progress=progress,
+                                     mae=self.mae_call, head=self._head(cfg, device))
                 lat_start, lat_end = self._latents(kept[start].cpu()), self._latents(kept[end].cpu())
                 _, ps, fs = score(lat_start, io=io)
                 img, pe, fe = score(lat_end, io=io)
@@ -437,7 +526,8 @@ class MARGenerator(Generator):
                 ticks.start(b)
                 return optimise_tokens(self.mar, tokens[s:s + b], self.stage2_condition(cfg, class_ids[s:s + b]),
                                        noise.slice(s, s + b), cfg.stage2_steps, cfg.lr, cfg.lam, rec.mar_mask_rule,
-                                       rec.mar_target_grad == "attached", rec.mar_stage2_vb, device, progress=ticks)
+                                       rec.mar_target_grad == "attached", rec.mar_stage2_vb, device, progress=ticks,
+                                       objective=self.stage2_call)
 
             batch, part = halve_on_oom(chunk, min(batch, len(tokens) - s), log)
             parts.append(part)
@@ -458,17 +548,105 @@ class MARGenerator(Generator):
     # -- engines ---------------------------------------------------------------------------------------------------
 
     def engine_specs(self) -> dict:
-        """Only the decoder: MAR's own forwards run eagerly (``engines`` says so), so stage 1 takes no engine."""
-        return {"vae_decode": vae_decode_spec(self.vae, self.latent_shape)}
+        """Stage 1's three models: ``mar_mae`` (the encoder and decoder in :meth:`MAR.forward_static`'s fixed-shape
+        form), ``mar_head`` (the DiffLoss MLP, called once per respaced step) and ``vae_decode``. Exported files hold
+        the released attention arithmetic whatever the model runs eagerly."""
+        return {"mar_mae": mae_spec(self.mar), "mar_head": head_spec(self.mar),
+                "vae_decode": vae_decode_spec(self.vae, self.latent_shape)}
 
     def engine_batches(self, cfg) -> dict[str, int]:
-        return {"vae_decode": cfg.decode_batch}
+        """The largest call of each: the MAE sees a batch's candidates, the head the tokens they reveal in one
+        iteration (the most of any), both doubled under guidance."""
+        guided = 1 if cfg.guidance_scale == 1.0 else 2
+        rows = max(revealed_counts(cfg.sample_steps, self.mar.cfg.seq_len))
+        return {"mar_mae": guided * cfg.stage1_batch, "mar_head": guided * cfg.stage1_batch * rows,
+                "vae_decode": cfg.decode_batch}
 
     def use_engines(self, built: dict, stage2) -> None:
+        """Stage 1 on ``built``'s engines (on ``eager`` the model's own calls stay: the MAE then drops the hidden
+        tokens instead of masking them, the cheaper form), stage 2's objective on ``stage2``."""
+        eager = built["mar_mae"].backend.name == "eager"
+        self.mae_call = None if eager else built["mar_mae"]
+        self.head_call = None if eager else built["mar_head"]
+        self.head_backend = built["mar_head"].backend.name
         self.decoder = built["vae_decode"]
+        self.stage2_call = None if stage2.backend.name == "eager" else stage2
+
+    def _head(self, cfg, device):
+        """What stage 1 calls for the head's steps: a :class:`HeadLoop` on CUDA (eager or compiled head: the graph
+        replays their kernels), else the head engine (None: the model's own MLP)."""
+        device = torch.device(device)
+        if device.type != "cuda" or getattr(self, "head_backend", "eager") not in ("eager", "compile"):
+            return self.head_call
+        key = (cfg.token_steps, cfg.guidance_scale != 1.0)
+        loops = self.__dict__.setdefault("_loops", {})
+        if key not in loops:
+            net = self.mar.diffloss.net if self.head_call is None else _float_timesteps(self.head_call)
+            loops[key] = HeadLoop(net, self.diffusion(cfg), key[1])
+        return loops[key]
 
     def stage2_module(self) -> torch.nn.Module:
-        return self.mar
+        return Stage2Objective(self.mar)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engine specs
+
+
+class MAEForward(torch.nn.Module):
+    """``(tokens (N, L, C), mask (N, L) 1 = hidden, cond (N, width)) -> z (N, L, decoder width)``: the MAE in its
+    fixed-shape form (:meth:`MAR.forward_static`)."""
+
+    def __init__(self, mar: MAR):
+        super().__init__()
+        self.mar = mar
+        self.train(mar.training)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.mar.forward_static(tokens, mask, cond)
+
+
+class HeadForward(torch.nn.Module):
+    """``(x (N, C), t (N,) float32 timesteps on the 1000-step schedule, z (N, Dz)) -> (N, 2C)``: the DiffLoss MLP."""
+
+    def __init__(self, mar: MAR):
+        super().__init__()
+        self.net = mar.diffloss.net
+        self.train(mar.training)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, z)
+
+
+def _released_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float32 CPU eval copy with the released attention arithmetic (what an exported file holds)."""
+    import copy
+
+    out = copy.deepcopy(module).to("cpu", torch.float32).eval()
+    for m in out.modules():
+        if isinstance(m, MAR):
+            m.set_attention("math")
+    return out
+
+
+def mae_spec(mar: MAR) -> ModelSpec:
+    c = mar.cfg
+    return ModelSpec(
+        "mar_mae", MAEForward(mar),
+        (TensorSpec("tokens", (c.seq_len, c.token_embed_dim)), TensorSpec("mask", (c.seq_len,)),
+         TensorSpec("cond", (c.encoder_embed_dim,))),
+        "z", signature={"class": "MAR", "config": plain(c), "form": "static (hidden tokens masked out of attention)",
+                        "attention": "math"},
+        export_form=_released_copy)
+
+
+def head_spec(mar: MAR) -> ModelSpec:
+    c = mar.cfg
+    return ModelSpec(
+        "mar_head", HeadForward(mar),
+        (TensorSpec("x", (c.token_embed_dim,)), TensorSpec("t", (), "float32"),
+         TensorSpec("z", (c.decoder_embed_dim,))),
+        "out", signature={"class": "SimpleMLPAdaLN", "config": plain(c)}, export_form=_released_copy)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -411,6 +411,25 @@ class MAR(nn.Module):
         """Encoder then decoder: z [B, L, dec width], the DiffLoss condition of every token."""
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, drop), mask)
 
+    def forward_static(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in eval mode with fixed shapes: the encoder keeps every row in place and the masked ones
+        out of attention as keys (instead of dropping them), and the decoder replaces them by ``mask_token``. The
+        same z up to rounding; it costs the encoder the masked rows' work, but one graph serves every mask, which
+        compiled and exported engines want."""
+        x = self.z_proj(tokens)
+        b, _, d = x.shape
+        buffer = class_embedding.unsqueeze(1).to(x.dtype).expand(b, self.cfg.buffer_size, d)
+        x = self.z_proj_ln(torch.cat([buffer, x], 1) + self.encoder_pos_embed_learned)
+        keep = torch.cat([mask.new_zeros(b, self.cfg.buffer_size), mask], 1) == 0
+        for block in self.encoder_blocks:
+            x = block(x, keep)
+        x = self.decoder_embed(self.encoder_norm(x))
+        x = torch.where(keep.unsqueeze(-1), x, self.mask_token.to(x.dtype)) + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x = block(x, None)
+        x = self.decoder_norm(x)
+        return x[:, self.cfg.buffer_size:] + self.diffusion_pos_embed_learned
+
     def _run(self, block: Block, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.grad_checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
