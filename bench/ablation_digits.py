@@ -97,7 +97,35 @@ def summarise(results: dict) -> dict:
     return {k: {"mean": statistics.fmean(v), "std": statistics.pstdev(v), "n": len(v)} for k, v in table.items()}
 
 
-def markdown(summary: dict, stats: dict, ipcs: list[int]) -> str:
+PAIRS = [  # (set, minus set): what each paired difference asks
+    ("mar-official", "stage1+2"),  # MAR against the DiT, the released recipe
+    ("mar-consistent", "consistent"),  # MAR against the DiT, the consistent recipe
+    ("mar-consistent", "mar-official"),  # MAR's recipe fixes
+    ("mar-official", "real-random"),  # MAR against random real images
+]
+
+
+def paired(results: dict) -> dict:
+    """Per (IPC, protocol, pair): the mean of (set − other) over the seeds that have both, its sample std (ddof 1),
+    n, and the 95 % confidence interval of the mean (Student's t)."""
+    from scipy import stats as st
+
+    out = {}
+    for key in {k.rsplit("|", 2)[0] for k in results["evals"]}:
+        ipc, protocol = key.split("|")
+        for a, b in PAIRS:
+            d = [results["evals"][f"{key}|{a}|{s}"]["top1"] - results["evals"][f"{key}|{b}|{s}"]["top1"]
+                 for s in range(100) if f"{key}|{a}|{s}" in results["evals"] and f"{key}|{b}|{s}" in results["evals"]]
+            if len(d) < 2:
+                continue
+            mean, sd = statistics.fmean(d), statistics.stdev(d)
+            half = float(st.t.ppf(0.975, len(d) - 1)) * sd / len(d) ** 0.5
+            out[f"{ipc}|{protocol}|{a} - {b}"] = {"mean": mean, "std": sd, "n": len(d), "ci95": [mean - half, mean + half],
+                                                   "ahead": sum(x > 0 for x in d)}
+    return out
+
+
+def markdown(summary: dict, stats: dict, ipcs: list[int], pairs: dict | None = None) -> str:
     lines = ["| set | " + " | ".join(f"IPC {i} {p}" for i in ipcs for p in PROTOCOLS) + " |",
              "|---|" + "---|" * (len(ipcs) * len(PROTOCOLS))]
     for v in VARIANTS:
@@ -107,6 +135,18 @@ def markdown(summary: dict, stats: dict, ipcs: list[int]) -> str:
                 s = summary.get(f"{i}|{p}|{v}")
                 cells.append(f"{s['mean']:.1f} ± {s['std']:.1f} (n={s['n']})" if s else "–")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", "Paired differences (same seed; points of top-1): mean [95 % CI], seeds ahead of n", "",
+                  "| difference | " + " | ".join(f"IPC {i} {p}" for i in ipcs for p in PROTOCOLS) + " |",
+                  "|---|" + "---|" * (len(ipcs) * len(PROTOCOLS))]
+        for a, b in PAIRS:
+            cells = []
+            for i in ipcs:
+                for p in PROTOCOLS:
+                    d = pairs.get(f"{i}|{p}|{a} - {b}")
+                    cells.append(f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}], {d['ahead']}/{d['n']}"
+                                 if d else "–")
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| recipe, IPC | stage-1 candidate accuracy | p(class) stage-1 pick | p(class) after stage 2 | "
                  "stage-2 loss first → last |")
@@ -214,8 +254,9 @@ def main(argv=None) -> int:
         stats.setdefault(recipe_ipc, []).append(s)
     stats = {k: {f: statistics.fmean(x[f] for x in v) for f in v[0]} for k, v in stats.items()}
     results["summary"] = summary
+    results["paired_difference"] = paired(results)
     save()
-    md = markdown(summary, stats, args.ipc)
+    md = markdown(summary, stats, args.ipc, results["paired_difference"])
     atomic_write(args.out / "ablation_digits.md", md.encode())
     plot(summary, args.ipc, args.out / "ablation_digits.png")
     print(md)
