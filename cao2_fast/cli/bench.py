@@ -29,6 +29,11 @@ class Ops(str, Enum):
     triton = "triton"
 
 
+class BenchBackbone(str, Enum):
+    dit = "dit"
+    mar = "mar"
+
+
 OUT_DEFAULT = "$CAO2_FAST_CACHE/bench, else ~/.cache/cao2-fast/bench"
 
 EXAMPLES = """
@@ -41,6 +46,8 @@ Examples:
   cao2-fast bench --preset digits --early-reject 10 --early-keep 10
 
   cao2-fast bench --model dit-xl-2-256 --random-weights --device cuda
+
+  cao2-fast bench --backbone mar                   # MAR, digits-mar preset
 """
 
 WHAT, HOW = "What to time", "How to time it"
@@ -48,19 +55,20 @@ WHAT, HOW = "What to time", "How to time it"
 
 @app.command(epilog=EXAMPLES)
 def bench(
+    backbone: Annotated[BenchBackbone, typer.Option(help="Generator family to time: dit, or mar (the embedded digits-mar preset, its released execution against the batched one).", rich_help_panel=WHAT)] = BenchBackbone.dit,
     preset: Annotated[PresetName | None, typer.Option(help="Benchmark an embedded preset.", rich_help_panel=WHAT)] = None,
     model: Annotated[BenchModel | None, typer.Option(metavar="NAME", help="Real DiT architecture with random weights (needs --random-weights): dit-s-2-256, dit-b-2-256, dit-l-2-256, dit-xl-2-256; tiny: a seconds-long smoke run.", rich_help_panel=WHAT)] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Build --model with random weights (timing does not depend on them).", rich_help_panel=WHAT)] = False,
     device: Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.", rich_help_panel=WHAT)] = Device.auto,
-    dtype: Annotated[DType | None, typer.Option(metavar="DTYPE", help="Fast path dtype: float32, bfloat16 or float16.", show_default="bfloat16 on CUDA, float32 on CPU", rich_help_panel=WHAT)] = None,
+    dtype: Annotated[DType | None, typer.Option(metavar="DTYPE", help="Fast path dtype: float32, bfloat16 or float16.", show_default="bfloat16 on CUDA, float32 on CPU; MAR: float32, the recipe's", rich_help_panel=WHAT)] = None,
     ops: Annotated[Ops | None, typer.Option(help="Stage-2 step ops.", show_default="triton on CUDA, torch on CPU", rich_help_panel=WHAT)] = None,
     compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).", rich_help_panel=WHAT)] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths.", show_default="torch's", rich_help_panel=WHAT)] = None,
-    steps1: Annotated[int, typer.Option(help="Sampling steps timed per candidate (normalised to 50).", rich_help_panel=HOW)] = 5,
+    steps1: Annotated[int | None, typer.Option(help="Sampling steps timed per candidate (normalised to 50); MAR: sampling iterations timed (normalised to the preset's by the cost model).", show_default="5; MAR: the preset's 16", rich_help_panel=HOW)] = None,
     steps2: Annotated[int, typer.Option(help="Stage-2 steps timed per latent.", rich_help_panel=HOW)] = 5,
     ref_images: Annotated[int, typer.Option(help="Latents the reference path optimises one at a time.", rich_help_panel=HOW)] = 2,
     batch: Annotated[int | None, typer.Option(help="Fast stage-2 batch.", show_default="largest that fits, halving on OOM", rich_help_panel=HOW)] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", show_default="7 on CPU, where a shared machine's load moves short runs; 3 on CUDA and for the grid", rich_help_panel=HOW)] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed runs of each path, alternating reference and fast; the medians are reported.", show_default="7 on CPU, where a shared machine's load moves short runs; 3 on CUDA, for the grid and for MAR", rich_help_panel=HOW)] = None,
     out: Annotated[Path | None, typer.Option(help=f"Folder for the JSON rows and the chart (default: {OUT_DEFAULT}).", rich_help_panel=HOW)] = None,
     early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Also time stage 1 with early rejection (path fast+early): after STEP of 50 sampling steps only the best --early-keep candidates per class finish; 'S1,S2' checks twice.", show_default="off", rich_help_panel=WHAT)] = None,
     early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive each --early-reject check (IPC..K·IPC).", rich_help_panel=WHAT)] = None,
@@ -69,7 +77,13 @@ def bench(
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths: medians of the timed
     runs with their min–max range (and IQR from 4 runs), the projected job marked as such, and a warning when the
-    machine is busy."""
+    machine is busy. With --backbone mar: the MAR stages on the digits-mar preset, with attribution paths."""
+    if backbone == BenchBackbone.mar:
+        _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2, threads, steps1, steps2,
+                   ref_images, batch, repeats, out, early_reject, early_keep, early_reject_grid, as_json)
+        return
+    if steps1 is None:
+        steps1 = 5
     if (preset is None) == (model is None):
         raise UserError("choose one of --preset digits or --model dit-xl-2-256 --random-weights")
     if model is not None and not random_weights:
@@ -121,6 +135,43 @@ def bench(
                      early_step=early_step, early_keep=early_keep_, log=log, warn=warn)
     jpath, ppath = write_results(rows, out_dir, tag)
     _report(format_table(rows), rows, f"{jpath} and {ppath}", as_json)
+
+
+def _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2, threads, steps1, steps2,
+               ref_images, batch, repeats, out, early_reject, early_keep, early_reject_grid, as_json) -> None:
+    """``bench --backbone mar``: refuse the DiT-only options in one line, then time the MAR paths
+    (:mod:`cao2_fast.bench_mar`) and write ``bench_digits-mar_<device>.json`` and its chart."""
+    from ..bench_mar import refuse_options
+
+    refuse_options(model=model.value if model else None, random_weights=random_weights,
+                   preset=preset.value if preset else None, early_reject=early_reject, early_keep=early_keep,
+                   early_reject_grid=early_reject_grid, ops=ops.value if ops else None, compile_stage2=compile_stage2)
+    for name, v in (("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats), ("--batch", batch)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be at least 1 (got {v})")
+    if steps1 is not None and steps1 < 2:
+        raise UserError(f"--steps1 must be at least 2 for MAR (got {steps1}): stability compares the last two "
+                        "sampling iterations")
+    from ..extras import require
+
+    require("matplotlib", what="the bench's chart")  # before minutes of timing, not after them
+    from ..bench_mar import format_mar_table, run_and_write
+
+    set_threads(threads)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - t0:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    out_dir = out if out is not None else user_cache_dir() / "bench"
+    rows, jpath, ppath = run_and_write(out_dir, dev, log=log, warn=warn, fast_dtype=dtype.value if dtype else None,
+                                       steps1=steps1, steps2=steps2, ref_images=ref_images, fast_batch=batch,
+                                       repeats=repeats or 3)
+    _report(format_mar_table(rows), rows, f"{jpath} and {ppath}", as_json)
 
 
 def _report(table: str, rows: list[dict], written: str, as_json: bool) -> None:

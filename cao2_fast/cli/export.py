@@ -30,7 +30,7 @@ Examples:
 
   cao2-fast export --engine onnx           # the digits preset's three models
 
-  cao2-fast export --engine onnx --backbone mar     # the digits MAR preset's four
+  cao2-fast export --engine onnx --backbone mar   # digits MAR: 4 models
 
   cao2-fast export --engine trt --dit DiT-XL-2-256x256.pt \\
       --vae sd-vae-ft-mse/ --classifier resnet18:resnet18.pth \\

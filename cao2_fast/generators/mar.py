@@ -33,7 +33,7 @@ from ..models.vae import VAE
 from ..progress import RetryTicks
 
 # the family's architecture and schedule, for its checks and benchmarks
-__all__ = ["MAR", "MARConfig", "MARDiffusion", "random_mar", "MARGenerator", "MARStage1Noise", "MARStage2Noise", "sample_tokens", "optimise_tokens", "mask_rates",
+__all__ = ["MAR", "MARConfig", "MARDiffusion", "patchify", "random_mar", "MARGenerator", "MARStage1Noise", "MARStage2Noise", "sample_tokens", "optimise_tokens", "mask_rates",
            "stage2_mask_counts", "revealed_counts", "stability", "MASK_FLOOR"]
 
 _log = logging.getLogger("cao2_fast")
