@@ -11,6 +11,8 @@
 #     bench-s     cao2-fast bench with DiT-S/2-256 (quick end-to-end figures)          -> bench_dit-s-2-256_*.json
 #     xl-eager    cao2-fast bench with DiT-XL/2-256, eager stage 2                      -> bench_dit-xl-2-256_*.json
 #     xl-compile  the same with the compiled stage-2 engine (its compile time is kept apart)
+#     mar         cao2-fast bench --backbone mar on the GPU (the digits MAR preset; the head's CUDA-graph loop)
+#                                                                                    -> bench_digits-mar_cuda.json
 #
 # On a machine without network whose image lacks diffusers (for example: Python 3.12, torch, triton, onnx,
 # onnxruntime CPU build, timm, accelerate, typer ... but no diffusers, no tensorrt), carry its pure-Python wheel:
@@ -25,7 +27,7 @@ set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [PHASE ...]}
 shift
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(preflight selftest bench-s xl-eager xl-compile)
+[ ${#phases[@]} -gt 0 ] || phases=(preflight selftest bench-s xl-eager xl-compile mar)
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -80,7 +82,12 @@ EOF
       timeout 570 cao2-fast bench --model dit-xl-2-256 --random-weights --device cuda --steps2 30 --compile \
         --out "$out" || failed+=(xl-compile)
       ;;
-    *) echo "unknown phase $phase (preflight selftest bench-s xl-eager xl-compile)"; exit 2 ;;
+    mar)
+      done_already "bench_digits-mar_cuda.json" mar && continue
+      echo "== bench MAR (digits MAR preset)"
+      timeout 540 cao2-fast bench --backbone mar --device cuda --out "$out" || failed+=(mar)
+      ;;
+    *) echo "unknown phase $phase (preflight selftest bench-s xl-eager xl-compile mar)"; exit 2 ;;
   esac
 done
 rm -f "$out"/*.png 2>/dev/null  # charts are redrawn from the JSON here; keep the 8-file budget for results
