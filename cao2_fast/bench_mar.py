@@ -54,8 +54,7 @@ from typing import Callable
 import torch
 
 from .benchmark import (PEAK_TFLOPS, _Clock, _commit, _device_name, _finish, _measured_row, _peak_of, _peak_tflops,
-                        _timed, _timed_scaled, _version, busy_warning, format_table, is_busy, machine_load, spread,
-                        write_results)
+                        _timed, _timed_scaled, _version, format_table, spread, start_run, write_results)
 from .errors import UserError
 
 PRESET = "digits-mar"
@@ -182,16 +181,8 @@ def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: in
     if classes is not None and classes > n_classes:
         raise UserError(f"classes: the {PRESET} preset has {n_classes} classes (got {classes})")
     ids = list(range(classes or n_classes))
-    dev = torch.device(device)
+    dev, load, warn = start_run(device, log, warn)
     on_cuda = dev.type == "cuda"
-    if not on_cuda:  # as the DiT bench: freed activations are reused instead of faulted in again
-        from .cpu import keep_freed_memory
-
-        keep_freed_memory()
-    warn = warn or (lambda m: log(f"warning: {m}"))
-    load = machine_load(1 if on_cuda else torch.get_num_threads())
-    if is_busy(load, bench_ran=False):
-        warn(busy_warning(load, "before"))
 
     log(f"building the {PRESET} models on {device}")
     fast_dtype = fast_dtype or "float32"

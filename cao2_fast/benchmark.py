@@ -324,6 +324,23 @@ def _commit() -> str:
         return "unknown"
 
 
+def start_run(device, log: Callable[[str], None], warn: Callable[[str], None] | None):
+    """What every bench run does first: on CPU, keep freed memory for reuse (both paths run under it: freed
+    activations are reused instead of faulted in again); read the machine's load and warn if it is busy. Returns
+    (the device, the load before, the warn function)."""
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if not on_cuda:
+        from .cpu import keep_freed_memory
+
+        keep_freed_memory()
+    warn = warn or (lambda m: log(f"warning: {m}"))
+    load = machine_load(1 if on_cuda else torch.get_num_threads())
+    if is_busy(load, bench_ran=False):
+        warn(busy_warning(load, "before"))
+    return dev, load, warn
+
+
 def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None = None, steps1: int = 5,
               steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
               ops: str | None = None, cuda_graph: bool | None = None, compile_stage2: bool = False,
@@ -403,16 +420,8 @@ def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, 
             raise UserError(f"{name} must be a whole number of at least 1 (got {v!r})")
     k, ipc = oversampling(model)
     early = early_check_list(early_step, early_keep, 50, ipc, k * ipc)  # [] when off; bad values: UserError
-    dev = torch.device(device)
+    dev, load, warn = start_run(device, log, warn)
     on_cuda = dev.type == "cuda"
-    if not on_cuda:  # both paths run under it: freed activations are reused instead of faulted in again
-        from .cpu import keep_freed_memory
-
-        keep_freed_memory()
-    warn = warn or (lambda m: log(f"warning: {m}"))
-    load = machine_load(1 if on_cuda else torch.get_num_threads())
-    if is_busy(load, bench_ran=False):
-        warn(busy_warning(load, "before"))
     log(f"building the {model} models on {device}")
     s = build_setup(model, device)
     peak, peak_source = _peak_tflops(device)

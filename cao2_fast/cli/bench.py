@@ -107,14 +107,7 @@ def bench(
     if repeats is None:  # the grid times many settings: it keeps 3
         repeats = 3 if dev == "cuda" or early_reject_grid else 7
     name = preset.value if preset else model.value
-    t0 = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - t0:5.0f} s] {message}", file=sys.stderr, flush=True)
-
-    def warn(message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
+    log, warn = _loggers()
     out_dir = out if out is not None else user_cache_dir() / "bench"
     if early_reject_grid:
         if preset is None:
@@ -159,6 +152,16 @@ def _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2
 
     set_threads(threads)
     dev = resolve_device(device)
+    log, warn = _loggers()
+    out_dir = out if out is not None else user_cache_dir() / "bench"
+    rows, jpath, ppath = run_and_write(out_dir, dev, log=log, warn=warn, fast_dtype=dtype.value if dtype else None,
+                                       steps1=steps1, steps2=steps2, ref_images=ref_images, fast_batch=batch,
+                                       repeats=repeats or 3)
+    _report(format_mar_table(rows), rows, f"{jpath} and {ppath}", as_json)
+
+
+def _loggers():
+    """(log, warn) for a bench run: progress lines on stderr stamped with the seconds since now, and warnings."""
     t0 = time.perf_counter()
 
     def log(message: str) -> None:
@@ -167,11 +170,7 @@ def _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    out_dir = out if out is not None else user_cache_dir() / "bench"
-    rows, jpath, ppath = run_and_write(out_dir, dev, log=log, warn=warn, fast_dtype=dtype.value if dtype else None,
-                                       steps1=steps1, steps2=steps2, ref_images=ref_images, fast_batch=batch,
-                                       repeats=repeats or 3)
-    _report(format_mar_table(rows), rows, f"{jpath} and {ppath}", as_json)
+    return log, warn
 
 
 def _report(table: str, rows: list[dict], written: str, as_json: bool) -> None:
