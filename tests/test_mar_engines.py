@@ -188,3 +188,21 @@ def test_the_engines_load_by_path_with_their_contracts(gen, onnx_engines):
         mae(torch.randn(2, 3, C), mask, cond)
     with pytest.raises(UserError, match="timesteps must be finite and in"):
         head(rows, torch.full((4,), 1000.0), z)
+
+
+@pytest.mark.parametrize("backend, graphs, looped", [("eager", False, True), ("compile", False, True),
+                                                     ("compile", True, False), ("onnx", False, False),
+                                                     ("trt", False, False)])
+def test_on_cuda_the_head_steps_replay_from_a_graph_unless_the_engine_has_its_own(gen, backend, graphs, looped):
+    """Which head call stage 1 makes (the routing only: no CUDA here). A head compiled with CUDA graphs of its own
+    is not captured again (graphs do not nest), and ONNX Runtime and TensorRT heads are called step by step."""
+    def engine(name, cuda_graphs=False):
+        return SimpleNamespace(backend=SimpleNamespace(name=name), details={"cuda_graphs": cuda_graphs})
+
+    g = MARGenerator(gen.mar, gen.vae)
+    g.use_engines({"mar_mae": engine(backend), "mar_head": engine(backend, graphs), "vae_decode": None},
+                  engine("eager"))
+    cfg = SimpleNamespace(token_steps=5, guidance_scale=2.9)
+    on_cuda = g._head(cfg, "cuda")
+    assert isinstance(on_cuda, HeadLoop) == looped and (looped or on_cuda is g.head_call)
+    assert g._head(cfg, "cpu") is g.head_call  # on the CPU never a graph

@@ -210,7 +210,7 @@ class HeadLoop:
             buf = {k: v.clone() for k, v in inputs.items()}
             try:
                 self.graphs[key] = (buf, *self.capture(lambda: self._loop(buf), x.device))
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 (whatever failed, stepping uncaptured computes the same)
                 self.failed = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 _log.warning("MAR head steps: CUDA graph capture failed (%s); stepping them uncaptured", self.failed)
                 return self._loop(inputs)
@@ -354,6 +354,7 @@ class MARGenerator(Generator):
         self.mar, self.vae = mar, vae
         self.decoder = vae.decode
         self.mae_call = self.head_call = self.stage2_call = None  # None: the model itself (see use_engines)
+        self.head_backend, self.head_graphs = "eager", False
         self._diffusion: dict[int, MARDiffusion] = {}
         c = mar.cfg
         if vae.latent_channels != c.vae_embed_dim:
@@ -569,14 +570,16 @@ class MARGenerator(Generator):
         self.mae_call = None if eager else built["mar_mae"]
         self.head_call = None if eager else built["mar_head"]
         self.head_backend = built["mar_head"].backend.name
+        self.head_graphs = bool(getattr(built["mar_head"], "details", {}).get("cuda_graphs"))
         self.decoder = built["vae_decode"]
         self.stage2_call = None if stage2.backend.name == "eager" else stage2
 
     def _head(self, cfg, device):
         """What stage 1 calls for the head's steps: a :class:`HeadLoop` on CUDA (eager or compiled head: the graph
-        replays their kernels), else the head engine (None: the model's own MLP)."""
+        replays their kernels), else the head engine (None: the model's own MLP). A head compiled with CUDA graphs
+        of its own (``reduce-overhead``) replays those per step instead: graphs do not nest."""
         device = torch.device(device)
-        if device.type != "cuda" or getattr(self, "head_backend", "eager") not in ("eager", "compile"):
+        if device.type != "cuda" or self.head_backend not in ("eager", "compile") or self.head_graphs:
             return self.head_call
         key = (cfg.token_steps, cfg.guidance_scale != 1.0)
         loops = self.__dict__.setdefault("_loops", {})
