@@ -206,3 +206,36 @@ def test_on_cuda_the_head_steps_replay_from_a_graph_unless_the_engine_has_its_ow
     on_cuda = g._head(cfg, "cuda")
     assert isinstance(on_cuda, HeadLoop) == looped and (looped or on_cuda is g.head_call)
     assert g._head(cfg, "cpu") is g.head_call  # on the CPU never a graph
+
+
+def test_the_head_loop_copies_nothing_from_the_host_once_warm(gen):
+    """What a CUDA-graph capture forbids, checked without CUDA: after one warm-up call (which fills the schedule's
+    device tables), the loop run on the meta device touches no tensor elsewhere (a host tensor would be a copy
+    during the capture) and reads no value back (``.item()`` cannot run on meta)."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.elsewhere = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if any(isinstance(a, torch.Tensor) and a.device.type != "meta" for a in tree_leaves((args, kwargs))):
+                self.elsewhere.append(str(func))
+            return func(*args, **kwargs)
+
+    net = copy.deepcopy(gen.mar.diffloss.net).to("meta")
+    loop = HeadLoop(net, M.MARDiffusion.create("5"), guided=True)
+    w = CFG.decoder_embed_dim
+    buf = {"x": torch.empty(3, C, device="meta"), "z": torch.empty(3, w, device="meta"),
+           "zu": torch.empty(3, w, device="meta"), "noise": torch.empty(3, 5, C, device="meta"),
+           "temperature": torch.empty(3, device="meta"), "scale": torch.empty(3, device="meta")}
+    with torch.no_grad():
+        loop._loop(buf)  # the warm-up
+        with Watch() as watch:
+            out = loop._loop(buf)
+    assert watch.elsewhere == [] and out.shape == (3, C) and out.device.type == "meta"

@@ -479,7 +479,7 @@ TIMESTEP_FREQ_DIM = 256
 def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
     """[cos, sin] features of timesteps ``t`` (N,) → (N, dim), frequencies exp(−ln(max_period)·i/half) (float32)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half).to(t.device)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -650,7 +650,10 @@ class MARDiffusion:
         return self.table(name, t.device)[t].unsqueeze(-1)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        return self.timestep_map.to(t.device)[t]
+        key = ("timestep_map", str(t.device))  # kept per device: no host copy per step (a CUDA graph forbids it)
+        if key not in self._cache:
+            self._cache[key] = self.timestep_map.to(t.device)
+        return self._cache[key][t]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.gather("sqrt_alphas_cumprod", t) * x0 + self.gather("sqrt_one_minus_alphas_cumprod", t) * noise
