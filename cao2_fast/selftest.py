@@ -177,21 +177,26 @@ def _mar_checks(r: _Runner, dev: torch.device) -> None:
         x, z, zu = (torch.randn(rows, k, generator=g).to(dev) for k in (c, cfg.decoder_embed_dim,
                                                                           cfg.decoder_embed_dim))
         noise = torch.randn(rows, 20, c, generator=g).to(dev)
-        with torch.no_grad():
-            want = x
-            for i in reversed(range(20)):
-                want = G.p_sample(model.diffloss.net, diffusion, want, i, z, noise[:, i], 1.0, 2.9, zu)
-            loop = G.HeadLoop(model.diffloss.net, diffusion, guided=True)
-            loop(x, z, zu, noise, 1.0, 2.9)  # the first call captures
-            got = loop(x, z, zu, noise, 1.0, 2.9)
-        d = _max_diff(got, want) / max(1.0, float(want.abs().max()))
+        d = 0.0
+        for fp16 in (False, True):  # fp32, and the official recipe's fp16 autocast (its casts captured too)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+                want = x
+                for i in reversed(range(20)):
+                    want = G.p_sample(model.diffloss.net, diffusion, want, i, z, noise[:, i], 1.0, 2.9, zu)
+                loop = G.HeadLoop(model.diffloss.net, diffusion, guided=True)
+                loop(x, z, zu, noise, 1.0, 2.9)  # the first call captures
+                torch.cuda.empty_cache()  # what a freed cast would have held is reused: a stale graph shows
+                got = loop(x + 0, z, zu, noise, 1.0, 2.9)
+            if loop.failed is not None:
+                break
+            d = max(d, _max_diff(got.float(), want.float()) / max(1.0, float(want.abs().max())))
         if loop.failed is not None:  # it fell back to stepping: right numbers, no graph
             return measured(False, f"not captured: {loop.failed}", "the head's steps could not be captured in a "
                             "CUDA graph here, so stage 1 steps them uncaptured (slower, same numbers); report it",
                             "relative_error", d, 1e-4)
-        return measured(d <= 1e-4, f"relative |diff| {d:.1e} (20 steps, replayed)", "" if d <= 1e-4 else
-                        "the CUDA-graph head loop differs from stepping it; run with --engine onnx", "relative_error",
-                        d, 1e-4)
+        return measured(d <= 1e-3, f"relative |diff| {d:.1e} (20 steps, replayed, fp32 and fp16 autocast)",
+                        "" if d <= 1e-3 else "the CUDA-graph head loop differs from stepping it; run with --engine "
+                        "onnx", "relative_error", d, 1e-3)
 
     r.run("MAR fused attention vs released", attention)
     r.run("MAR sampler batched vs one by one", sampler)

@@ -222,15 +222,20 @@ class HeadLoop:
 
 
 def _cuda_graph(fn, device):
-    """(replay, output) of ``fn`` captured in a CUDA graph on ``device`` after a warm-up on a side stream."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # warm-up: lazy initialisation must not happen inside the capture
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """(replay, output) of ``fn`` captured in a CUDA graph on ``device`` after a warm-up on a side stream. Under
+    autocast (the official recipe's fp16 stage 1) the weight casts are not cached while capturing: a cached cast
+    lives outside the graph and is freed when the autocast region ends, so the graph must make its own."""
+    autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                if torch.is_autocast_enabled("cuda") else nullcontext())
+    with autocast:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()  # warm-up: lazy initialisation must not happen inside the capture
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
     return graph.replay, out
 
 
