@@ -752,24 +752,31 @@ def chart_png(rows: list[dict]) -> bytes:
     by = {(r["stage"], r["path"]): r for r in rows}
     stages = [s for s in STAGE_AXES if (s, "reference") in by and (s, "fast") in by]
     colors = {"reference": "#999999", "fast": "#2a7f62", "fast+early": "#d08a2e"}
-    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(3.0 * (len(stages) + 1), 3.4), layout="constrained")
+    other = iter(["#4a90c0", "#8e6bb8", "#c05a5a", "#b0a040"])  # further paths (attribution rows), in row order
+    for r in rows:
+        if r["path"] not in colors:
+            colors[r["path"]] = next(other, "#666666")
+    ratio_bars = sum(1 for r in rows if r["stage"] in stages and r["path"] != "reference")
+    wide = max(1.0, ratio_bars / 4)  # the speed-up panel grows with its bars
+    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(3.0 * (len(stages) + wide), 3.4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1.0] * len(stages) + [wide]})
     for ax, stage in zip(axes, stages):
         field_, unit, name = STAGE_AXES[stage]
         job = by[stage, "fast"].get("job")
         if stage == "e2e" and job:
             name += f"\n({job['candidates']:,} candidates, {job['latents']:,} latents)"
-        sel = [by[stage, p] for p in colors if (stage, p) in by]
+        sel = [r for r in rows if r["stage"] == stage]  # the rows' order: reference, then each path
         vals = [r[field_] for r in sel]
-        _bars(ax, [r["path"].replace("+", "\n+") for r in sel], vals, [colors[r["path"]] for r in sel],
+        _bars(ax, [_path_label(r["path"]) for r in sel], vals, [colors[r["path"]] for r in sel],
               _err(sel, field_), [_short(v) for v in vals], [_projected(r) for r in sel])
         ax.set_title(name, fontsize=9)
         ax.set_ylabel(unit, fontsize=8)
         ax.margins(y=0.18)  # room for the value labels above the bars
         ax.tick_params(labelsize=8)
     ax = axes[-1]
-    sel = [by[s, p] for s in stages for p in ("fast", "fast+early") if (s, p) in by]
-    names = [(f"stage {r['stage']}" if r["stage"] != "e2e" else "job") + ("\n+early" if r["path"] == "fast+early"
-                                                                          else "") for r in sel]
+    sel = [r for s in stages for r in rows if r["stage"] == s and r["path"] != "reference"]
+    names = [(f"stage {r['stage']}" if r["stage"] != "e2e" else "job")
+             + {"fast": "", "fast+early": "\n+early"}.get(r["path"], "\n" + _path_label(r["path"])) for r in sel]
     ratios = [r["ratio"] for r in sel]
     _bars(ax, names, ratios, [colors[r["path"]] for r in sel], _err(sel, "ratio"), [f"{v:.1f}×" for v in ratios],
           [_projected(r) for r in sel])
@@ -791,6 +798,13 @@ def chart_png(rows: list[dict]) -> bytes:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _path_label(path: str) -> str:
+    """A path's name on an axis: ``fast+early`` as ``fast`` over ``+early``, longer names wrapped at hyphens."""
+    import textwrap
+
+    return path.replace("+", "\n+") if "+" in path else "\n".join(textwrap.wrap(path, 10, break_on_hyphens=True))
 
 
 def _short(v: float) -> str:

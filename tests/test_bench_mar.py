@@ -231,3 +231,22 @@ def test_the_library_call_refuses_bad_settings_before_any_work(kw, message):
 
     with pytest.raises(UserError, match=message):
         run_bench_mar("cpu", log=lambda m: pytest.fail(f"work began: {m}"), **kw)
+
+
+def test_the_chart_draws_every_path_and_its_ratio(mar_run, monkeypatch):
+    """The attribution paths are bars too: each stage panel has its three paths, in the rows' order, and the
+    speed-up panel every non-reference path's ratio."""
+    from cao2_fast import benchmark
+
+    _, rows, _, _ = mar_run
+    drawn = []
+    real = benchmark._bars
+    monkeypatch.setattr(benchmark, "_bars", lambda ax, names, vals, *a: (drawn.append((names, vals)),
+                                                                           real(ax, names, vals, *a)))
+    benchmark.chart_png(rows)
+    stage1, stage2, job, ratios = drawn
+    assert [n.replace("\n", "") for n in stage1[0]] == ["reference", "fast", "fast-no-jpeg"]
+    assert [n.replace("\n", "") for n in stage2[0]] == ["reference", "per-image-no-wgrad", "fast"]
+    assert [n.replace("\n", "") for n in job[0]] == ["reference", "fast", "fast-no-jpeg"]
+    want = [r["ratio"] for s in ("1", "2", "e2e") for r in rows if r["stage"] == s and r["path"] != "reference"]
+    assert ratios[1] == want and len(want) == 6
