@@ -840,7 +840,8 @@ def format_table(rows: list[dict]) -> str:
     """The printed table: per row the median figure, its min–max range and IQR over the timed runs, TFLOP/s, MFU,
     memory and the fast/reference ratio with its per-round range. Projected rows show the projected job minutes
     and no batch, TFLOP/s, MFU or memory; footnotes say how each figure was obtained."""
-    lines = [f"{'stage':>5} {'path':>10} {'dtype':>8} {'batch':>5} {'median':>9} {'unit':<17} {'min–max':>17} "
+    pw = max([10, *(len(r["path"]) for r in rows)])  # the path column fits the longest path
+    lines = [f"{'stage':>5} {'path':>{pw}} {'dtype':>8} {'batch':>5} {'median':>9} {'unit':<17} {'min–max':>17} "
              f"{'IQR':>17} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7} {'ratio':>6} {'ratio min–max':>13}"]
     for r in rows:
         sp = r.get("spread") or {}
@@ -853,7 +854,7 @@ def format_table(rows: list[dict]) -> str:
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         d = _decimals(value)
         ratio_range = "-" if r["path"] == "reference" else _range(sp.get("ratio"), 2)
-        lines.append(f"{r['stage']:>5} {r['path']:>10} {r['dtype']:>8} {batch:>5} {_num(value, d):>9} {unit:<17} "
+        lines.append(f"{r['stage']:>5} {r['path']:>{pw}} {r['dtype']:>8} {batch:>5} {_num(value, d):>9} {unit:<17} "
                      f"{_range(sp.get(key), d):>17} {_range(sp.get(key), d, quartiles=True):>17} {tflops:>8} "
                      f"{mfu:>6} {mem:>7} {r['ratio']:>5.2f}× {ratio_range:>13}")
     r0 = rows[0]
