@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 
 from .benchmark import (PEAK_TFLOPS, _Clock, _commit, _device_name, _finish, _measured_row, _peak_of, _peak_tflops,
-                        _timed, _timed_scaled, _version, format_table, spread, start_run, write_results)
+                        _timed, _timed_scaled, _version, check_count, format_table, spread, start_run, write_results)
 from .errors import UserError
 
 PRESET = "digits-mar"
@@ -105,11 +105,6 @@ class _Ctx:
     peak: float | None
     load_before: dict
     warn: Callable[[str], None]
-
-
-def _check_count(name: str, v, least: int = 1) -> None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
-        raise UserError(f"{name} must be a whole number of at least {least} (got {v!r})")
 
 
 class _ScoreClock:
@@ -175,7 +170,7 @@ def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: in
     for name, v, least in (("steps2", steps2, 1), ("ref_images", ref_images, 1), ("repeats", repeats, 1),
                            ("fast_batch", fast_batch, 1), ("ipc", ipc, 1), ("classes", classes, 1),
                            ("steps1", steps1, 2)):
-        _check_count(name, v, least)
+        check_count(name, v, least)
     meta = read_preset(PRESET)
     n_classes = len(meta["class_names"])
     if classes is not None and classes > n_classes:

@@ -324,6 +324,13 @@ def _commit() -> str:
         return "unknown"
 
 
+def check_count(name: str, v, least: int = 1) -> None:
+    """A bench setting that counts something: None (its default) or a whole number of at least ``least``, else one
+    ``UserError`` line."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+        raise UserError(f"{name} must be a whole number of at least {least} (got {v!r})")
+
+
 def start_run(device, log: Callable[[str], None], warn: Callable[[str], None] | None):
     """What every bench run does first: on CPU, keep freed memory for reuse (both paths run under it: freed
     activations are reused instead of faulted in again); read the machine's load and warn if it is busy. Returns
@@ -416,8 +423,7 @@ def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, 
     divide by."""
     for name, v in (("steps1", steps1), ("steps2", steps2), ("ref_images", ref_images), ("repeats", repeats),
                     ("fast_batch", fast_batch), ("classes", classes)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise UserError(f"{name} must be a whole number of at least 1 (got {v!r})")
+        check_count(name, v)
     k, ipc = oversampling(model)
     early = early_check_list(early_step, early_keep, 50, ipc, k * ipc)  # [] when off; bad values: UserError
     dev, load, warn = start_run(device, log, warn)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import re
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engines.cache import file_sha256
 from ..fileio import atomic_write, json_bytes
 from ..models.classifier import Classifier
 from ..models.mar import (MAR, MARConfig, linear_cfg, mask_by_order, next_mask_len, patchify, random_masking,
@@ -374,14 +374,6 @@ def prepare_out_dir(out: Path) -> None:
     _prepare_out_dir(out, OUTPUT_FILES, _OUR_TEMPORARY, NAME)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_base_models(base: Path):
     """The digits preset's metadata, VAE and classifier (normalising input, as its preset.json says)."""
     from ..errors import UserError
@@ -494,7 +486,7 @@ def train_digits_mar(out_dir: Path, seed: int = 0, quick: bool = False, threads:
             "images": len(tokens),
             "loss": mar_report["loss"],
             "params": mar_report["params"],
-            "digits_vae_sha256": _sha256(vae_file),
+            "digits_vae_sha256": file_sha256(vae_file),
             "wall_time_s": time.perf_counter() - t_start,
             "cpu_time_s": time.process_time() - cpu_start,
             "stage_wall_s": timings,
