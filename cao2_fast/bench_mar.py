@@ -123,14 +123,6 @@ class _ScoreClock:
         distiller._score = timed
 
 
-def _released_head(distiller) -> None:
-    """The reference's DiffLoss head as released: the model's own MLP called once per step (a generator that picks
-    a faster form by device, such as a CUDA-graph replay, is told not to)."""
-    gen = distiller.generator
-    if callable(getattr(type(gen), "_head", None)):
-        gen._head = lambda cfg, device: None
-
-
 def in1k_flops(recipe: str = "official") -> dict:
     """``mar_base``'s cost model for ImageNet-1K at IPC 10 under ``recipe``: FLOP per candidate (sampling, without
     the decodes and classifier calls), per latent-step, and the job's counts; from the generator's own
@@ -195,7 +187,7 @@ def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: in
                        with_overrides(cfg, recipe=replace(cfg.recipe, mar_teacher_io="tensor")), device=str(dev))
     ref = Distiller.from_preset(PRESET, ipc=ipc, device=str(dev), class_ids=ids, dtype="float32")
     ref.config = with_overrides(ref.config, sample_steps=timed_steps, stage1_batch=n)  # one class per batch
-    _released_head(ref)
+    ref.generator.graph_head_steps = False  # the released head: its MLP called once per step, on CUDA too
     gen, rec = fast.generator, cfg.recipe
 
     peak, peak_source = _peak_tflops(dev)

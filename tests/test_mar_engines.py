@@ -206,6 +206,14 @@ def test_on_cuda_the_head_steps_replay_from_a_graph_unless_the_engine_has_its_ow
     on_cuda = g._head(cfg, "cuda")
     assert isinstance(on_cuda, HeadLoop) == looped and (looped or on_cuda is g.head_call)
     assert g._head(cfg, "cpu") is g.head_call  # on the CPU never a graph
+    if looped:
+        assert g._head(cfg, "cuda") is on_cuda  # a loop is made once per (head steps, guidance)
+        g.use_engines({"mar_mae": engine(backend), "mar_head": engine(backend, graphs), "vae_decode": None},
+                      engine("eager"))
+        again = g._head(cfg, "cuda")  # new engines: the loop holding the old head is gone
+        assert isinstance(again, HeadLoop) and again is not on_cuda
+    g.graph_head_steps = False  # what the benchmark's released execution sets
+    assert g._head(cfg, "cuda") is g.head_call
 
 
 def test_the_head_loop_copies_nothing_from_the_host_once_warm(gen):

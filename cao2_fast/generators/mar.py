@@ -360,6 +360,8 @@ class MARGenerator(Generator):
         self.decoder = vae.decode
         self.mae_call = self.head_call = self.stage2_call = None  # None: the model itself (see use_engines)
         self.head_backend, self.head_graphs = "eager", False
+        self.graph_head_steps = True  # on CUDA, replay each iteration's head steps from a graph (see _head)
+        self._loops: dict[tuple, HeadLoop] = {}  # those loops, by (head steps, guided)
         self._diffusion: dict[int, MARDiffusion] = {}
         c = mar.cfg
         if vae.latent_channels != c.vae_embed_dim:
@@ -578,20 +580,22 @@ class MARGenerator(Generator):
         self.head_graphs = bool(getattr(built["mar_head"], "details", {}).get("cuda_graphs"))
         self.decoder = built["vae_decode"]
         self.stage2_call = None if stage2.backend.name == "eager" else stage2
+        self._loops = {}  # a loop holds the head it was made with
 
     def _head(self, cfg, device):
         """What stage 1 calls for the head's steps: a :class:`HeadLoop` on CUDA (eager or compiled head: the graph
         replays their kernels), else the head engine (None: the model's own MLP). A head compiled with CUDA graphs
-        of its own (``reduce-overhead``) replays those per step instead: graphs do not nest."""
+        of its own (``reduce-overhead``) replays those per step instead: graphs do not nest. With
+        ``graph_head_steps`` off, the steps are always called one by one (as released)."""
         device = torch.device(device)
-        if device.type != "cuda" or self.head_backend not in ("eager", "compile") or self.head_graphs:
+        if (not self.graph_head_steps or device.type != "cuda" or self.head_backend not in ("eager", "compile")
+                or self.head_graphs):
             return self.head_call
         key = (cfg.token_steps, cfg.guidance_scale != 1.0)
-        loops = self.__dict__.setdefault("_loops", {})
-        if key not in loops:
+        if key not in self._loops:
             net = self.mar.diffloss.net if self.head_call is None else _float_timesteps(self.head_call)
-            loops[key] = HeadLoop(net, self.diffusion(cfg), key[1])
-        return loops[key]
+            self._loops[key] = HeadLoop(net, self.diffusion(cfg), key[1])
+        return self._loops[key]
 
     def stage2_module(self) -> torch.nn.Module:
         return Stage2Objective(self.mar)
