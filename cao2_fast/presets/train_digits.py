@@ -530,14 +530,21 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "timm": timm.__version__}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train the embedded digits preset (VAE, classifier, DiT) with fixed seeds.")
-    p.add_argument("--out", type=Path, required=True, help="output folder (e.g. cao2_fast/presets/digits)")
+def trainer_args(argv: list[str] | None, description: str, out_example: str, quick_help: str) -> argparse.Namespace:
+    """The options every preset trainer's ``python -m`` entry takes: --out, --seed, --quick, --threads,
+    --no-progress."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, required=True, help=f"output folder (e.g. {out_example})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a few dozen steps per model (smoke test)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (results depend on it)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = trainer_args(argv, "Train the embedded digits preset (VAE, classifier, DiT) with fixed seeds.",
+                        "cao2_fast/presets/digits", "a few dozen steps per model (smoke test)")
     meta = train_digits(args.out, seed=args.seed, quick=args.quick, threads=args.threads,
                         progress=not args.no_progress)
     print(json.dumps({"guidance_scale": meta["guidance_scale"], **meta["training"]}, indent=1))

@@ -37,7 +37,6 @@ sampling at temperature 1), decoded by the digits VAE and recognised by the digi
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -62,6 +61,7 @@ from .train_digits import (VAE_FILES, _atomic_save_dir, _atomic_save_file, _prog
                            augment, batch_indices, decode_all, encode_all, predict, recommended_scale, set_lr,
                            warmup_cosine)
 from .train_digits import prepare_out_dir as _prepare_out_dir
+from .train_digits import trainer_args
 
 NAME = "digits-mar"
 BASE_PRESET = "digits"
@@ -498,13 +498,8 @@ def train_digits_mar(out_dir: Path, seed: int = 0, quick: bool = False, threads:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train the embedded digits-mar preset (a tiny MAR) with fixed seeds.")
-    p.add_argument("--out", type=Path, required=True, help="output folder (e.g. cao2_fast/presets/digits-mar)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (results depend on it)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
+    args = trainer_args(argv, "Train the embedded digits-mar preset (a tiny MAR) with fixed seeds.",
+                        "cao2_fast/presets/digits-mar", "a few steps (smoke test)")
     meta = train_digits_mar(args.out, seed=args.seed, quick=args.quick, threads=args.threads,
                             progress=not args.no_progress)
     print(json.dumps({"guidance_scale": meta["guidance_scale"], "generation_check": meta["generation_check"],
