@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -436,6 +437,32 @@ def recommended_scale(check: dict, target: float = RECOMMEND_ACCURACY) -> float:
 # entry points
 
 
+def claim_out_dir(out_dir: Path, preset: str, prepare) -> bool:
+    """Make ``out_dir`` ready for a preset trainer. The installed preset ``preset``'s own folder is replaced on
+    purpose (``--replace-shipped``) and only created if missing; any other folder must pass ``prepare`` (this
+    trainer's or another's :func:`prepare_out_dir` rule). Returns whether it is the installed preset's folder."""
+    from ..pipeline import preset_dir
+
+    shipped = out_dir.resolve() == preset_dir(preset).resolve()
+    if shipped:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        prepare(out_dir)
+    return shipped
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count fixed to ``threads`` for the block and restored after it (a trainer's weights
+    are bitwise reproducible only at the same count)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def train_digits(out_dir: Path, seed: int = 0, quick: bool = False, threads: int = 1, progress: bool = True) -> dict:
     """Train the three preset models into ``out_dir`` and return the report (also stored in ``preset.json``).
 
@@ -444,19 +471,12 @@ def train_digits(out_dir: Path, seed: int = 0, quick: bool = False, threads: int
     """
     from safetensors.torch import save_file
 
-    from ..pipeline import preset_dir
-
     out_dir = Path(out_dir)
-    if out_dir.resolve() == preset_dir("digits").resolve():
-        out_dir.mkdir(parents=True, exist_ok=True)  # the installed preset, replaced on purpose (--replace-shipped)
-    else:
-        prepare_out_dir(out_dir)
+    claim_out_dir(out_dir, "digits", prepare_out_dir)
     sched = Schedule.quick() if quick else Schedule.full()
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     timings = {}
-    try:
+    with torch_threads(threads):
         x_train, y_train = digits_split("train")
         x_val, y_val = digits_split("val")
 
@@ -488,8 +508,6 @@ def train_digits(out_dir: Path, seed: int = 0, quick: bool = False, threads: int
         check = generation_check(dit, vae, clf, sched.check_per_class, seed + 3, steps=sched.check_steps,
                                  progress=progress)
         timings["check_s"] = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(saved_threads)
     scale = recommended_scale(check)
     report = {
         "seed": seed,

@@ -61,7 +61,7 @@ from .train_digits import (VAE_FILES, _atomic_save_dir, _atomic_save_file, _prog
                            augment, batch_indices, decode_all, encode_all, predict, recommended_scale, set_lr,
                            warmup_cosine)
 from .train_digits import prepare_out_dir as _prepare_out_dir
-from .train_digits import trainer_args
+from .train_digits import claim_out_dir, torch_threads, trainer_args
 
 NAME = "digits-mar"
 BASE_PRESET = "digits"
@@ -410,17 +410,11 @@ def train_digits_mar(out_dir: Path, seed: int = 0, quick: bool = False, threads:
 
     out_dir = Path(out_dir)
     base = preset_dir(BASE_PRESET)
-    shipped = out_dir.resolve() == preset_dir(NAME).resolve()
-    if shipped:
-        out_dir.mkdir(parents=True, exist_ok=True)  # the installed preset, replaced on purpose (--replace-shipped)
-    else:
-        prepare_out_dir(out_dir)
+    shipped = claim_out_dir(out_dir, NAME, prepare_out_dir)
     sched = MARSchedule.quick() if quick else MARSchedule.full()
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     timings = {}
-    try:
+    with torch_threads(threads):
         base_meta, vae, clf = load_base_models(base)
         vae_file = next(p for p in (base / base_meta["vae"]).iterdir() if p.name == VAE_FILES[1])
 
@@ -448,8 +442,6 @@ def train_digits_mar(out_dir: Path, seed: int = 0, quick: bool = False, threads:
         check = generation_check(sampler, vae, clf, sched.check_per_class, sched.num_iter, seed + 3,
                                  progress=progress)
         timings["check_s"] = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(saved_threads)
     if shipped:
         vae_ref, clf_ref = f"../{BASE_PRESET}/{base_meta['vae']}", f"../{BASE_PRESET}/{base_meta['classifier']['weights']}"
     else:
