@@ -84,6 +84,7 @@ class Recipe:
 
 FAMILIES = ("dit", "mar")  # generator families; a recipe field named "<family>_..." is that family's
 NOISE_BANK_SIZE = 1024
+RELEASED_SAMPLE_STEPS = 50  # the released scripts' DDPM respacing (stage 1 and stage 2's schedule)
 NOISE_BANK_SEED = 42
 
 RECIPES = {
@@ -155,6 +156,13 @@ class DistillConfig:
     guidance_interval: (lo, hi): classifier-free guidance only at the sampling steps whose noise level
         σ = sqrt((1 − ᾱ)/ᾱ) lies in (lo, hi]; the other steps run the conditional model alone, at half the DiT work.
         None guides every step (the released behaviour).
+    sampler: stage 1's sampler over ``sample_steps`` steps: ``ddpm`` (the DiT codebase's ancestral sampler on the
+        schedule respaced to ``sample_steps``: released), ``ddim`` (diffusers' DDIMScheduler, η = 0) or ``dpmpp``
+        (diffusers' DPMSolverMultistepScheduler, DPM-Solver++ 2M), see :mod:`cao2_fast.schedulers`. Early
+        rejection and the guidance interval apply to every sampler (checks count its steps).
+    stage2_respacing: the respaced schedule stage 2 counts its timesteps {1..t_max} in. None: the one the release
+        uses, stage 1's respacing (``sample_steps``) under ``ddpm`` and 50 steps under ``ddim``/``dpmpp`` (whose
+        steps are not a respacing), so a few-step sampler changes stage 1 only.
     """
 
     dataset: str
@@ -167,12 +175,13 @@ class DistillConfig:
     selection: Selection = "confident"
     seed: int = 0
     # stage 1
-    sample_steps: int = 50
+    sample_steps: int = RELEASED_SAMPLE_STEPS
     guidance_scale: float = 2.7
     classifier_input_size: int = 224
     early_reject_step: int | tuple[int, ...] | None = None
     early_reject_keep: int | tuple[int, ...] | None = None
     guidance_interval: tuple[float, float] | None = None
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddpm"
     guidance_schedule: Literal["constant", "linear"] = "constant"  # linear: MAR's ramp 1 → scale over the tokens
     temperature: float = 1.0  # MAR: the DiffLoss sampler's noise scale
     token_steps: int | None = None  # MAR: DiffLoss sampling steps per token (None for a DiT)
@@ -182,6 +191,7 @@ class DistillConfig:
     lam: float = 10.0
     t_max: int = 11
     stage2_label: Label = "null"
+    stage2_respacing: int | None = None
     # execution
     stage1_batch: int = 256  # candidates per DiT call (the guided call runs 2× this)
     stage2_batch: int = 64  # latents optimised together
@@ -195,6 +205,13 @@ class DistillConfig:
     def num_candidates(self) -> int:
         return self.k * self.ipc
 
+    @property
+    def stage2_schedule_steps(self) -> int:
+        """The respaced schedule stage 2 works in (see ``stage2_respacing``)."""
+        if self.stage2_respacing is not None:
+            return self.stage2_respacing
+        return self.sample_steps if self.sampler == "ddpm" else RELEASED_SAMPLE_STEPS
+
     def fingerprint(self) -> str:
         d = asdict(self)
         for speed_only in ("stage1_batch", "stage2_batch"):
@@ -202,6 +219,11 @@ class DistillConfig:
         for off_by_default in ("early_reject_step", "early_reject_keep", "guidance_interval"):
             if d[off_by_default] is None:  # off: the fingerprint of a config from before the field existed
                 d.pop(off_by_default)
+        if d["sampler"] == "ddpm":  # the released sampler: the fingerprint of a config from before samplers existed
+            d.pop("sampler")
+        d.pop("stage2_respacing")  # entered as the schedule it resolves to, when that is not stage 1's respacing
+        if self.stage2_schedule_steps != self.sample_steps:
+            d["stage2_schedule_steps"] = self.stage2_schedule_steps
         for name in ("engine", "stage2_engine"):  # another engine can move a pixel by a grey level: another set
             if d[name] == "eager":
                 d.pop(name)
@@ -307,7 +329,8 @@ _FLOAT_FIELDS = {  # name: (option, lowest allowed, whether the lowest itself is
     "temperature": ("--temperature", 0.0, False)}
 _CHOICES = {"selection": ("confident", "el2n", "random", "stability", "stable-correct"), "order": ("desc", "asc"), "stage2_label": ("null", "true"),
             "dtype": ("float32", "bfloat16", "float16"), "engine": ("eager", "compile", "onnx", "trt"),
-            "stage2_engine": ("eager", "compile"), "family": FAMILIES, "guidance_schedule": ("constant", "linear")}
+            "stage2_engine": ("eager", "compile"), "family": FAMILIES, "guidance_schedule": ("constant", "linear"),
+            "sampler": ("ddpm", "ddim", "dpmpp")}
 SCHEDULE_STEPS = 1000  # the DiT's training schedule: stage 1 respaces it, so it can take at most this many steps
 
 
@@ -363,13 +386,19 @@ def validate(cfg: DistillConfig) -> None:
 
 def _dit_rules(cfg: DistillConfig) -> None:
     """What a DiT config must satisfy (its stage-1 schedule, stage-2 window and stage-1 savings)."""
-    if cfg.sample_steps > SCHEDULE_STEPS:
-        raise UserError(f"--sample-steps {cfg.sample_steps}: stage 1 respaces the DiT's {SCHEDULE_STEPS}-step "
-                        f"schedule, so it takes at most {SCHEDULE_STEPS} steps")
+    most = SCHEDULE_STEPS - (cfg.sampler == "dpmpp")  # DPM-Solver++'s rounded spacing repeats a step at 1000
+    if cfg.sample_steps > most:
+        raise UserError(f"--sample-steps {cfg.sample_steps}: the {cfg.sampler} sampler steps through the DiT's "
+                        f"{SCHEDULE_STEPS}-step schedule, so it takes at most {most} steps")
+    if cfg.stage2_respacing is not None and (not _is_int(cfg.stage2_respacing)
+                                             or not 1 <= cfg.stage2_respacing <= SCHEDULE_STEPS):
+        raise UserError(f"--stage2-respacing must be a whole number from 1 to {SCHEDULE_STEPS} "
+                        f"(got {cfg.stage2_respacing!r})")
     if cfg.t_max < 1:
         raise UserError(f"stage-2 timestep window {{1..{cfg.t_max}}} is empty")
-    if cfg.t_max >= cfg.sample_steps:
-        raise UserError(f"stage-2 t_max {cfg.t_max} must be below the {cfg.sample_steps} respaced steps")
+    if cfg.t_max >= cfg.stage2_schedule_steps:
+        raise UserError(f"stage-2 t_max {cfg.t_max} must be below the {cfg.stage2_schedule_steps} respaced steps "
+                        "stage 2 works in")
     for name, mar_only, option in _MAR_ONLY:
         if mar_only(getattr(cfg, name)):
             raise UserError(f"{option} applies to the MAR generator only, not to a DiT")
@@ -404,6 +433,8 @@ def _mar_rules(cfg: DistillConfig) -> None:
         raise UserError("--early-reject/--early-keep apply to the DiT sampler only, not to MAR")
     if cfg.guidance_interval is not None:
         raise UserError("--guidance-interval applies to the DiT sampler only; MAR guides by --guidance-schedule")
+    if cfg.sampler != "ddpm" or cfg.stage2_respacing is not None:
+        raise UserError("--sampler/--stage2-respacing apply to the DiT only; MAR samples by its own iterations")
 
 
 _FAMILY_RULES = {"dit": _dit_rules, "mar": _mar_rules}

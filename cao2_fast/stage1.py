@@ -1,5 +1,5 @@
-"""Stage-1 sampling with a denoising DiT: every candidate's guided DDPM trajectory from its pre-drawn noise, in
-batches across classes, optionally cut by early-rejection checks (what the DiT generator runs; selection is
+"""Stage-1 sampling with a denoising DiT: every candidate's guided trajectory from its pre-drawn noise (the DDPM
+sampler, or a few-step diffusers scheduler: :mod:`cao2_fast.schedulers`), in batches across classes, optionally cut by early-rejection checks (what the DiT generator runs; selection is
 :mod:`cao2_fast.selection`'s).
 
 The model enters as a plain callable so that any engine (eager, compiled, ONNX Runtime, TensorRT) can serve:
@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 
+from . import schedulers
 from .diffusion import Diffusion, sample
+from .schedulers import SchedulerSampler
 
 Fn = Callable[..., torch.Tensor]
 
@@ -40,27 +42,43 @@ class Stage1Noise:
         return Stage1Noise(self.initial[start:stop], self.steps[:, start:stop])
 
 
-def generate(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: torch.Tensor, null_class: int,
-             guidance_scale: float, guided_channels: int, device, dtype, batch: int,
+def generate(dit: Fn, diffusion: Diffusion | SchedulerSampler, noise: Stage1Noise, labels: torch.Tensor,
+             null_class: int, guidance_scale: float, guided_channels: int, device, dtype, batch: int,
              progress: Callable[[], None] | None = None, *, x: torch.Tensor | None = None, start: int | None = None,
-             stop: int = 0, return_x0: bool = False, guidance_interval: tuple[float, float] | None = None):
-    """Sample latents for ``labels`` in chunks of ``batch`` candidates (the model sees 2·batch with guidance).
+             stop: int = 0, return_x0: bool = False, guidance_interval: tuple[float, float] | None = None,
+             state: torch.Tensor | None = None, return_state: bool = False):
+    """Sample latents for ``labels`` in chunks of ``batch`` candidates (the model sees 2·batch with guidance), with
+    the DDPM sampler of ``diffusion`` or a diffusers scheduler (:class:`~cao2_fast.schedulers.SchedulerSampler`).
 
     ``x``/``start``/``stop``/``return_x0``/``guidance_interval`` as in :func:`cao2_fast.diffusion.sample`: resume
-    from the latents ``x`` (default: the initial noise) over respaced steps start−1..stop, and also return the last
-    step's x̂0 (both float32 on the CPU)."""
-    out, x0s = [], []
+    from the latents ``x`` (default: the initial noise) over steps start−1..stop, and also return the last
+    step's x̂0 (both float32 on the CPU). A scheduler's solver state enters as ``state`` (one row per label) and
+    comes back last with ``return_state`` (None for DDPM and DDIM)."""
+    out, x0s, states = [], [], []
     for first in range(0, len(labels), batch):
         part = noise.slice(first, first + batch)
-        x_in = part.initial if x is None else x[first:first + batch]
-        res = sample(dit, diffusion, x_in.to(device, dtype), labels[first:first + batch].to(device), null_class,
-                     guidance_scale, guided_channels, step_noise=part.steps.to(device, dtype), progress=progress,
-                     start=start, stop=stop, return_x0=return_x0, guidance_interval=guidance_interval)
+        x_in = (part.initial if x is None else x[first:first + batch]).to(device, dtype)
+        y = labels[first:first + batch].to(device)
+        if isinstance(diffusion, SchedulerSampler):
+            s_in = None if state is None else state[first:first + batch].to(device)
+            res, x0, s_out = schedulers.sample(dit, diffusion, x_in, y, null_class, guidance_scale,
+                                               guided_channels, progress, start=start, stop=stop, state=s_in,
+                                               guidance_interval=guidance_interval)
+            if s_out is not None:
+                states.append(s_out.float().cpu())
+        else:
+            res = sample(dit, diffusion, x_in, y, null_class, guidance_scale, guided_channels,
+                         step_noise=part.steps.to(device, dtype), progress=progress, start=start, stop=stop,
+                         return_x0=return_x0, guidance_interval=guidance_interval)
+            if return_x0:
+                res, x0 = res
         if return_x0:
-            res, x0 = res
             x0s.append(x0.float().cpu())
         out.append(res.float().cpu())
-    return (torch.cat(out), torch.cat(x0s)) if return_x0 else torch.cat(out)
+    result = (torch.cat(out), torch.cat(x0s)) if return_x0 else (torch.cat(out),)
+    if return_state:
+        result = (*result, torch.cat(states) if states else None)
+    return result if len(result) > 1 else result[0]
 
 
 # -- early candidate rejection ---------------------------------------------------------------------------------------
@@ -75,7 +93,7 @@ def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: to
                    progress: Callable[[], None] | None = None,
                    guidance_interval: tuple[float, float] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`generate` with early rejection. ``labels`` hold whole classes of ``per_class`` candidates each, class
+    """:func:`generate` with early rejection (any sampler; a survivor's solver state follows it). ``labels`` hold whole classes of ``per_class`` candidates each, class
     by class. At each check ``(step, keep)`` — after ``step`` of the sampling steps, steps increasing, keeps
     shrinking — the x̂0 of every live candidate is scored (``score(x0) -> (probs, finite)``), class ``j``'s live
     candidates are ordered by ``rank(j, candidate_index_in_class, probs, finite)`` (positions, best first), and
@@ -86,16 +104,16 @@ def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: to
     the candidates whose early scores were not finite)."""
     steps = diffusion.num_steps
     alive = torch.arange(len(labels))
-    x, done, nonfinite = None, 0, torch.zeros(len(labels), dtype=torch.bool)
+    x, state, done, nonfinite = None, None, 0, torch.zeros(len(labels), dtype=torch.bool)
     for step, keep in [*checks, (steps, None)]:
         res = generate(dit, diffusion, Stage1Noise(noise.initial[alive], noise.steps[:, alive]), labels[alive],
                        null_class, guidance_scale, guided_channels, device, dtype, batch, progress, x=x,
                        start=steps - done, stop=steps - step, return_x0=keep is not None,
-                       guidance_interval=guidance_interval)
+                       guidance_interval=guidance_interval, state=state, return_state=True)
         done = step
         if keep is None:
-            return res, alive, nonfinite
-        x, x0 = res
+            return res[0], alive, nonfinite
+        x, x0, state = res
         probs, finite = score(x0)
         nonfinite[alive[~finite]] = True
         survivors = []
@@ -105,6 +123,7 @@ def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: to
             survivors.append(pos[order[:keep]].sort().values)
         pos = torch.cat(survivors)
         alive, x = alive[pos], x[pos]
+        state = None if state is None else state[pos]
     raise AssertionError("unreachable")
 
 

@@ -52,6 +52,12 @@ class GuidanceSchedule(str, Enum):
     linear = "linear"
 
 
+class Sampler(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp = "dpmpp"
+
+
 class Order(str, Enum):
     desc = "desc"
     asc = "asc"
@@ -147,7 +153,8 @@ def distill(
     selection: Annotated[SelectionRule | None, typer.Option(help="Which candidates to keep: confident, el2n, random; MAR also stability, stable-correct.", show_default="confident; MAR official stability, consistent stable-correct", rich_help_panel=STAGE1)] = None,
     order: Annotated[Order | None, typer.Option(help="Selection order by classifier confidence.", show_default="asc for imagenet-100, else desc", rich_help_panel=STAGE1)] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.", show_default="2.7; MAR 2.9; a preset's own", rich_help_panel=STAGE1)] = None,
-    sample_steps: Annotated[int | None, typer.Option(help="Respaced DDPM sampling steps (MAR: sampling iterations).", show_default="50; MAR 32; a preset's own", rich_help_panel=STAGE1)] = None,
+    sampler: Annotated[Sampler | None, typer.Option(help="DiT stage-1 sampler: ddpm (released: the DiT's ancestral sampler, respaced), ddim or dpmpp (diffusers' DDIM and DPM-Solver++ schedulers; stage 2 keeps the 50-step schedule).", show_default="ddpm", rich_help_panel=STAGE1)] = None,
+    sample_steps: Annotated[int | None, typer.Option(help="Stage-1 sampling steps: the DDPM respacing (which stage 2's schedule follows, as released), or the ddim/dpmpp steps (MAR: sampling iterations).", show_default="50; MAR 32; a preset's own", rich_help_panel=STAGE1)] = None,
     guidance_schedule: Annotated[GuidanceSchedule | None, typer.Option(help="MAR: linear ramps guidance from 1 as tokens are revealed (released); constant keeps it.", show_default="MAR linear", rich_help_panel=STAGE1)] = None,
     temperature: Annotated[float | None, typer.Option(help="MAR: the token sampler's noise scale.", show_default="MAR 1.0", rich_help_panel=STAGE1)] = None,
     token_steps: Annotated[int | None, typer.Option(help="MAR: diffusion steps per sampled token.", show_default="MAR 100", rich_help_panel=STAGE1)] = None,
@@ -159,6 +166,7 @@ def distill(
     lr: Annotated[float, typer.Option(help="Adam learning rate.", rich_help_panel=STAGE2)] = 6e-4,
     lam: Annotated[float, typer.Option(help="Weight of the L-inf term.", rich_help_panel=STAGE2)] = 10.0,
     t_max: Annotated[int | None, typer.Option(help="Timesteps uniform over {1..t_max}.", show_default="11; imagenet-100 5", rich_help_panel=STAGE2)] = None,
+    stage2_respacing: Annotated[int | None, typer.Option(help="The respaced schedule stage 2's timesteps count in (e.g. 50 to keep stage 2 the exact run's while --sampler ddpm --sample-steps 25 shortens stage 1).", show_default="stage 1's DDPM respacing; 50 with ddim/dpmpp", rich_help_panel=STAGE2)] = None,
     stage2_label: Annotated[Label | None, typer.Option(help="Condition: the true class or the null class.", show_default="official null, consistent true", rich_help_panel=STAGE2)] = None,
     stage2_batch: Annotated[int, typer.Option(help="Latents optimised together.", rich_help_panel=STAGE2)] = 64,
     out: Annotated[str | None, typer.Option("--out", metavar="PATH", help="Output folder.", show_default="cao2-out/DATASET-ipcIPC, plus -consistent for that recipe", rich_help_panel=OUTPUT)] = None,
@@ -195,7 +203,8 @@ def distill(
                      stage1_batch=stage1_batch, stage2_batch=stage2_batch,
                      early_reject_step=parse_counts("--early-reject", early_reject),
                      early_reject_keep=parse_counts("--early-keep", early_keep),
-                     guidance_interval=_interval(guidance_interval))
+                     guidance_interval=_interval(guidance_interval), sampler=sampler.value if sampler else None,
+                     stage2_respacing=stage2_respacing)
     state = distributed.join(dev, rank_timeout)  # after every cheap check: bad input never waits on a rendezvous
     rank, world = (state.rank, state.world) if state else (0, 1)
     from ..generators import backbone_of

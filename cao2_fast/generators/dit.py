@@ -1,8 +1,8 @@
 """The DiT family: a class-conditional latent DiT and its VAE as a :class:`~cao2_fast.generator.Generator`.
 
 Stage 1 is the DiT's own DDPM ancestral sampler respaced to ``sample_steps`` steps, with learned variance and
-classifier-free guidance on the first ``guided_channels`` eps channels (:mod:`cao2_fast.stage1`), optionally with
-early rejection and a guidance interval. Stage 2 optimises each latent's denoising error under the condition
+classifier-free guidance on the first ``guided_channels`` eps channels (:mod:`cao2_fast.stage1`), or a few-step
+diffusers scheduler (:mod:`cao2_fast.schedulers`), optionally with early rejection and a guidance interval. Stage 2 optimises each latent's denoising error under the condition
 (:mod:`cao2_fast.stage2`), each image with its own noise: a fresh draw from its class's stream, or under the
 released recipe an entry of the fixed 1024-noise bank (:func:`cao2_fast.stage2.noise_bank`) picked from that stream.
 """
@@ -23,6 +23,7 @@ from ..generator import Candidates, Generator, Optimised, Ranker, Scorer, class_
 from ..models.dit import RELEASED_KERNELS, DiT, DiTConfig, fast_kernels, load_dit, random_dit
 from ..models.vae import VAE, load_vae
 from ..progress import RetryTicks
+from ..schedulers import SchedulerSampler
 
 # the family's architectures and execution forms, for the DiT benchmarks and checks
 __all__ = ["RELEASED_KERNELS", "DiTConfig", "DiTForward", "DiTGenerator", "dit_spec", "fast_kernels"]
@@ -178,11 +179,26 @@ class DiTGenerator(Generator):
     def _eager_dit(self, x, t, y, drop=None):
         return self.dit(x, t, y, drop)
 
-    def diffusion(self, cfg) -> Diffusion:
-        """The DDPM schedule respaced to ``cfg.sample_steps`` (one per step count)."""
-        if cfg.sample_steps not in self._diffusion:
-            self._diffusion[cfg.sample_steps] = Diffusion.create(respacing=cfg.sample_steps)
-        return self._diffusion[cfg.sample_steps]
+    def diffusion(self, cfg, steps: int | None = None) -> Diffusion:
+        """The DDPM schedule respaced to ``steps`` (default: stage 2's, ``cfg.stage2_schedule_steps``; one per step
+        count)."""
+        steps = cfg.stage2_schedule_steps if steps is None else steps
+        if steps not in self._diffusion:
+            self._diffusion[steps] = Diffusion.create(respacing=steps)
+        return self._diffusion[steps]
+
+    def stage1_sampler(self, cfg) -> Diffusion | SchedulerSampler:
+        """Stage 1's sampler: the DDPM schedule respaced to ``cfg.sample_steps``, or a diffusers scheduler."""
+        if cfg.sampler == "ddpm":
+            return self.diffusion(cfg, cfg.sample_steps)
+        return SchedulerSampler(cfg.sampler, cfg.sample_steps)
+
+    def _stage1_guided(self, cfg) -> torch.Tensor | None:
+        gi = cfg.guidance_interval
+        if gi is None:
+            return None
+        sampler = self.stage1_sampler(cfg)
+        return sampler.guided(gi) if isinstance(sampler, SchedulerSampler) else guided_steps(sampler, gi)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "DiTGenerator":
         self.dit.set_kernels(fast_kernels(device))
@@ -196,9 +212,11 @@ class DiTGenerator(Generator):
     # -- stage 1 ---------------------------------------------------------------------------------------------------
 
     def stage1_noise(self, cfg, class_ids: list[int]) -> stage1.Stage1Noise:
-        """Every candidate's pre-drawn noise (initial and per step), class by class from its own stream."""
+        """Every candidate's pre-drawn noise (initial and per step), class by class from its own stream. The initial
+        noise is each stream's first draw, so a candidate starts from the same noise under every sampler."""
         n = cfg.num_candidates
-        return stage1.Stage1Noise.cat([stage1.Stage1Noise.draw(n, self.latent_shape, cfg.sample_steps,
+        steps = cfg.sample_steps if cfg.sampler == "ddpm" else 0  # the schedulers draw no noise after the first
+        return stage1.Stage1Noise.cat([stage1.Stage1Noise.draw(n, self.latent_shape, steps,
                                                                 class_generator(cfg.seed, c, "stage1"))
                                        for c in class_ids])
 
@@ -207,7 +225,7 @@ class DiTGenerator(Generator):
         n = cfg.num_candidates
         noise = self.stage1_noise(cfg, class_ids)
         labels = torch.tensor([c for c in class_ids for _ in range(n)])
-        args = (self.sampler, self.diffusion(cfg), noise, labels)
+        args = (self.sampler, self.stage1_sampler(cfg), noise, labels)
         with torch.no_grad():
             if cfg.early_reject_step is None and cfg.guidance_interval is None:
                 latents = stage1.generate(*args, self.dit.null_class, cfg.guidance_scale, cfg.recipe.guided_channels,
@@ -231,10 +249,9 @@ class DiTGenerator(Generator):
     def stage1_forwards(self, cfg) -> int:
         """DiT image-forwards of one class's stage 1 (a guided step counts 2; early rejection and the guidance
         interval counted)."""
-        gi = cfg.guidance_interval
         return stage1.dit_forwards(cfg.num_candidates, cfg.sample_steps,
                                    selection.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
-                                   cfg.guidance_scale, None if gi is None else guided_steps(self.diffusion(cfg), gi))
+                                   cfg.guidance_scale, self._stage1_guided(cfg))
 
     def stage1_ticks(self, groups: list[list[int]], cfg) -> int:
         """Sampling steps × DiT batches, with fewer batches after an early-rejection check."""
@@ -251,7 +268,8 @@ class DiTGenerator(Generator):
     def stage1_bytes(self, cfg) -> int:
         n = cfg.classes_per_group * cfg.num_candidates
         latent = math.prod(self.latent_shape)
-        return 4 * n * ((cfg.sample_steps + 1) * latent + math.prod(self.image_shape))
+        noises = cfg.sample_steps + 1 if cfg.sampler == "ddpm" else 2  # DPM-Solver++ holds one x̂0 instead
+        return 4 * n * (noises * latent + math.prod(self.image_shape))
 
     # -- stage 2 ---------------------------------------------------------------------------------------------------
 
