@@ -220,14 +220,15 @@ def run_early_grid(preset: str = "digits", cells=CELLS, steps=STEPS, ipc: int = 
 
 
 def imagenet_projection(checks: list[tuple[int, int]], interval: tuple[float, float] | None = None,
-                        gpu: str = "H100") -> dict:
-    """ImageNet-1K IPC10 (official recipe: K 4, 50 steps, guidance 2.7) under ``checks``/``interval`` beside the
-    exact method, from the FLOP model: DiT-XL/2 forwards (docs/method.md, cost model), plus sd-vae-ft-mse decodes and
+                        gpu: str = "H100", sampler: str = "ddpm", steps: int | None = None) -> dict:
+    """ImageNet-1K IPC10 (official recipe: K 4, 50 steps, guidance 2.7) under ``checks``/``interval`` and stage 1's
+    ``sampler`` over ``steps`` steps (default: the released DDPM, 50) beside the exact method, from the FLOP model: DiT-XL/2 forwards (docs/method.md, cost model), plus sd-vae-ft-mse decodes and
     ResNet-18 calls at 256/224 (counted on the meta device), over the GPU's measured peak (docs/method.md, cost model).
     Minutes at peak are a floor, not a forecast: they assume every FLOP runs at the measured bf16 matmul rate."""
     from .diffusion import Diffusion, guided_steps
     from .generators.dit import DiTConfig
     from .models.random import random_classifier, random_vae
+    from .schedulers import SchedulerSampler
 
     job = IMAGENET
     f_dit = DiTConfig.named("DiT-XL/2", input_size=32).flops_per_forward()
@@ -235,20 +236,24 @@ def imagenet_projection(checks: list[tuple[int, int]], interval: tuple[float, fl
         vae, clf = random_vae(tiny=False), random_classifier("resnet18", 1000, 224)
     f_dec, f_clf = per_image_flops(vae, clf, (4, 32, 32))
     n = job["k"] * job["ipc"]
-    guided = None if interval is None else guided_steps(Diffusion.create(job["steps"]), interval)
+    steps = job["steps"] if steps is None else steps
+    if sampler == "ddpm":
+        guided = None if interval is None else guided_steps(Diffusion.create(steps), interval)
+    else:
+        guided = None if interval is None else SchedulerSampler(sampler, steps).guided(interval)
 
-    def flops(chk, gi):
-        fw = stage1.dit_forwards(n, job["steps"], chk, job["guidance"], gi)
+    def flops(chk, gi, count):
+        fw = stage1.dit_forwards(n, count, chk, job["guidance"], gi)
         scored = n + sum(keep for _, keep in chk)  # all n at the first check (or at the end), then each cut's survivors
         s1 = job["classes"] * (fw * f_dit + scored * (f_dec + f_clf))
         s2 = job["stage2_latent_steps"] * 2 * f_dit
         return s1, s2
 
     peak = PEAK_TFLOPS[gpu] * 1e12
-    e1, e2 = flops([], None)
-    a1, a2 = flops(list(checks), guided)
+    e1, e2 = flops([], None, job["steps"])
+    a1, a2 = flops(list(checks), guided, steps)
     return {"gpu": gpu, "peak_tflops": PEAK_TFLOPS[gpu], "checks": [list(c) for c in checks],
-            "interval": list(interval) if interval else None, "dit_flop_per_forward": f_dit,
+            "interval": list(interval) if interval else None, "sampler": sampler, "sample_steps": steps, "dit_flop_per_forward": f_dit,
             "decode_flop_per_image": f_dec, "classify_flop_per_image": f_clf,
             "exact_stage1_eflop": e1 / 1e18, "stage1_eflop": a1 / 1e18, "stage2_eflop": a2 / 1e18,
             "stage1_flop_saved": 1 - a1 / e1, "job_flop_saved": 1 - (a1 + a2) / (e1 + e2),

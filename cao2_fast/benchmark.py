@@ -44,6 +44,7 @@ from .errors import UserError
 from .numerics import tf32
 from .diffusion import Diffusion
 from .generators.dit import RELEASED_KERNELS, DiTConfig, DiTGenerator, fast_kernels
+from .schedulers import SchedulerSampler
 
 # bf16 dense matmul measured on these machines (docs/method.md, cost model)
 PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}
@@ -351,8 +352,8 @@ def start_run(device, log: Callable[[str], None], warn: Callable[[str], None] | 
 def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None = None, steps1: int = 5,
               steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
               ops: str | None = None, cuda_graph: bool | None = None, compile_stage2: bool = False,
-              repeats: int = 3, early_step=None, early_keep=None, log=print,
-              warn: Callable[[str], None] | None = None) -> list[dict]:
+              repeats: int = 3, early_step=None, early_keep=None, sampler: str | None = None,
+              sample_steps: int | None = None, log=print, warn: Callable[[str], None] | None = None) -> list[dict]:
     """Measure both paths for stage 1 and stage 2 and project the whole job. Returns JSON-ready rows. ``log`` gets a
     line as each phase begins and ends (and the notes of a halved batch); ``warn`` (default: ``log`` with a
     ``warning:`` prefix) the busy-machine warnings.
@@ -362,9 +363,14 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     the job then get a third path, ``fast+early``: the fast stage 1 that stops sampling all but the kept
     candidates at each check (their x̂0 decoded, scored and ranked by the released rule, most confident correct
     first), timed in the same alternation. ``steps1`` is raised, where needed, to the least count that puts every
-    check on a whole step of the shortened schedule."""
+    check on a whole step of the shortened schedule.
+
+    ``sampler``/``sample_steps``: a few-step stage-1 sampler (``ddim``/``dpmpp``, :mod:`cao2_fast.schedulers`) over
+    ``sample_steps`` steps; stage 1 and the job get the path ``fast+SAMPLER``, the fast stage 1 on it (``steps1`` of
+    50 becomes the same share of its steps, raised to a whole count), and its job row the ImageNet-1K IPC10
+    projection on one H100 beside the exact method's."""
     b = _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, classes, ops, cuda_graph,
-                 compile_stage2, repeats, early_step, early_keep, log, warn)
+                 compile_stage2, repeats, early_step, early_keep, log, warn, sampler, sample_steps)
     rows = _bench_stage1(b)
     rows += _bench_stage2(b)
     rows += _project(b, rows)
@@ -390,6 +396,7 @@ class _Run:
     compile_stage2: bool
     repeats: int
     early: list
+    sampler: tuple[str, int] | None  # (kind, steps) of a few-step stage-1 sampler, timed as fast+KIND
     peak: float | None
     base: dict
     log: Callable[[str], None]
@@ -417,7 +424,7 @@ class _Run:
 
 
 def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, classes, ops, cuda_graph,
-             compile_stage2, repeats, early_step, early_keep, log, warn) -> _Run:
+             compile_stage2, repeats, early_step, early_keep, log, warn, sampler=None, sample_steps=None) -> _Run:
     """Check the settings, note the machine's load (warning when it is busy), build the models (the reference's in
     fp32 with the released kernels; :func:`_stage1_paths` copies them for the fast path) and measure the peak to
     divide by."""
@@ -426,15 +433,18 @@ def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, 
         check_count(name, v)
     k, ipc = oversampling(model)
     early = early_check_list(early_step, early_keep, 50, ipc, k * ipc)  # [] when off; bad values: UserError
+    few = check_sampler(sampler, sample_steps)
     dev, load, warn = start_run(device, log, warn)
     on_cuda = dev.type == "cuda"
     log(f"building the {model} models on {device}")
     s = build_setup(model, device)
     peak, peak_source = _peak_tflops(device)
-    if early:  # the shortened schedule must land on every check: step·steps1/50 whole
-        need = math.lcm(steps1, *(50 // math.gcd(50, step) for step, _ in early))
+    if early or few:  # the shortened schedule must land on every check, and the sampler's share on a whole step
+        need = math.lcm(steps1, *(50 // math.gcd(50, step) for step, _ in early),
+                        *([50 // math.gcd(50, few[1])] if few else []))
         if need != steps1:
-            log(f"stage 1: timing {need} steps instead of {steps1}, so that the checks fall on whole steps")
+            what = " and ".join(w for w, on in (("the checks", early), ("the sampler's share of its steps", few)) if on)
+            log(f"stage 1: timing {need} steps instead of {steps1}, so that {what} land on whole steps")
         steps1 = need
     s.dit.to(dev, torch.float32).set_kernels(RELEASED_KERNELS)  # the reference: torch's GELU and SDPA, as released
     s.vae.to(dev, torch.float32)
@@ -445,8 +455,27 @@ def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, 
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "peak_tflops": peak, "peak_source": peak_source, "repeats": repeats}
     return _Run(model, dev, s, fast_dtype, steps1, steps2, ref_images, fast_batch, classes or s.classes_per_batch,
-                ops, on_cuda if cuda_graph is None else cuda_graph, compile_stage2, repeats, early, peak, base, log,
-                warn, load)
+                ops, on_cuda if cuda_graph is None else cuda_graph, compile_stage2, repeats, early, few, peak, base,
+                log, warn, load)
+
+
+def check_sampler(sampler: str | None, steps: int | None) -> tuple[str, int] | None:
+    """(kind, steps) of the few-step sampler to time, or None; bad settings raise :class:`UserError`."""
+    from .schedulers import SAMPLERS, max_steps
+
+    if sampler in (None, "ddpm"):
+        if steps is not None:
+            raise UserError("--sample-steps times a few-step sampler: add --sampler ddim or dpmpp (the exact "
+                            "stage 1 is always timed at 50)")
+        return None
+    if sampler not in SAMPLERS:
+        raise UserError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if steps is None:
+        raise UserError(f"--sampler {sampler} needs --sample-steps N")
+    check_count("sample_steps", steps)
+    if steps > max_steps(sampler):
+        raise UserError(f"--sample-steps {steps}: {sampler} takes at most {max_steps(sampler)} steps")
+    return sampler, steps
 
 
 def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
@@ -498,7 +527,21 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
             with clock:
                 selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(z)))
 
-    return [("reference", ref_stage1), ("fast", fast_stage1)] + ([("fast+early", early_stage1)] if b.early else [])
+    paths = [("reference", ref_stage1), ("fast", fast_stage1)] + ([("fast+early", early_stage1)] if b.early else [])
+    if b.sampler:
+        kind, n_steps = b.sampler
+        sampler = SchedulerSampler(kind, n_steps)
+        timed = b.steps1 * n_steps // 50  # the same share of its steps as steps1 is of 50
+
+        def few_stage1(clock):
+            with torch.no_grad():
+                z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), sampler, allnoise, labels, cfg.num_classes,
+                                    s.guidance_scale, 3, dev, fdt, batch=len(labels), stop=n_steps - timed)
+                with clock:
+                    selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
+
+        paths.append((f"fast+{kind}", few_stage1))
+    return paths
 
 
 def _measured_row(b: _Run, stage: str, path: str, dtype: str, batch: int, unit: str, seconds_runs: list[float],
@@ -532,11 +575,15 @@ def _bench_stage1(b: _Run) -> list[dict]:
         early = path == "fast+early"
         # fast+early: the DiT forwards it runs per candidate it starts, every step guided as in flop1
         flop = stage1.dit_forwards(b.n_cand, 50, b.early, 2.0) * b.flop_fwd / b.n_cand if early else flop1
+        few = b.sampler is not None and path == f"fast+{b.sampler[0]}"
+        if few:
+            flop = b.sampler[1] * 2 * b.flop_fwd
         rows.append(_measured_row(
             b, "1", path, "float32" if path == "reference" else b.fast_dtype,
             2 * b.n_cand if path == "reference" else 2 * n1, "candidates/s", tot, n1, flop, mem,
             decode_score_share=statistics.median(ins) / statistics.median(tot), steps_timed=b.steps1,
-            **({"early_reject": [list(c) for c in b.early]} if early else {})))
+            **({"early_reject": [list(c) for c in b.early]} if early else {}),
+            **({"sampler": b.sampler[0], "sample_steps": b.sampler[1]} if few else {})))
     b.log("stage 1: " + ", ".join(f"{r['path']} {r['throughput']:.2f}" for r in rows) + " candidates/s ("
           + ", ".join(f"{rows[0]['seconds_per_item'] / r['seconds_per_item']:.2f}x" for r in rows[1:]) + ")")
     return rows
@@ -590,7 +637,8 @@ def _project(b: _Run, rows: list[dict]) -> list[dict]:
         return job["candidates"] * s1 + job["latents"] * 100 * s2
 
     out = []
-    for path in ("reference", "fast") + (("fast+early",) if b.early else ()):
+    paths = ("reference", "fast") + (("fast+early",) if b.early else ()) + ((f"fast+{b.sampler[0]}",) if b.sampler else ())
+    for path in paths:
         r1 = next(r for r in rows if r["stage"] == "1" and r["path"] == path)
         r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == path.split("+")[0])  # stage 2 as fast
         sec = seconds(r1["seconds_per_item"], r2["seconds_per_item"])
@@ -602,6 +650,11 @@ def _project(b: _Run, rows: list[dict]) -> list[dict]:
                         seconds_per_item_runs=runs, spread={"projected_minutes": spread([t / 60 for t in runs])},
                         floor_minutes=(flop / (b.peak * 1e12) / 60) if b.peak else None,
                         **({"early_reject": r1["early_reject"]} if "early_reject" in r1 else {})))
+        if "sampler" in r1:
+            from .bench_early import imagenet_projection
+
+            out[-1].update(sampler=r1["sampler"], sample_steps=r1["sample_steps"],
+                           imagenet_ipc10=imagenet_projection([], None, "H100", r1["sampler"], r1["sample_steps"]))
     return out
 
 
@@ -876,6 +929,12 @@ def format_table(rows: list[dict]) -> str:
             what = "ImageNet-1K IPC10" if r["job"] == IMAGENET_IPC10 else f"{r['model']} IPC10 (10 classes)"
             lines.append(f"projected {what} ({r['job']['candidates']} candidates, {r['job']['latents']} latents), "
                          f"{r['path']}: {r['projected_minutes']:.2f} min{floor} (from the stage rows, not measured)")
+            p = r.get("imagenet_ipc10")
+            if p:
+                lines.append(f"{r['path']} ({p['sampler']}, {p['sample_steps']} steps): stage-1 FLOPs "
+                             f"{100 * p['stage1_flop_saved']:.0f} % below the exact 50-step stage 1; ImageNet-1K "
+                             f"IPC10 on one {p['gpu']} at peak {p['minutes_at_peak']:.1f} min against the exact "
+                             f"method's {p['exact_minutes_at_peak']:.1f} min (FLOP model: a floor, not measured)")
     load = r0.get("machine_load")
     if load and load["before"].get("loadavg") and load["after"].get("loadavg"):
         busy = load["busy_before"] or load["busy_during"]

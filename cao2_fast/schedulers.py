@@ -13,6 +13,7 @@ Steps are indexed the way :func:`cao2_fast.diffusion.sample` indexes respaced st
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -45,7 +46,9 @@ def make_scheduler(kind: str, steps: int):
             raise AssertionError("diffusers' DPMSolverMultistepScheduler defaults changed")
     else:
         raise ValueError(f"no diffusers scheduler for sampler {kind!r}")
-    sched.set_timesteps(steps)
+    with warnings.catch_warnings():  # diffusers' own numpy-2 deprecation noise, not the caller's concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sched.set_timesteps(steps)
     if len(torch.unique(sched.timesteps)) != steps:
         raise ValueError(f"{kind} cannot take {steps} distinct steps of the {TRAIN_STEPS}-step schedule")
     return sched

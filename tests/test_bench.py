@@ -31,19 +31,22 @@ def tiny_rows(tmp_path_factory):
         with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
                   "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
-                  "--early-reject", "25", "--early-keep", "2"])  # tiny: K 2, IPC 2, so 4 candidates per class
+                  "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
+                  "--sampler", "dpmpp", "--sample-steps", "25"])
             raise SystemExit(0)
     finally:
         torch.set_num_threads(before)
     assert exc.value.code == 0, stderr.getvalue()
-    return out, json.loads((out / "bench_tiny_cpu-1t.json").read_text()), stdout.getvalue(), stderr.getvalue()
+    return (out, json.loads((out / "bench_tiny_cpu-1t_dpmpp25.json").read_text()), stdout.getvalue(),
+            stderr.getvalue())
 
 
 def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):
     out, rows, _, _ = tiny_rows
-    assert (out / "bench_tiny_cpu-1t.png").stat().st_size > 1000
+    assert (out / "bench_tiny_cpu-1t_dpmpp25.png").stat().st_size > 1000
     assert {(r["stage"], r["path"]) for r in rows} == ({(s, p) for s in ("1", "2", "e2e") for p in ("reference", "fast")}
-                                                     | {("1", "fast+early"), ("e2e", "fast+early")})
+                                                     | {(s, p) for s in ("1", "e2e") for p in ("fast+early",
+                                                                                               "fast+dpmpp")})
     for r in rows:
         assert (MEASURED if r["stage"] != "e2e" else COMMON) <= set(r), MEASURED - set(r)
         assert r["device"].startswith("cpu") and "1 threads" in r["device"]
@@ -137,7 +140,8 @@ def test_the_chart_draws_the_ranges_as_error_bars(tiny_rows, monkeypatch):
 def test_bench_rows_are_consistent(tiny_rows):
     _, rows, _, _ = tiny_rows
     by = {(r["stage"], r["path"]): r for r in rows}
-    for stage, path in (("1", "fast"), ("2", "fast"), ("e2e", "fast"), ("1", "fast+early"), ("e2e", "fast+early")):
+    for stage, path in (("1", "fast"), ("2", "fast"), ("e2e", "fast"), ("1", "fast+early"), ("e2e", "fast+early"),
+                        ("1", "fast+dpmpp"), ("e2e", "fast+dpmpp")):
         ref, fast = by[stage, "reference"], by[stage, path]
         assert ref["ratio"] == 1.0
         assert fast["ratio"] == pytest.approx(ref["seconds_per_item"] / fast["seconds_per_item"])
@@ -167,7 +171,30 @@ def test_early_rejection_is_timed_on_whole_steps_and_counted(tiny_rows):
                                                     + job["latents"] * 100 * by["2", "fast"]["seconds_per_item"])
 
 
+def test_few_step_sampler_is_timed_on_its_share_and_projected(tiny_rows):
+    """--sampler dpmpp --sample-steps 25 with 2 of 50 steps timed: 1 of its 25 steps, scaled alike; its DiT work is
+    half the exact stage 1's, and its job row carries the ImageNet-1K projection, also half the stage-1 DiT FLOPs."""
+    _, rows, _, stderr = tiny_rows
+    by = {(r["stage"], r["path"]): r for r in rows}
+    few, fast = by["1", "fast+dpmpp"], by["1", "fast"]
+    assert few["steps_timed"] == 2 and (few["sampler"], few["sample_steps"]) == ("dpmpp", 25)
+    assert few["flop_per_item"] == pytest.approx(0.5 * fast["flop_per_item"])
+    e2e = by["e2e", "fast+dpmpp"]
+    assert e2e["seconds_per_item"] == pytest.approx(e2e["job"]["candidates"] * few["seconds_per_item"]
+                                                    + e2e["job"]["latents"] * 100 * by["2", "fast"]["seconds_per_item"])
+    p = e2e["imagenet_ipc10"]
+    dit_share = (p["stage1_eflop"] * 1e18 / 1000 - 40 * (p["decode_flop_per_image"] + p["classify_flop_per_image"])) \
+        / (40 * 50 * 2 * p["dit_flop_per_forward"])
+    assert dit_share == pytest.approx(0.5)
+    assert p["minutes_at_peak"] < p["exact_minutes_at_peak"] and "fast+dpmpp (dpmpp, 25 steps)" in stderr
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--preset", "digits", "--sampler", "dpmpp"], "--sampler dpmpp needs --sample-steps N"),
+    (["--preset", "digits", "--sample-steps", "20"], "add --sampler ddim or dpmpp"),
+    (["--preset", "digits", "--sampler", "dpmpp", "--sample-steps", "1000"], "dpmpp takes at most 999 steps"),
+    (["--preset", "digits", "--sampler", "euler", "--sample-steps", "10"], "--sampler 'euler'"),
+    (["--backbone", "mar", "--sampler", "dpmpp", "--sample-steps", "10"], "drop them with --backbone mar"),
     (["--preset", "digits", "--early-reject", "10"], "needs both --early-reject STEP and --early-keep M"),
     (["--preset", "digits", "--early-reject", "10", "--early-keep", "5"], "keep between IPC (10) and K·IPC (20)"),
     (["--preset", "digits", "--early-reject", "50", "--early-keep", "10"], "a check must come after 1 to 49"),

@@ -73,11 +73,16 @@ def bench(
     early_reject: Annotated[str | None, typer.Option("--early-reject", metavar="STEP", help="Also time stage 1 with early rejection (path fast+early): after STEP of 50 sampling steps only the best --early-keep candidates per class finish; 'S1,S2' checks twice.", show_default="off", rich_help_panel=WHAT)] = None,
     early_keep: Annotated[str | None, typer.Option("--early-keep", metavar="M", help="Candidates per class that survive each --early-reject check (IPC..K·IPC).", rich_help_panel=WHAT)] = None,
     early_reject_grid: Annotated[bool, typer.Option("--early-reject-grid", help="Instead: stage 1 with early rejection (a grid of check step and survivors) and with guidance intervals against the exact stage 1, at K 2 and 4, guidance 2.7 and 1.0: FLOPs saved, pick agreement, wall-time ratio (--repeats timed runs each), and the ImageNet-1K projection. Needs --preset.", rich_help_panel=WHAT)] = False,
+    sampler: Annotated[str | None, typer.Option("--sampler", metavar="NAME", help="Also time stage 1 on a few-step sampler (path fast+NAME): ddim or dpmpp over --sample-steps steps, with its job projected to ImageNet-1K IPC 10 on one H100.", show_default="off", rich_help_panel=WHAT)] = None,
+    sample_steps: Annotated[int | None, typer.Option("--sample-steps", metavar="N", help="Steps of --sampler.", rich_help_panel=WHAT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result rows as JSON on stdout (the table goes to stderr).", rich_help_panel=HOW)] = False,
 ) -> None:
     """Time stage 1, stage 2 and the projected end-to-end job on the reference and fast paths: medians of the timed
     runs with their min–max range (and IQR from 4 runs), the projected job marked as such, and a warning when the
     machine is busy. With --backbone mar: the MAR stages on the digits-mar preset, with attribution paths."""
+    if (sampler is not None or sample_steps is not None) and (backbone == BenchBackbone.mar or early_reject_grid):
+        raise UserError("--sampler/--sample-steps time the DiT's stage 1: drop them with "
+                        + ("--backbone mar" if backbone == BenchBackbone.mar else "--early-reject-grid"))
     if backbone == BenchBackbone.mar:
         _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2, threads, steps1, steps2,
                    ref_images, batch, repeats, out, early_reject, early_keep, early_reject_grid, as_json)
@@ -95,6 +100,9 @@ def bench(
     early_step, early_keep_ = parse_counts("--early-reject", early_reject), parse_counts("--early-keep", early_keep)
     if early_reject_grid and (early_step, early_keep_) != (None, None):
         raise UserError("--early-reject-grid runs its own grid of checks: drop --early-reject/--early-keep")
+    from ..benchmark import check_sampler
+
+    few = check_sampler(sampler, sample_steps)  # before any model is built
     from ..extras import require
 
     require("matplotlib", what="the bench's chart")  # before minutes of timing, not after them
@@ -121,11 +129,12 @@ def bench(
         return
 
     where = "cuda" if dev == "cuda" else f"cpu-{torch.get_num_threads()}t"  # CPU results depend on the thread count
-    tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}"
+    tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}{f'_{few[0]}{few[1]}' if few else ''}"
     check_destination(out_dir, tag)  # before the run: a refused destination costs no bench time
     rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
                      ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats,
-                     early_step=early_step, early_keep=early_keep_, log=log, warn=warn)
+                     early_step=early_step, early_keep=early_keep_, sampler=sampler, sample_steps=sample_steps,
+                     log=log, warn=warn)
     jpath, ppath = write_results(rows, out_dir, tag)
     _report(format_table(rows), rows, f"{jpath} and {ppath}", as_json)
 
