@@ -15,7 +15,7 @@ pick agreement with the exact run.
 Finished (recipe, setting, protocol, seed) entries are skipped on a re-run, so workers on disjoint seeds can run side
 by side and be merged. The merged file's ``paired`` table holds, per recipe, setting and protocol, the mean paired
 difference (setting − exact, same seed; points of top-1) with its 95 % t-interval; ``--merge`` also draws the chart
-(same name, .png).
+(same name, .png) and writes the table (.md).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ RECIPES = ("official", "consistent")
 SETTINGS = {
     "exact": {},
     "ddim 25": dict(sampler="ddim", sample_steps=25),
+    "ddim 20": dict(sampler="ddim", sample_steps=20),
     "dpmpp 25": dict(sampler="dpmpp", sample_steps=25),
     "dpmpp 15": dict(sampler="dpmpp", sample_steps=15),
     "dpmpp 10": dict(sampler="dpmpp", sample_steps=10),
@@ -111,41 +112,99 @@ def summarise(results: dict) -> None:
             "pick_agreement": (statistics.fmean(s["pick_agreement"] for s in v)
                                if all("pick_agreement" in s for s in v) else None)}
         for k, v in sorted(sets.items())}
+    results["imagenet_ipc10"] = {name: projection(SETTINGS[name]) for name in
+                                 sorted({k.split("|")[1] for k in results["set_summary"]})}
+
+
+def projection(setting: dict) -> dict:
+    """The setting's ImageNet-1K IPC10 job on one H100 from the FLOP model (official: K 4, guidance 2.7)."""
+    from cao2_fast.bench_early import imagenet_projection
+
+    steps, keeps = setting.get("early_reject_step"), setting.get("early_reject_keep")
+    checks = [] if steps is None else list(zip(*(((steps,), (keeps,)) if isinstance(steps, int) else (steps, keeps))))
+    p = imagenet_projection(checks, setting.get("guidance_interval"), "H100", setting.get("sampler", "ddpm"),
+                            setting.get("sample_steps", 50))
+    return {k: p[k] for k in ("stage1_eflop", "exact_stage1_eflop", "stage1_flop_saved", "minutes_at_peak",
+                              "exact_minutes_at_peak")}
+
+
+def table_md(results: dict) -> str:
+    """The merged results as a markdown table: per recipe and setting, the work saved, the projection, and per
+    protocol the paired difference with its interval, and whether it passes the bar (CI lower bound ≥ −2)."""
+    lines = ["| recipe | setting | stage-1 DiT forwards saved | ImageNet-1K IPC10, H100 (min) | candidates correct | "
+             "soft: paired diff. (95 % CI) | hard: paired diff. (95 % CI) | n | passes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in RECIPES:
+        exact = results["set_summary"].get(f"{r}|exact")
+        if exact is None:
+            continue
+        for name in SETTINGS:
+            sset = results["set_summary"].get(f"{r}|{name}")
+            if sset is None:
+                continue
+            saved = 1 - sset["stage1_dit_forwards_per_class"] / exact["stage1_dit_forwards_per_class"]
+            cells, ok, ns = [], True, []
+            for p in PROTOCOLS:
+                e = results["paired"].get(f"{r}|{name}|{p}")
+                if e is None or "ci95" not in e:
+                    mean = results["summary"][f"{r}|{name}|{p}"]["mean"]
+                    cells.append(f"{mean:.1f} % top-1" if name == "exact" else "–")
+                    ok = False
+                    continue
+                lo, hi = e["ci95"]
+                cells.append(f"{e['mean']:+.2f} ({lo:+.2f} to {hi:+.2f})")
+                ok = ok and lo >= -2.0
+                ns.append(e["n"])
+            proj = results["imagenet_ipc10"][name]["minutes_at_peak"]
+            lines.append(f"| {r} | {name} | {100 * saved:.0f} % | {proj:.1f} | {100 * sset['candidate_accuracy']:.1f} % | "
+                         f"{cells[0]} | {cells[1]} | {min(ns) if ns else sset['n']} | "
+                         f"{'–' if name == 'exact' else ('yes' if ok else 'no')} |")
+    return "\n".join(lines) + "\n"
 
 
 def chart(results: dict, path: Path) -> None:
+    """A forest plot per protocol: each setting's paired difference with its 95 % interval, per recipe, the
+    settings labelled with the stage-1 DiT work they save; the −2-point bar dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    exact_fwd = {r: results["set_summary"][f"{r}|exact"]["stage1_dit_forwards_per_class"]
-                 for r in RECIPES if f"{r}|exact" in results["set_summary"]}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    names = [n for n in SETTINGS if n != "exact" and any(f"{r}|{n}|soft" in results["paired"] for r in RECIPES)]
+    labels = []
+    for n in names:
+        r = next(r for r in RECIPES if f"{r}|{n}" in results["set_summary"])
+        fwd = results["set_summary"][f"{r}|{n}"]["stage1_dit_forwards_per_class"]
+        saved = 1 - fwd / results["set_summary"][f"{r}|exact"]["stage1_dit_forwards_per_class"]
+        labels.append(f"{n}\n({100 * saved:.0f} % saved)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.62 * len(names)), sharey=True)
     colors = {"official": "tab:blue", "consistent": "tab:orange"}
-    markers = {"soft": "o", "hard": "s"}
     for ax, p in zip(axes, PROTOCOLS):
-        for key, e in results["paired"].items():
-            r, name, proto = key.split("|")
-            if proto != p or "ci95" not in e:
-                continue
-            saved = 1 - results["set_summary"][f"{r}|{name}"]["stage1_dit_forwards_per_class"] / exact_fwd[r]
-            dx = -0.006 if r == "official" else 0.006
-            ax.errorbar(100 * saved + 100 * dx, e["mean"], yerr=[[e["mean"] - e["ci95"][0]], [e["ci95"][1] - e["mean"]]],
-                        fmt=markers[p], color=colors[r], capsize=3, label=r if name == "dpmpp 25" else None)
-            if r == "official":
-                ax.annotate(name, (100 * saved, e["ci95"][1]), textcoords="offset points", xytext=(0, 4),
-                            ha="center", fontsize=7, rotation=60)
-        ax.axhline(0, color="gray", lw=0.8)
-        ax.axhline(-2, color="red", lw=0.8, ls="--")
-        ax.axvline(50, color="gray", lw=0.8, ls=":")
+        for k, r in enumerate(RECIPES):
+            ys, means, lo, hi = [], [], [], []
+            for i, n in enumerate(names):
+                e = results["paired"].get(f"{r}|{n}|{p}")
+                if e is None or "ci95" not in e:
+                    continue
+                ys.append(i + (0.15 if k else -0.15))
+                means.append(e["mean"])
+                lo.append(e["mean"] - e["ci95"][0])
+                hi.append(e["ci95"][1] - e["mean"])
+            if ys:
+                ns = sorted({results["paired"][f"{r}|{n}|{p}"]["n"] for n in names
+                             if f"{r}|{n}|{p}" in results["paired"]})
+                seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+                ax.errorbar(means, ys, xerr=[lo, hi], fmt="o" if p == "soft" else "s", color=colors[r], capsize=3,
+                            label=f"{r} (n = {seeds} seeds)")
+        ax.axvline(0, color="gray", lw=0.8)
+        ax.axvline(-2, color="red", lw=0.8, ls="--")
         ax.set_title(f"{p}-label protocol")
-        ax.set_xlabel("stage-1 DiT FLOPs saved (%)")
-        ax.legend(loc="lower left", fontsize=8)
-    axes[0].set_ylabel("top-1 minus the exact run's, same seed (points; 95% CI)")
-    n = max(e["n"] for e in results["paired"].values())
-    fig.suptitle(f"Digits distilled sets: each stage-1 saving paired with the exact run (n = {n} seeds; "
-                 "dashed: the -2-point bar)", fontsize=10)
+        ax.set_xlabel("top-1 minus the exact run's, same seed (points; 95 % CI)")
+        ax.legend(loc="best", fontsize=8)
+    axes[0].set_yticks(range(len(names)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Digits: stage-1 savings judged by the distilled set, paired with the exact run (dashed: -2 points)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -172,6 +231,7 @@ def main(argv=None) -> int:
         summarise(results)
         atomic_write(args.out, json_bytes(results, sort_keys=True))
         chart(results, args.out.with_suffix(".png"))
+        atomic_write(args.out.with_suffix(".md"), table_md(results).encode())
         for k, e in results["paired"].items():
             ci = e.get("ci95")
             print(f"{k}: {e['mean']:+.2f} (95% CI {ci[0]:+.2f} to {ci[1]:+.2f}, n={e['n']})" if ci else k)
