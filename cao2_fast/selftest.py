@@ -105,6 +105,8 @@ def run_checks(device: str = "cpu", model: str = "tiny", with_compile: bool | No
     r = _Runner(log)
     with tf32(False, dev), torch.no_grad():
         _engine_checks(r, dit, vae, clf, dev, with_compile)
+    with tf32(False, dev), torch.no_grad():
+        _sampler_checks(r, dit, dev)
     with tf32(False, dev):
         _stage2_checks(r, dit, dev)
         _mar_checks(r, dev)
@@ -322,6 +324,39 @@ def _stage2_problem(dit, dev, b: int = 4, steps: int = 5):
                                dev, dtype, **kw)
 
     return x0, run
+
+
+def _sampler_checks(r: _Runner, dit, dev: torch.device) -> None:
+    """The few-step stage-1 samplers on ``dev``, run in two halves with the solver state carried across and the
+    batch split differently, against one uninterrupted run on the CPU."""
+    from . import stage1
+    from .schedulers import SchedulerSampler
+
+    cpu_dit = dit if dev.type == "cpu" else copy.deepcopy(dit).to("cpu")
+    g = torch.Generator().manual_seed(0)
+    latent = (dit.cfg.in_channels, dit.cfg.input_size, dit.cfg.input_size)
+    noise = stage1.Stage1Noise(torch.randn(4, *latent, generator=g), torch.zeros(0, 4, *latent))
+    y = torch.tensor([0, 1, 2, 3]) % dit.null_class
+
+    def one(kind: str):
+        def check():
+            steps = 8
+            sampler = SchedulerSampler(kind, steps)
+            args = (noise, y, dit.null_class, 2.7, 3)
+            ref = stage1.generate(cpu_dit, sampler, *args, "cpu", torch.float32, batch=4)
+            x, _, state = stage1.generate(dit, sampler, *args, dev, torch.float32, batch=2, stop=steps // 2,
+                                          return_x0=True, return_state=True)
+            out = stage1.generate(dit, sampler, *args, dev, torch.float32, batch=3, x=x, start=steps // 2,
+                                  state=state)
+            rel = _max_diff(out, ref) / max(float(ref.abs().max()), 1e-12)
+            ok = rel <= 1e-3 and bool(torch.isfinite(out).all())
+            return measured(ok, f"max |diff| {rel:.1e} of the largest value (tol 1e-03)", "" if ok else
+                            f"--sampler {kind} strays on this device; use --sampler ddpm (the default)",
+                            "relative_error", rel, 1e-3, "fraction of the largest latent value")
+        return check
+
+    for kind in ("ddim", "dpmpp"):
+        r.run(f"stage-1 sampler {kind}: split on {dev.type} vs one run on the CPU", one(kind))
 
 
 def _stage2_checks(r: _Runner, dit, dev: torch.device) -> None:

@@ -19,6 +19,9 @@ def test_selftest_on_cpu_passes_and_explains_every_skip(tmp_path, capsys):
         assert checks[f"engine onnx (CPU provider): {m}"]["result"] == "pass"
         assert checks[f"engine trt: {m}"]["result"] == "skip" and "cao2-fast[trt]" in checks[f"engine trt: {m}"]["reason"]
     assert checks["stage 2 bf16 vs fp32"]["result"] == "pass"
+    for kind in ("ddim", "dpmpp"):
+        c = checks[f"stage-1 sampler {kind}: split on cpu vs one run on the CPU"]
+        assert c["result"] == "pass" and c["metric"] == "relative_error" and 0 <= c["value"] <= c["tol"] == 1e-3
     assert "candidates/s" in checks["throughput stage 1"]["figure"]
     assert "latent-steps/s" in checks["throughput stage 2"]["figure"]
     # the numbers behind each figure, as numbers
@@ -42,6 +45,7 @@ def test_selftest_on_cpu_passes_and_explains_every_skip(tmp_path, capsys):
 def test_a_failing_check_exits_1_and_says_what_to_do(monkeypatch, capsys):
     monkeypatch.setattr(selftest, "TOL", {"dit": 0.0, "vae_decode": 1e-3, "classifier": 1e-3})  # nothing is exact
     monkeypatch.setattr(selftest, "_stage2_checks", lambda *a: None)
+    monkeypatch.setattr(selftest, "_sampler_checks", lambda *a: None)
     monkeypatch.setattr(selftest, "_throughput", lambda *a: None)
     from cao2_fast import engines
 
