@@ -119,9 +119,9 @@ def summarise(results: dict) -> None:
 def projection(setting: dict) -> dict:
     """The setting's ImageNet-1K IPC10 job on one H100 from the FLOP model (official: K 4, guidance 2.7)."""
     from cao2_fast.bench_early import imagenet_projection
+    from cao2_fast.selection import early_checks
 
-    steps, keeps = setting.get("early_reject_step"), setting.get("early_reject_keep")
-    checks = [] if steps is None else list(zip(*(((steps,), (keeps,)) if isinstance(steps, int) else (steps, keeps))))
+    checks = early_checks(setting.get("early_reject_step"), setting.get("early_reject_keep"))
     p = imagenet_projection(checks, setting.get("guidance_interval"), "H100", setting.get("sampler", "ddpm"),
                             setting.get("sample_steps", 50))
     return {k: p[k] for k in ("stage1_eflop", "exact_stage1_eflop", "stage1_flop_saved", "minutes_at_peak",

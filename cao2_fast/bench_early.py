@@ -237,10 +237,11 @@ def imagenet_projection(checks: list[tuple[int, int]], interval: tuple[float, fl
     f_dec, f_clf = per_image_flops(vae, clf, (4, 32, 32))
     n = job["k"] * job["ipc"]
     steps = job["steps"] if steps is None else steps
-    if sampler == "ddpm":
-        guided = None if interval is None else guided_steps(Diffusion.create(steps), interval)
+    if interval is None:
+        guided = None
     else:
-        guided = None if interval is None else SchedulerSampler(sampler, steps).guided(interval)
+        schedule = Diffusion.create(steps) if sampler == "ddpm" else SchedulerSampler(sampler, steps)
+        guided = guided_steps(schedule, interval)
 
     def flops(chk, gi, count):
         fw = stage1.dit_forwards(n, count, chk, job["guidance"], gi)

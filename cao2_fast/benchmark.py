@@ -461,7 +461,7 @@ def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, 
 
 def check_sampler(sampler: str | None, steps: int | None) -> tuple[str, int] | None:
     """(kind, steps) of the few-step sampler to time, or None; bad settings raise :class:`UserError`."""
-    from .schedulers import SAMPLERS, max_steps
+    from .config import SAMPLERS, max_sample_steps
 
     if sampler in (None, "ddpm"):
         if steps is not None:
@@ -473,8 +473,8 @@ def check_sampler(sampler: str | None, steps: int | None) -> tuple[str, int] | N
     if steps is None:
         raise UserError(f"--sampler {sampler} needs --sample-steps N")
     check_count("sample_steps", steps)
-    if steps > max_steps(sampler):
-        raise UserError(f"--sample-steps {steps}: {sampler} takes at most {max_steps(sampler)} steps")
+    if steps > max_sample_steps(sampler):
+        raise UserError(f"--sample-steps {steps}: {sampler} takes at most {max_sample_steps(sampler)} steps")
     return sampler, steps
 
 
@@ -502,12 +502,17 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
     labels = torch.tensor([c for c in range(b.classes) for _ in range(n_cand)])
     b.fast_dit = fast_dit  # stage 2's fast path starts from the same copy
 
-    def fast_stage1(clock):
-        with torch.no_grad():
-            z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), diffusion_short, allnoise, labels, cfg.num_classes,
-                                s.guidance_scale, 3, dev, fdt, batch=len(labels))
-            with clock:
-                selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
+    def sampled(schedule, stop: int = 0):
+        """The fast stage 1 on ``schedule`` (its steps down to ``stop``), decoded and scored inside the clock."""
+        def run(clock):
+            with torch.no_grad():
+                z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), schedule, allnoise, labels, cfg.num_classes,
+                                    s.guidance_scale, 3, dev, fdt, batch=len(labels), stop=stop)
+                with clock:
+                    selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
+        return run
+
+    fast_stage1 = sampled(diffusion_short)
 
     checks_short = [(step * b.steps1 // 50, keep) for step, keep in b.early]
 
@@ -530,17 +535,8 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
     paths = [("reference", ref_stage1), ("fast", fast_stage1)] + ([("fast+early", early_stage1)] if b.early else [])
     if b.sampler:
         kind, n_steps = b.sampler
-        sampler = SchedulerSampler(kind, n_steps)
         timed = b.steps1 * n_steps // 50  # the same share of its steps as steps1 is of 50
-
-        def few_stage1(clock):
-            with torch.no_grad():
-                z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), sampler, allnoise, labels, cfg.num_classes,
-                                    s.guidance_scale, 3, dev, fdt, batch=len(labels), stop=n_steps - timed)
-                with clock:
-                    selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
-
-        paths.append((f"fast+{kind}", few_stage1))
+        paths.append((f"fast+{kind}", sampled(SchedulerSampler(kind, n_steps), stop=n_steps - timed)))
     return paths
 
 

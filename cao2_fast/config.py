@@ -85,6 +85,7 @@ class Recipe:
 FAMILIES = ("dit", "mar")  # generator families; a recipe field named "<family>_..." is that family's
 NOISE_BANK_SIZE = 1024
 RELEASED_SAMPLE_STEPS = 50  # the released scripts' DDPM respacing (stage 1 and stage 2's schedule)
+SAMPLERS = ("ddpm", "ddim", "dpmpp")  # stage 1's DiT samplers; ddpm is the released one (cao2_fast.schedulers)
 NOISE_BANK_SEED = 42
 
 RECIPES = {
@@ -330,8 +331,14 @@ _FLOAT_FIELDS = {  # name: (option, lowest allowed, whether the lowest itself is
 _CHOICES = {"selection": ("confident", "el2n", "random", "stability", "stable-correct"), "order": ("desc", "asc"), "stage2_label": ("null", "true"),
             "dtype": ("float32", "bfloat16", "float16"), "engine": ("eager", "compile", "onnx", "trt"),
             "stage2_engine": ("eager", "compile"), "family": FAMILIES, "guidance_schedule": ("constant", "linear"),
-            "sampler": ("ddpm", "ddim", "dpmpp")}
+            "sampler": SAMPLERS}
 SCHEDULE_STEPS = 1000  # the DiT's training schedule: stage 1 respaces it, so it can take at most this many steps
+
+
+def max_sample_steps(sampler: str) -> int:
+    """The most stage-1 steps ``sampler`` can take on the DiT's schedule with distinct timesteps (DPM-Solver++
+    spaces N + 1 points over 0..999 and rounds them, so 1000 steps would repeat a timestep)."""
+    return SCHEDULE_STEPS - 1 if sampler == "dpmpp" else SCHEDULE_STEPS
 
 
 def _is_int(v) -> bool:
@@ -386,7 +393,7 @@ def validate(cfg: DistillConfig) -> None:
 
 def _dit_rules(cfg: DistillConfig) -> None:
     """What a DiT config must satisfy (its stage-1 schedule, stage-2 window and stage-1 savings)."""
-    most = SCHEDULE_STEPS - (cfg.sampler == "dpmpp")  # DPM-Solver++'s rounded spacing repeats a step at 1000
+    most = max_sample_steps(cfg.sampler)
     if cfg.sample_steps > most:
         raise UserError(f"--sample-steps {cfg.sample_steps}: the {cfg.sampler} sampler steps through the DiT's "
                         f"{SCHEDULE_STEPS}-step schedule, so it takes at most {most} steps")

@@ -165,10 +165,12 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guide
     return torch.cat([guided, cond[:, g:]], dim=1)
 
 
-def guided_steps(diffusion: Diffusion, interval: tuple[float, float] | None) -> torch.Tensor:
+def guided_steps(diffusion, interval: tuple[float, float] | None) -> torch.Tensor:
     """Which respaced steps apply classifier-free guidance (bool, one per step): all of them without ``interval``,
     else those whose noise level σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) lies in (lo, hi] — guidance limited to an interval of
-    noise levels (Kynkäänniemi et al., NeurIPS 2024); the other steps run the conditional model alone."""
+    noise levels (Kynkäänniemi et al., NeurIPS 2024); the other steps run the conditional model alone.
+    ``diffusion``: a :class:`Diffusion` or a :class:`~cao2_fast.schedulers.SchedulerSampler` (both hold
+    ``num_steps`` and σ per step as ``sqrt_recipm1_alphas_cumprod``)."""
     if interval is None:
         return torch.ones(diffusion.num_steps, dtype=torch.bool)
     lo, hi = interval

@@ -18,20 +18,13 @@ from typing import Callable
 
 import torch
 
-from .diffusion import guided_model_output
+from .config import SCHEDULE_STEPS
+from .diffusion import guided_model_output, guided_steps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")  # ddpm: the DiT codebase's own respaced ancestral sampler (released)
-TRAIN_STEPS = 1000
 # the scheduler configuration diffusers' DiT pipelines ship (DDIMScheduler; DPM-Solver++ takes it via from_config)
-DIT_SCHEDULER_CONFIG = {"num_train_timesteps": TRAIN_STEPS, "beta_schedule": "linear", "beta_start": 1e-4,
+DIT_SCHEDULER_CONFIG = {"num_train_timesteps": SCHEDULE_STEPS, "beta_schedule": "linear", "beta_start": 1e-4,
                         "beta_end": 0.02, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
                         "prediction_type": "epsilon"}
-
-
-def max_steps(kind: str) -> int:
-    """The most steps ``kind`` can take on the 1000-step schedule with distinct timesteps (DPM-Solver++ spaces
-    N + 1 points over 0..999 and rounds them, so 1000 steps would repeat a timestep)."""
-    return TRAIN_STEPS - 1 if kind == "dpmpp" else TRAIN_STEPS
 
 
 def make_scheduler(kind: str, steps: int):
@@ -50,7 +43,7 @@ def make_scheduler(kind: str, steps: int):
         warnings.simplefilter("ignore", DeprecationWarning)
         sched.set_timesteps(steps)
     if len(torch.unique(sched.timesteps)) != steps:
-        raise ValueError(f"{kind} cannot take {steps} distinct steps of the {TRAIN_STEPS}-step schedule")
+        raise ValueError(f"{kind} cannot take {steps} distinct steps of the {SCHEDULE_STEPS}-step schedule")
     return sched
 
 
@@ -65,19 +58,13 @@ class SchedulerSampler:
         self.scheduler = make_scheduler(kind, steps)
         self.timesteps = self.scheduler.timesteps.clone()  # int64, the order they are taken
         ac = self.scheduler.alphas_cumprod.double()[self.timesteps]
-        # noise level of step i (respaced-style index: i = num_steps − 1 − k for the k-th step taken)
-        self.sigma = ((1 - ac) / ac).sqrt().flip(0)
+        # noise level σ of step i (respaced-style index: i = num_steps − 1 − k for the k-th step taken), under the
+        # name a Diffusion gives it, so that diffusion.guided_steps reads a guidance interval off either
+        self.sqrt_recipm1_alphas_cumprod = ((1 - ac) / ac).sqrt().flip(0)
 
     def model_timestep(self, i: int) -> int:
         """The DiT's timestep at step ``i``."""
         return int(self.timesteps[self.num_steps - 1 - i])
-
-    def guided(self, interval: tuple[float, float] | None) -> torch.Tensor:
-        """Which steps apply guidance (bool by step index): all without ``interval``, else those with σ in (lo, hi]."""
-        if interval is None:
-            return torch.ones(self.num_steps, dtype=torch.bool)
-        lo, hi = interval
-        return (self.sigma > lo) & (self.sigma <= hi)
 
     def step(self, i: int, eps: torch.Tensor, x: torch.Tensor, prev_x0: torch.Tensor | None):
         """Step ``i`` from x with the model's eps: (x after the step, this step's x̂0, the state for the next step)."""
@@ -107,7 +94,7 @@ def sample(model: Callable, sampler: SchedulerSampler, x: torch.Tensor, y: torch
     labels ``y``; returns (x, the last step's x̂0, the solver state to resume from). The model sees the run's dtype;
     the schedulers step in float32 (diffusers' DPM-Solver++ upcasts, DDIM is kept alike)."""
     start = sampler.num_steps if start is None else start
-    guided = sampler.guided(guidance_interval)
+    guided = guided_steps(sampler, guidance_interval)
     c = x.shape[1]
     dtype = x.dtype
     x, x0 = x.float(), None

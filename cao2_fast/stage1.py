@@ -1,6 +1,6 @@
 """Stage-1 sampling with a denoising DiT: every candidate's guided trajectory from its pre-drawn noise (the DDPM
-sampler, or a few-step diffusers scheduler: :mod:`cao2_fast.schedulers`), in batches across classes, optionally cut by early-rejection checks (what the DiT generator runs; selection is
-:mod:`cao2_fast.selection`'s).
+sampler, or a few-step diffusers scheduler: :mod:`cao2_fast.schedulers`), in batches across classes, optionally
+cut by early-rejection checks (what the DiT generator runs; selection is :mod:`cao2_fast.selection`'s).
 
 The model enters as a plain callable so that any engine (eager, compiled, ONNX Runtime, TensorRT) can serve:
 ``dit(x, t, y) -> (N, 2C, H, W)``.
@@ -93,8 +93,8 @@ def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: to
                    progress: Callable[[], None] | None = None,
                    guidance_interval: tuple[float, float] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`generate` with early rejection (any sampler; a survivor's solver state follows it). ``labels`` hold whole classes of ``per_class`` candidates each, class
-    by class. At each check ``(step, keep)`` — after ``step`` of the sampling steps, steps increasing, keeps
+    """:func:`generate` with early rejection (any sampler; a survivor's solver state follows it). ``labels`` hold
+    whole classes of ``per_class`` candidates each, class by class. At each check ``(step, keep)`` — after ``step`` of the sampling steps, steps increasing, keeps
     shrinking — the x̂0 of every live candidate is scored (``score(x0) -> (probs, finite)``), class ``j``'s live
     candidates are ordered by ``rank(j, candidate_index_in_class, probs, finite)`` (positions, best first), and
     the first ``keep`` of each class sample on; the others are dropped. Survivors keep their own noise rows, so a

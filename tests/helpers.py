@@ -141,3 +141,26 @@ def run_cli(args, capsys):
         raise SystemExit(0)
     captured = capsys.readouterr()
     return exc.value.code, captured.out, captured.err
+
+
+def run_cli_captured(args) -> tuple[str, str]:
+    """Run ``cao2-fast ARGS`` in-process where ``capsys`` cannot serve (module-scoped fixtures): its stdout and
+    stderr, after asserting it exited 0; torch's thread count (which ``--threads`` sets) is restored."""
+    import contextlib
+    import io
+
+    import pytest
+    import torch
+
+    from cao2_fast.cli.main import main
+
+    before = torch.get_num_threads()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(args)
+            raise SystemExit(0)
+    finally:
+        torch.set_num_threads(before)
+    assert exc.value.code == 0, stderr.getvalue()
+    return stdout.getvalue(), stderr.getvalue()

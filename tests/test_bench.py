@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import statistics
 
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import run_cli, run_cli_captured
 
 COMMON = {"device", "torch", "triton", "commit", "dtype", "stage", "path", "projected", "unit", "throughput",
           "seconds_per_item", "seconds_per_item_runs", "flop_per_item", "ratio", "repeats", "spread", "machine_load"}
@@ -23,22 +21,12 @@ REPEATS = 4  # the least count with quartiles
 def tiny_rows(tmp_path_factory):
     """One tiny bench run with --json: (out folder, rows from the file, stdout, stderr)."""
     out = tmp_path_factory.mktemp("bench")
-    before = torch.get_num_threads()
-    from cao2_fast.cli.main import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main(["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
-                  "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
-                  "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
-                  "--sampler", "dpmpp", "--sample-steps", "25"])
-            raise SystemExit(0)
-    finally:
-        torch.set_num_threads(before)
-    assert exc.value.code == 0, stderr.getvalue()
-    return (out, json.loads((out / "bench_tiny_cpu-1t_dpmpp25.json").read_text()), stdout.getvalue(),
-            stderr.getvalue())
+    stdout, stderr = run_cli_captured(
+        ["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
+         "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
+         "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
+         "--sampler", "dpmpp", "--sample-steps", "25"])
+    return out, json.loads((out / "bench_tiny_cpu-1t_dpmpp25.json").read_text()), stdout, stderr
 
 
 def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):

@@ -4,16 +4,13 @@ asserts a speed."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import statistics
 
 import pytest
-import torch
 
-from helpers import run_cli
+from helpers import run_cli, run_cli_captured
 
 COMMON = {"device", "torch", "triton", "commit", "dtype", "stage", "path", "projected", "unit", "throughput",
           "seconds_per_item", "seconds_per_item_runs", "flop_per_item", "ratio", "repeats", "spread", "machine_load"}
@@ -32,24 +29,15 @@ TAG = "bench_digits-mar_cpu-1t"
 def mar_run(tmp_path_factory):
     """One tiny ``bench --backbone mar --json`` run: (out folder, rows from the file, stdout, stderr)."""
     from cao2_fast import bench_mar
-    from cao2_fast.cli.main import main
 
     out = tmp_path_factory.mktemp("bench_mar")
-    before = torch.get_num_threads()
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(bench_mar, "run_bench_mar", functools.partial(bench_mar.run_bench_mar, **TINY))
-            with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(stdout), \
-                    contextlib.redirect_stderr(stderr):
-                main(["bench", "--backbone", "mar", "--device", "cpu", "--threads", "1", "--steps1", str(STEPS1),
-                      "--steps2", str(STEPS2), "--ref-images", str(REF_IMAGES), "--batch", str(BATCH),
-                      "--repeats", str(REPEATS), "--out", str(out), "--json"])
-                raise SystemExit(0)
-    finally:
-        torch.set_num_threads(before)
-    assert exc.value.code == 0, stderr.getvalue()
-    return out, json.loads((out / f"{TAG}.json").read_text()), stdout.getvalue(), stderr.getvalue()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_mar, "run_bench_mar", functools.partial(bench_mar.run_bench_mar, **TINY))
+        stdout, stderr = run_cli_captured(
+            ["bench", "--backbone", "mar", "--device", "cpu", "--threads", "1", "--steps1", str(STEPS1),
+             "--steps2", str(STEPS2), "--ref-images", str(REF_IMAGES), "--batch", str(BATCH),
+             "--repeats", str(REPEATS), "--out", str(out), "--json"])
+    return out, json.loads((out / f"{TAG}.json").read_text()), stdout, stderr
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from cao2_fast import schedulers, stage1
-from cao2_fast.config import build_config, with_overrides
-from cao2_fast.diffusion import apply_guidance
+from cao2_fast.config import build_config, max_sample_steps, with_overrides
+from cao2_fast.diffusion import apply_guidance, guided_steps
 from cao2_fast.errors import UserError
 from cao2_fast.generators.dit import DiTGenerator
 from cao2_fast.models.dit import DiTConfig
@@ -142,15 +142,16 @@ def test_guidance_interval_uses_the_schedulers_noise_levels():
     s = schedulers.SchedulerSampler("dpmpp", 25)
     t = torch.tensor([s.model_timestep(i) for i in range(25)])
     ac = schedule64()[t]
-    assert torch.allclose(s.sigma, ((1 - ac) / ac).sqrt())
-    guided = s.guided((0.0, 5.0))
-    assert guided.any() and not guided.all() and torch.equal(guided, s.sigma <= 5.0)
-    assert s.guided(None).all()
+    sigma = s.sqrt_recipm1_alphas_cumprod
+    assert torch.allclose(sigma, ((1 - ac) / ac).sqrt())
+    guided = guided_steps(s, (0.0, 5.0))
+    assert guided.any() and not guided.all() and torch.equal(guided, sigma <= 5.0)
+    assert guided_steps(s, None).all()
 
 
 def test_step_limits():
     assert len(schedulers.make_scheduler("ddim", 1000).timesteps) == 1000
-    assert schedulers.max_steps("dpmpp") == 999
+    assert max_sample_steps("dpmpp") == 999
     with pytest.raises(ValueError, match="distinct"):
         schedulers.make_scheduler("dpmpp", 1000)
 

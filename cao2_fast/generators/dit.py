@@ -2,8 +2,8 @@
 
 Stage 1 is the DiT's own DDPM ancestral sampler respaced to ``sample_steps`` steps, with learned variance and
 classifier-free guidance on the first ``guided_channels`` eps channels (:mod:`cao2_fast.stage1`), or a few-step
-diffusers scheduler (:mod:`cao2_fast.schedulers`), optionally with early rejection and a guidance interval. Stage 2 optimises each latent's denoising error under the condition
-(:mod:`cao2_fast.stage2`), each image with its own noise: a fresh draw from its class's stream, or under the
+diffusers scheduler (:mod:`cao2_fast.schedulers`), optionally with early rejection and a guidance interval. Stage 2
+optimises each latent's denoising error under the condition (:mod:`cao2_fast.stage2`), each image with its own noise: a fresh draw from its class's stream, or under the
 released recipe an entry of the fixed 1024-noise bank (:func:`cao2_fast.stage2.noise_bank`) picked from that stream.
 """
 
@@ -86,6 +86,7 @@ class DiTGenerator(Generator):
         self.decoder: Callable = vae.decode
         self.stage2_call: Callable = self._eager_dit
         self._diffusion: dict[int, Diffusion] = {}
+        self._schedulers: dict[tuple[str, int], SchedulerSampler] = {}
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
@@ -191,14 +192,10 @@ class DiTGenerator(Generator):
         """Stage 1's sampler: the DDPM schedule respaced to ``cfg.sample_steps``, or a diffusers scheduler."""
         if cfg.sampler == "ddpm":
             return self.diffusion(cfg, cfg.sample_steps)
-        return SchedulerSampler(cfg.sampler, cfg.sample_steps)
-
-    def _stage1_guided(self, cfg) -> torch.Tensor | None:
-        gi = cfg.guidance_interval
-        if gi is None:
-            return None
-        sampler = self.stage1_sampler(cfg)
-        return sampler.guided(gi) if isinstance(sampler, SchedulerSampler) else guided_steps(sampler, gi)
+        key = (cfg.sampler, cfg.sample_steps)
+        if key not in self._schedulers:  # one per sampler and step count, like the DDPM schedules
+            self._schedulers[key] = SchedulerSampler(*key)
+        return self._schedulers[key]
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "DiTGenerator":
         self.dit.set_kernels(fast_kernels(device))
@@ -249,9 +246,11 @@ class DiTGenerator(Generator):
     def stage1_forwards(self, cfg) -> int:
         """DiT image-forwards of one class's stage 1 (a guided step counts 2; early rejection and the guidance
         interval counted)."""
+        gi = cfg.guidance_interval
         return stage1.dit_forwards(cfg.num_candidates, cfg.sample_steps,
                                    selection.early_checks(cfg.early_reject_step, cfg.early_reject_keep),
-                                   cfg.guidance_scale, self._stage1_guided(cfg))
+                                   cfg.guidance_scale,
+                                   None if gi is None else guided_steps(self.stage1_sampler(cfg), gi))
 
     def stage1_ticks(self, groups: list[list[int]], cfg) -> int:
         """Sampling steps × DiT batches, with fewer batches after an early-rejection check."""
