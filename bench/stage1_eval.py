@@ -41,6 +41,7 @@ RECIPES = ("official", "consistent")
 SETTINGS = {
     "exact": {},
     "ddim 25": dict(sampler="ddim", sample_steps=25),
+    "ddim 24": dict(sampler="ddim", sample_steps=24),
     "ddim 20": dict(sampler="ddim", sample_steps=20),
     "dpmpp 25": dict(sampler="dpmpp", sample_steps=25),
     "dpmpp 15": dict(sampler="dpmpp", sample_steps=15),
