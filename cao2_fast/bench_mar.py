@@ -18,7 +18,10 @@ Stage 2 (unit: latent-steps/s; an item is one Adam step of one latent: the loss'
   gradients computed, never used), fp32, as released (:func:`~cao2_fast.generators.mar.released_stage2_image`);
 * ``per-image-no-wgrad`` (attribution): one image at a time on the same fp32 model, gradients for the tokens only
   (:func:`~cao2_fast.generators.mar.optimise_tokens` on a batch of 1);
-* ``fast``: :func:`~cao2_fast.generators.mar.optimise_tokens` on the stage-2 batch.
+* ``fast``: :func:`~cao2_fast.generators.mar.optimise_tokens` on the stage-2 batch;
+* ``fast-compile`` (with ``compile_stage2``, ``cao2-fast bench --backbone mar --compile``): ``fast`` with the loss on
+  the torch.compile engine, what ``--stage2-engine compile`` runs (its compile time, spent on the warm-up, is the
+  row's ``compile_s``); the digits and ImageNet-1K jobs are then also projected on it.
 
 Rows have the fields of the DiT bench's (:mod:`cao2_fast.benchmark`: they are made by its ``_measured_row`` and
 ``_finish``), so its ``write_results``, ``format_table`` and chart take them as they are; timing follows it too:
@@ -69,7 +72,7 @@ FLOOR_GPU = "H100"  # the GPU the ImageNet-1K projection also gives the floor of
 
 
 def refuse_options(*, model=None, random_weights=False, preset=None, early_reject=None, early_keep=None,
-                   early_reject_grid=False, ops=None, compile_stage2=False) -> None:
+                   early_reject_grid=False, ops=None) -> None:
     """One ``UserError`` for the first ``cao2-fast bench`` option that means nothing with ``--backbone mar``."""
     if model is not None:
         raise UserError(f"--model {model} builds a DiT architecture; --backbone mar benches the {PRESET} preset: "
@@ -86,8 +89,6 @@ def refuse_options(*, model=None, random_weights=False, preset=None, early_rejec
     if ops is not None and ops != "torch":
         raise UserError(f"--ops {ops}: the Triton stage-2 kernels are the DiT's; MAR's stages run torch ops "
                         "(drop --ops)")
-    if compile_stage2:
-        raise UserError("--compile: the MAR bench times the eager stages (drop --compile)")
 
 
 def tag(device) -> str:
@@ -143,7 +144,7 @@ def in1k_flops(recipe: str = "official") -> dict:
 
 def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: int | None = None, steps2: int = 5,
                   ref_images: int = 2, fast_batch: int | None = None, repeats: int = 3, ipc: int = 10,
-                  classes: int | None = None, log: Callable[[str], None] = print,
+                  classes: int | None = None, compile_stage2: bool = False, log: Callable[[str], None] = print,
                   warn: Callable[[str], None] | None = None) -> list[dict]:
     """Measure the MAR paths of stage 1 and stage 2 on the digits MAR preset (official recipe) and project the
     digits and ImageNet-1K jobs. Returns JSON-ready rows (module docstring).
@@ -152,7 +153,8 @@ def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: in
     ``ref_images``: images the one-image paths optimise per run; ``fast_batch``: the fast stage-2 batch (default
     the preset's stage-2 batch, halved on out-of-memory); ``ipc``: images per class timed (2·IPC candidates each);
     ``classes``: classes timed in stage 1 (default all 10: the reference runs them one at a time, the fast paths in
-    one batch); ``fast_dtype``: the fast paths' dtype (default float32, the recipe's)."""
+    one batch); ``fast_dtype``: the fast paths' dtype (default float32, the recipe's); ``compile_stage2``: also
+    the ``fast-compile`` stage-2 path."""
     from .config import with_overrides
     from .generators.mar import MARStage2Noise, optimise_tokens, patchify, released_stage2_image
     from .numerics import tf32
@@ -274,42 +276,52 @@ def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: in
                 optimise_tokens(ref_mar, tokens[i:i + 1], cond_ref[i:i + 1], noise.slice(i, i + 1), steps2, cfg.lr,
                                 cfg.lam, rule, attached, vb, dev)
 
-    def attempt(b: int):
+    def attempt(b: int, objective=None):
         cond = gen.stage2_condition(cfg, labels[:b])
         nz = noise.slice(0, b)
 
         def run():
             with numerics():
-                optimise_tokens(gen.mar, tokens[:b], cond, nz, steps2, cfg.lr, cfg.lam, rule, attached, vb, dev)
+                optimise_tokens(gen.mar, tokens[:b], cond, nz, steps2, cfg.lr, cfg.lam, rule, attached, vb, dev,
+                                objective=objective)
 
-        _timed(run, dev)  # the warm-up
-        return run
+        return run, _timed(run, dev)  # the warm-up (with a compiled objective, its compilation)
 
     run_ref2()
     run_nowgrad2()
-    batch, run_fast2 = halve_on_oom(attempt, batch, log)
-    totals2, _ = _timed_scaled([lambda c: run_ref2(), lambda c: run_nowgrad2(), lambda c: run_fast2()], dev, repeats,
-                               1.0)
-    mems2 = [_peak_of(fn, dev) for fn in (run_ref2, run_nowgrad2, run_fast2)]
+    batch, (run_fast2, _) = halve_on_oom(attempt, batch, log)
+    paths2, runs2, compile_s = list(STAGE2_PATHS), [run_ref2, run_nowgrad2, run_fast2], None
+    if compile_stage2:
+        from .engines import stage2_engine
+
+        engine = stage2_engine("compile", gen.stage2_module(), dev, fast_dtype)
+        log(f"stage 2: compiling the objective (fast-compile, batch {batch})")
+        run_compiled, compile_s = attempt(batch, engine)
+        paths2.append("fast-compile")
+        runs2.append(run_compiled)
+    totals2, _ = _timed_scaled([lambda c, fn=fn: fn() for fn in runs2], dev, repeats, 1.0)
+    mems2 = [_peak_of(fn, dev) for fn in runs2]
     flop2 = gen.stage2_flops(cfg) / cfg.stage2_steps  # per latent-step
-    for path, tot, mem in zip(STAGE2_PATHS, totals2, mems2):
-        one = path != "fast"
-        rows.append(_measured_row(ctx, "2", path, fast_dtype if path == "fast" else "float32", 1 if one else batch,
+    for path, tot, mem in zip(paths2, totals2, mems2):
+        one = not path.startswith("fast")
+        rows.append(_measured_row(ctx, "2", path, "float32" if one else fast_dtype, 1 if one else batch,
                                   "latent-steps/s", tot, (ref_images if one else batch) * steps2, flop2, mem,
-                                  engine="eager", compile_s=None, weight_grads=path == "reference",
-                                  steps_timed=steps2))
-    s2 = rows[-3:]
+                                  engine="compile" if path == "fast-compile" else "eager",
+                                  compile_s=compile_s if path == "fast-compile" else None,
+                                  weight_grads=path == "reference", steps_timed=steps2))
+    s2 = rows[-len(paths2):]
     log("stage 2: " + ", ".join(f"{r['path']} {r['throughput']:.1f}" for r in s2) + " latent-steps/s ("
         + ", ".join(f"{s2[0]['seconds_per_item'] / r['seconds_per_item']:.2f}x" for r in s2[1:])
         + f", fast batch {batch})")
 
-    rows += project(ctx, rows, cfg.stage2_steps, in1k_flops(rec.name))
+    rows += project(ctx, rows, cfg.stage2_steps, in1k_flops(rec.name),
+                    {**E2E_PATHS, "fast-compile": ("fast", "fast-compile")} if compile_stage2 else E2E_PATHS)
     _finish(ctx, rows)
     return rows
 
 
-def project(ctx: _Ctx, rows: list[dict], stage2_steps: int, in1k: dict) -> list[dict]:
-    """The projected rows of each job path (:data:`E2E_PATHS`): the digits job (stage ``e2e``) from the stage rows'
+def project(ctx: _Ctx, rows: list[dict], stage2_steps: int, in1k: dict, paths: dict = E2E_PATHS) -> list[dict]:
+    """The projected rows of each job path (``paths``, by default :data:`E2E_PATHS`): the digits job (stage ``e2e``) from the stage rows'
     per-item times, and ImageNet-1K IPC 10 on ``mar_base`` (stage ``in1k``) at the TFLOP/s each stage row reached
     (its per-item time scaled by mar_base's FLOPs over the digits model's). Marked ``projected``, with the projection
     of each round of runs as their spread, and no measured-looking fields."""
@@ -318,7 +330,7 @@ def project(ctx: _Ctx, rows: list[dict], stage2_steps: int, in1k: dict) -> list[
     big = {"candidates": in1k["candidates"], "latents": in1k["latents"]}
     out = []
     for stage, job, steps in (("e2e", digits, stage2_steps), (IN1K_STAGE, big, in1k["stage2_steps"])):
-        for path, (p1, p2) in E2E_PATHS.items():
+        for path, (p1, p2) in paths.items():
             r1 = next(r for r in rows if r["stage"] == "1" and r["path"] == p1)
             r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == p2)
             if stage == "e2e":
@@ -362,7 +374,8 @@ def format_mar_table(rows: list[dict]) -> str:
              "paths: stage 1 reference = one class per batch, JPEG teacher view (released); fast = the timed classes "
              "in one batch, JPEG view (official recipe); fast-no-jpeg = fast with the teacher view in memory "
              "(attribution). stage 2 reference = one image at a time, weight gradients on (released); "
-             "per-image-no-wgrad = one image at a time, token gradients only (attribution); fast = batched"]
+             "per-image-no-wgrad = one image at a time, token gradients only (attribution); fast = batched; "
+             "fast-compile = fast on the torch.compile engine (with --compile)"]
     r1 = next((r for r in rows if r["stage"] == "1"), None)
     if r1 and r1.get("steps_timed") != r1.get("sample_steps"):
         lines.append(f"stage 1 timed over {r1['steps_timed']} of {r1['sample_steps']} sampling iterations, its "

@@ -100,9 +100,12 @@ class Engine:
 
 def _shape_key(a):
     """What tells two calls' inputs apart for first-call timing: a tensor's shape, a number's type (one timestep
-    broadcast over the batch is the same call at every step), else the value (or its type)."""
+    broadcast over the batch is the same call at every step), a tuple's items each so, else the value (or its
+    type)."""
     if isinstance(a, torch.Tensor):
         return tuple(a.shape)
+    if isinstance(a, tuple):
+        return tuple(_shape_key(x) for x in a)
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         return type(a).__name__
     try:

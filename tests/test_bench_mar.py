@@ -18,8 +18,8 @@ MEASURED_ONLY = {"batch", "tflops", "mfu", "peak_mem_gib", "mem_measure"}
 MEASURED = COMMON | MEASURED_ONLY
 PROJECTED = COMMON | {"job", "projected_minutes", "projected_from", "floor_minutes"}
 PATHS = {("1", "reference"), ("1", "fast"), ("1", "fast-no-jpeg"),
-         ("2", "reference"), ("2", "per-image-no-wgrad"), ("2", "fast")} | {
-    (s, p) for s in ("e2e", "in1k") for p in ("reference", "fast", "fast-no-jpeg")}
+         ("2", "reference"), ("2", "per-image-no-wgrad"), ("2", "fast"), ("2", "fast-compile")} | {
+    (s, p) for s in ("e2e", "in1k") for p in ("reference", "fast", "fast-no-jpeg", "fast-compile")}
 REPEATS, STEPS1, STEPS2, REF_IMAGES, BATCH = 2, 4, 2, 1, 4
 TINY = {"ipc": 1, "classes": 2}  # the CLI times the preset's 10 classes at IPC 10; the test 2 classes at IPC 1
 TAG = "bench_digits-mar_cpu-1t"
@@ -27,16 +27,23 @@ TAG = "bench_digits-mar_cpu-1t"
 
 @pytest.fixture(scope="module")
 def mar_run(tmp_path_factory):
-    """One tiny ``bench --backbone mar --json`` run: (out folder, rows from the file, stdout, stderr)."""
+    """One tiny ``bench --backbone mar --compile --json`` run: (out folder, rows from the file, stdout, stderr).
+    The compiled stage-2 path is traced by dynamo and run by its ``eager`` backend: the bench's wiring is what is
+    checked here, Inductor's code in tests/test_mar_engines.py."""
+    import torch
+
     from cao2_fast import bench_mar
+    from cao2_fast.engines import compiled
 
     out = tmp_path_factory.mktemp("bench_mar")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench_mar, "run_bench_mar", functools.partial(bench_mar.run_bench_mar, **TINY))
+        mp.setattr(compiled, "compiled_callable",
+                   lambda module, mode, dynamic, device: torch.compile(module, backend="eager", dynamic=dynamic))
         stdout, stderr = run_cli_captured(
             ["bench", "--backbone", "mar", "--device", "cpu", "--threads", "1", "--steps1", str(STEPS1),
              "--steps2", str(STEPS2), "--ref-images", str(REF_IMAGES), "--batch", str(BATCH),
-             "--repeats", str(REPEATS), "--out", str(out), "--json"])
+             "--repeats", str(REPEATS), "--out", str(out), "--json", "--compile"])
     return out, json.loads((out / f"{TAG}.json").read_text()), stdout, stderr
 
 
@@ -78,9 +85,12 @@ def test_the_paths_are_what_they_say(mar_run):
     assert s1["fast"]["batch"] == s1["fast-no-jpeg"]["batch"] == 2 * n * TINY["classes"]
     assert all(r["steps_timed"] == STEPS1 and r["sample_steps"] == 16 for r in s1.values())
     assert all(0 <= r["decode_score_share"] <= 1 for r in s1.values())
-    s2 = {p: by["2", p] for p in ("reference", "per-image-no-wgrad", "fast")}
-    assert {p: (r["batch"], r["weight_grads"], r["dtype"]) for p, r in s2.items()} == {
-        "reference": (1, True, "float32"), "per-image-no-wgrad": (1, False, "float32"), "fast": (BATCH, False, "float32")}
+    s2 = {p: by["2", p] for p in ("reference", "per-image-no-wgrad", "fast", "fast-compile")}
+    assert {p: (r["batch"], r["weight_grads"], r["dtype"], r["engine"]) for p, r in s2.items()} == {
+        "reference": (1, True, "float32", "eager"), "per-image-no-wgrad": (1, False, "float32", "eager"),
+        "fast": (BATCH, False, "float32", "eager"), "fast-compile": (BATCH, False, "float32", "compile")}
+    assert s2["fast-compile"]["compile_s"] > 0 and all(r["compile_s"] is None for p, r in s2.items()
+                                                        if p != "fast-compile")
 
 
 def test_ratios_are_reference_time_over_path_time(mar_run):
@@ -125,6 +135,7 @@ def test_projected_rows_are_marked_and_carry_no_measured_looking_fields(mar_run)
             continue
         assert not MEASURED_ONLY & set(r), MEASURED_ONLY & set(r)
         s1 = r["path"]
+        s1 = "fast" if r["path"] == "fast-compile" else s1
         s2 = "fast" if r["path"] == "fast-no-jpeg" else r["path"]
         assert r["projected_from"] == [f"stage 1 {s1}", f"stage 2 {s2}"]
         r1, r2 = by["1", s1], by["2", s2]
@@ -161,7 +172,6 @@ def test_json_and_chart_are_written_under_a_mar_name(mar_run):
     (["--model", "dit-xl-2-256", "--random-weights"], "--model dit-xl-2-256 builds a DiT architecture"),
     (["--model", "tiny"], "--model tiny builds a DiT architecture"),
     (["--preset", "digits"], "--preset digits is a DiT preset"),
-    (["--compile"], "--compile: the MAR bench times the eager stages"),
     (["--steps1", "1"], "--steps1 must be at least 2 for MAR"),
     (["--steps2", "0"], "--steps2 must be at least 1 (got 0)"),
 ])
@@ -222,7 +232,7 @@ def test_the_library_call_refuses_bad_settings_before_any_work(kw, message):
 
 
 def test_the_chart_draws_every_path_and_its_ratio(mar_run, monkeypatch):
-    """The attribution paths are bars too: each stage panel has its three paths, in the rows' order, and the
+    """The attribution paths are bars too: each stage panel has its paths, in the rows' order, and the
     speed-up panel every non-reference path's ratio."""
     from cao2_fast import benchmark
 
@@ -234,7 +244,7 @@ def test_the_chart_draws_every_path_and_its_ratio(mar_run, monkeypatch):
     benchmark.chart_png(rows)
     stage1, stage2, job, ratios = drawn
     assert [n.replace("\n", "") for n in stage1[0]] == ["reference", "fast", "fast-no-jpeg"]
-    assert [n.replace("\n", "") for n in stage2[0]] == ["reference", "per-image-no-wgrad", "fast"]
-    assert [n.replace("\n", "") for n in job[0]] == ["reference", "fast", "fast-no-jpeg"]
+    assert [n.replace("\n", "") for n in stage2[0]] == ["reference", "per-image-no-wgrad", "fast", "fast-compile"]
+    assert [n.replace("\n", "") for n in job[0]] == ["reference", "fast", "fast-no-jpeg", "fast-compile"]
     want = [r["ratio"] for s in ("1", "2", "e2e") for r in rows if r["stage"] == s and r["path"] != "reference"]
-    assert ratios[1] == want and len(want) == 6
+    assert ratios[1] == want and len(want) == 8

@@ -13,7 +13,7 @@ import torch
 from cao2_fast.engines import EngineCache, build_engine, load, stage2_engine
 from cao2_fast.errors import UserError
 from cao2_fast.generators.mar import (HeadLoop, MARGenerator, MARStage1Noise, MARStage2Noise, Stage2Objective,
-                                      optimise_tokens, sample_tokens)
+                                      mask_rates, optimise_tokens, sample_tokens, stage2_mask_counts)
 from cao2_fast.models import mar as M
 from cao2_fast.models.random import random_vae
 
@@ -154,19 +154,45 @@ def test_the_head_loop_replays_the_steps_with_each_calls_inputs(gen):
     assert fallback.failed == "operation not permitted when stream is capturing" and not fallback.graphs
 
 
+def test_padded_encoder_rows_change_nothing_but_rounding(gen):
+    """The bucketed rows a compiled stage 2 gets (padding left out of attention, dropped by the decoder) give the
+    exact rows' z, for masks of every kind; the buckets are few at any size."""
+    x, mask = torch.randn(7, L, C), masks(7)
+    cond = gen.mar.class_embedding(torch.arange(7) % 10)
+    index, valid = gen.mar.kept_rows(mask, bucketed=True)
+    assert index.shape[1] == valid.shape[1] == 18 and valid.sum(1).tolist() == (2 + (mask == 0).sum(1)).tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(gen.mar(x, mask, cond, rows=(index, valid)), gen.mar(x, mask, cond),
+                                   atol=1e-5, rtol=1e-5)
+    assert [gen.mar.row_bucket(k) for k in (2, 8, 9, 17, 18)] == [8, 8, 16, 18, 18]
+    base = M.MARConfig.named("mar_base")
+    total = base.buffer_size + base.seq_len
+    buckets = {M.MAR.row_bucket(SimpleNamespace(cfg=base), k) for k in range(base.buffer_size, total + 1)}
+    assert len(buckets) <= 8 and max(buckets) == total and all(b % 8 == 0 for b in buckets if b < total)
+
+
 def test_stage_2_compiled_equals_eager(gen):
-    """An Adam step of a batch through the compiled objective (what ``--stage2-engine compile`` runs; one step:
-    each new count of visible tokens is another compilation, a minute on two busy cores)."""
+    """Adam steps of a batch through the compiled objective (what ``--stage2-engine compile`` runs), against eager.
+    The steps see different counts of visible tokens in one bucket: one compiled graph serves them all (each
+    compilation is about a minute on two busy cores)."""
+    from torch._dynamo.utils import counters
+
     tokens = torch.randn(3, L, C)
     cond = gen.mar.class_embedding(torch.tensor([0, 5, 9]))
-    noise = MARStage2Noise.draw(3, 1, L, C, torch.Generator().manual_seed(2))
-    run = dict(steps=1, lr=0.05, lam=10.0, rule="max", attached=True, include_vb=True)
+    noise = MARStage2Noise.draw(3, 3, L, C, torch.Generator().manual_seed(2))
+    run = dict(steps=3, lr=0.05, lam=10.0, rule="max", attached=True, include_vb=True)
     want = optimise_tokens(gen.mar, tokens, cond, noise, **run)
     compiled = stage2_engine("compile", Stage2Objective(gen.mar), "cpu")
+    counters.clear()
     got = optimise_tokens(gen.mar, tokens, cond, noise, objective=compiled, **run)
     torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.loss_last, want.loss_last, atol=1e-5, rtol=1e-5)
     assert (got.tokens - tokens).abs().max() > 1e-3  # the steps moved the tokens
+    visible = [int(gen.mar.kept_rows(M.mask_by_order(c, o).float())[0].shape[1]) for c, o in
+               zip(stage2_mask_counts(mask_rates(noise.u), L, "max").T, noise.orders.transpose(0, 1))]
+    assert len(set(visible)) > 1  # the steps' exact row counts differ ...
+    assert counters["stats"]["unique_graphs"] == 1  # ... and one graph served them
+    assert len(compiled.first_calls) == 1
 
 
 def test_the_engines_load_by_path_with_their_contracts(gen, onnx_engines):

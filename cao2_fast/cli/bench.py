@@ -62,7 +62,7 @@ def bench(
     device: Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.", rich_help_panel=WHAT)] = Device.auto,
     dtype: Annotated[DType | None, typer.Option(metavar="DTYPE", help="Fast path dtype: float32, bfloat16 or float16.", show_default="bfloat16 on CUDA, float32 on CPU; MAR: float32, the recipe's", rich_help_panel=WHAT)] = None,
     ops: Annotated[Ops | None, typer.Option(help="Stage-2 step ops.", show_default="triton on CUDA, torch on CPU", rich_help_panel=WHAT)] = None,
-    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart).", rich_help_panel=WHAT)] = False,
+    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart); MAR: an extra stage-2 path, fast-compile.", rich_help_panel=WHAT)] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths.", show_default="torch's", rich_help_panel=WHAT)] = None,
     steps1: Annotated[int | None, typer.Option(help="Sampling steps timed per candidate (normalised to 50); MAR: sampling iterations timed (normalised to the preset's by the cost model).", show_default="5; MAR: the preset's 16", rich_help_panel=HOW)] = None,
     steps2: Annotated[int, typer.Option(help="Stage-2 steps timed per latent.", rich_help_panel=HOW)] = 5,
@@ -147,7 +147,7 @@ def _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2
 
     refuse_options(model=model.value if model else None, random_weights=random_weights,
                    preset=preset.value if preset else None, early_reject=early_reject, early_keep=early_keep,
-                   early_reject_grid=early_reject_grid, ops=ops.value if ops else None, compile_stage2=compile_stage2)
+                   early_reject_grid=early_reject_grid, ops=ops.value if ops else None)
     for name, v in (("--steps2", steps2), ("--ref-images", ref_images), ("--repeats", repeats), ("--batch", batch)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be at least 1 (got {v})")
@@ -165,7 +165,7 @@ def _bench_mar(preset, model, random_weights, device, dtype, ops, compile_stage2
     out_dir = out if out is not None else user_cache_dir() / "bench"
     rows, jpath, ppath = run_and_write(out_dir, dev, log=log, warn=warn, fast_dtype=dtype.value if dtype else None,
                                        steps1=steps1, steps2=steps2, ref_images=ref_images, fast_batch=batch,
-                                       repeats=repeats or 3)
+                                       repeats=repeats or 3, compile_stage2=compile_stage2)
     _report(format_mar_table(rows), rows, f"{jpath} and {ppath}", as_json)
 
 

@@ -268,12 +268,14 @@ class TokenResult:
 
 
 def stage2_loss(model: MAR, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-                eps: torch.Tensor, lam: float, attached: bool, include_vb: bool) -> torch.Tensor:
+                eps: torch.Tensor, lam: float, attached: bool, include_vb: bool,
+                rows: tuple | None = None) -> torch.Tensor:
     """Each image's stage-2 loss (B,): the masked mean of MAR's per-token diffusion loss plus λ·max|ε − ε̂| over all
-    its tokens. x (B, L, C) tokens, mask (B, L) float (1 = hidden), t (B, L), eps (B, L, C)."""
+    its tokens. x (B, L, C) tokens, mask (B, L) float (1 = hidden), t (B, L), eps (B, L, C); ``rows`` the mask's
+    :meth:`~cao2_fast.models.mar.MAR.kept_rows` (computed from it when not given)."""
     b, seq_len, c = x.shape
     param = next(model.parameters())
-    z = model(x.to(param.dtype), mask, cond.to(param.dtype))
+    z = model(x.to(param.dtype), mask, cond.to(param.dtype), rows=rows)
     target = x if attached else x.detach()
     terms = model.forward_loss(z, target.to(param.dtype), t.reshape(-1), eps.reshape(-1, c).to(param.dtype),
                                include_vb)
@@ -290,8 +292,9 @@ class Stage2Objective(torch.nn.Module):
         super().__init__()
         self.mar = mar
 
-    def forward(self, x, cond, mask, t, eps, lam: float, attached: bool, include_vb: bool) -> torch.Tensor:
-        return stage2_loss(self.mar, x, cond, mask, t, eps, lam, attached, include_vb)
+    def forward(self, x, cond, mask, t, eps, lam: float, attached: bool, include_vb: bool,
+                rows: tuple | None = None) -> torch.Tensor:
+        return stage2_loss(self.mar, x, cond, mask, t, eps, lam, attached, include_vb, rows)
 
 
 def optimise_tokens(model: MAR, tokens: torch.Tensor, cond: torch.Tensor, noise: MARStage2Noise, steps: int,
@@ -301,8 +304,11 @@ def optimise_tokens(model: MAR, tokens: torch.Tensor, cond: torch.Tensor, noise:
     gradient of an image is its own loss's (the batch's losses are summed, and Adam is elementwise), so a batch
     equals its images optimised one by one. An image whose loss, gradient or update is not finite stops there and
     keeps its last finite tokens. ``objective`` (a :class:`Stage2Objective` or its compiled engine) computes the
-    losses instead of :func:`stage2_loss` on ``model``."""
+    losses instead of :func:`stage2_loss` on ``model``; an engine gets the encoder's rows padded to
+    :meth:`~cao2_fast.models.mar.MAR.row_bucket`, so it compiles once per bucket, not once per count of visible
+    tokens."""
     device = torch.device(device)
+    bucketed = objective is not None
     objective = objective if objective is not None else Stage2Objective(model)
     b1, b2, adam_eps = 0.9, 0.999, 1e-8
     x = tokens.detach().to(device, torch.float32, copy=True)
@@ -319,7 +325,7 @@ def optimise_tokens(model: MAR, tokens: torch.Tensor, cond: torch.Tensor, noise:
         xg = x.clone().requires_grad_(True)
         with torch.enable_grad():
             loss = objective(xg, cond, mask, noise.t[:, k].to(device), noise.eps[:, k].to(device), lam, attached,
-                             include_vb)
+                             include_vb, model.kept_rows(mask, bucketed))
             (g,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
         g = torch.zeros_like(x) if g is None else g
         loss = loss.detach().cpu()

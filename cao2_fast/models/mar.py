@@ -354,23 +354,35 @@ class MAR(nn.Module):
 
     # -- encoder and decoder --------------------------------------------------------------------------------------
 
-    def kept_rows(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def kept_rows(self, mask: torch.Tensor, bucketed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoder's rows of each sample: (index [B, K] into the buffer+sequence rows — the buffer first, then
         the unmasked tokens in position order, then, where a row keeps fewer than K, masked positions as padding;
-        valid [B, K] bool, or None when every row keeps K)."""
+        valid [B, K] bool, or None when every row keeps K). K is the most rows any sample keeps; ``bucketed``
+        rounds it up to :meth:`row_bucket` and always returns ``valid``, so a compiled caller sees a few shapes,
+        not one per count (the padded rows are left out of attention and the decoder drops them)."""
         b = mask.shape[0]
         keep = torch.cat([torch.ones(b, self.cfg.buffer_size, dtype=torch.bool, device=mask.device), mask == 0], 1)
         counts = keep.sum(1)
         k = int(counts.max())
+        if bucketed:
+            k = self.row_bucket(k)
         index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :k]
-        if bool((counts == k).all()):
+        if not bucketed and bool((counts == k).all()):
             return index, None
         return index, torch.arange(k, device=mask.device)[None] < counts[:, None]
 
+    def row_bucket(self, k: int) -> int:
+        """``k`` encoder rows rounded up to a multiple of 8 chosen so that the buffer plus the whole sequence spans
+        at most 8 such steps (the last bucket is the full length)."""
+        total = self.cfg.buffer_size + self.cfg.seq_len
+        step = 8 * math.ceil(total / 64)
+        return min(total, step * math.ceil(k / step))
+
     def forward_mae_encoder(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
-                            drop: torch.Tensor | None = None) -> torch.Tensor:
+                            drop: torch.Tensor | None = None, rows: tuple | None = None) -> torch.Tensor:
         """tokens [B, L, token_dim], mask [B, L] (nonzero = masked), class_embedding [B, width] → the encoded rows
-        [B, K, width] (buffer, then the visible tokens in position order; see :meth:`kept_rows`).
+        [B, K, width] (buffer, then the visible tokens in position order; see :meth:`kept_rows`, whose result
+        ``rows`` may pass in).
 
         In training mode the class embedding drops to ``fake_latent`` where ``drop`` [B] is true (drawn here with
         probability ``label_drop_prob`` from torch's global generator when not given); in eval mode never."""
@@ -383,19 +395,19 @@ class MAR(nn.Module):
             class_embedding = m * self.fake_latent + (1 - m) * class_embedding
         buffer = class_embedding.unsqueeze(1).to(x.dtype).expand(b, self.cfg.buffer_size, d)
         x = self.z_proj_ln(torch.cat([buffer, x], 1) + self.encoder_pos_embed_learned)
-        index, valid = self.kept_rows(mask)
+        index, valid = self.kept_rows(mask) if rows is None else rows
         x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, d))
         for block in self.encoder_blocks:
             x = self._run(block, x, valid)
         return self.encoder_norm(x)
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoded rows [B, K, enc width] and the same mask → z [B, L, dec width]: every masked position and the
-        buffer start as ``mask_token``, the encoded rows go back to their positions, then the decoder blocks, its
-        norm, the buffer rows dropped and the diffusion position table added."""
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, rows: tuple | None = None) -> torch.Tensor:
+        """Encoded rows [B, K, enc width] and the same mask (and ``rows``) → z [B, L, dec width]: every masked
+        position and the buffer start as ``mask_token``, the encoded rows go back to their positions, then the
+        decoder blocks, its norm, the buffer rows dropped and the diffusion position table added."""
         x = self.decoder_embed(x)
         b, _, d = x.shape
-        index, valid = self.kept_rows(mask)
+        index, valid = self.kept_rows(mask) if rows is None else rows
         token = self.mask_token.to(x.dtype)
         if valid is not None:
             x = torch.where(valid.unsqueeze(-1), x, token)
@@ -407,9 +419,12 @@ class MAR(nn.Module):
         return x[:, self.cfg.buffer_size:] + self.diffusion_pos_embed_learned
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder then decoder: z [B, L, dec width], the DiffLoss condition of every token."""
-        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, drop), mask)
+                drop: torch.Tensor | None = None, rows: tuple | None = None) -> torch.Tensor:
+        """Encoder then decoder: z [B, L, dec width], the DiffLoss condition of every token (``rows``: the mask's
+        :meth:`kept_rows`, computed here when not given)."""
+        rows = self.kept_rows(mask) if rows is None else rows
+        return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, class_embedding, drop, rows), mask,
+                                        rows)
 
     def forward_static(self, tokens: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` in eval mode with fixed shapes: the encoder keeps every row in place and the masked ones
