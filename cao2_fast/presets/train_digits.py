@@ -306,14 +306,22 @@ def train_dit(latents: torch.Tensor, y: torch.Tensor, sched: Schedule, seed: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(sched.dit_ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.update()
-        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        loss_ema = after_step(ema_params, params, sched.dit_ema, step, loss, loss_ema, bar)
     bar.close()
     return ema.eval(), {"loss": loss_ema}
+
+
+def after_step(ema_params: list, params: list, rate: float, step: int, loss: torch.Tensor, loss_ema: float | None,
+               bar) -> float:
+    """What follows an optimiser step: the EMA weights move towards the weights (decay min(rate, (1+step)/(10+step)),
+    the usual warm-up), the loss's running mean (0.98) is updated and shown on ``bar``. Returns that mean."""
+    decay = min(rate, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+    bar.update()
+    bar.set_postfix(loss=f"{loss_ema:.4f}")
+    return loss_ema
 
 
 # ---------------------------------------------------------------------------------------------------------------------

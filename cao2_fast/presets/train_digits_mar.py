@@ -57,7 +57,7 @@ from ..models.mar import (MAR, MARConfig, linear_cfg, mask_by_order, next_mask_l
                           random_orders, save_mar, unpatchify)
 from ..models.vae import VAE
 from .digits_data import CLASS_NAMES, IMAGE_SIZE, digits_split
-from .train_digits import (VAE_FILES, _atomic_save_dir, _atomic_save_file, _progress, _versions,
+from .train_digits import (VAE_FILES, _atomic_save_dir, after_step, _atomic_save_file, _progress, _versions,
                            augment, batch_indices, decode_all, encode_all, predict, recommended_scale, set_lr,
                            warmup_cosine)
 from .train_digits import prepare_out_dir as _prepare_out_dir
@@ -282,12 +282,7 @@ def train_mar(tokens: torch.Tensor, labels: torch.Tensor, sched: MARSchedule, se
         opt.step()
         if anchor is not None:
             anchor.impose(model.diffloss.net)
-        decay = min(sched.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.update()
-        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        loss_ema = after_step(ema_params, params, sched.ema, step, loss, loss_ema, bar)
     bar.close()
     shipped = MAR(config)
     shipped.load_state_dict(ema.state_dict(), strict=True)
