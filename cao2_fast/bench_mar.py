@@ -321,8 +321,8 @@ def run_bench_mar(device: str = "cpu", fast_dtype: str | None = None, steps1: in
 
 
 def project(ctx: _Ctx, rows: list[dict], stage2_steps: int, in1k: dict, paths: dict = E2E_PATHS) -> list[dict]:
-    """The projected rows of each job path (``paths``, by default :data:`E2E_PATHS`): the digits job (stage ``e2e``) from the stage rows'
-    per-item times, and ImageNet-1K IPC 10 on ``mar_base`` (stage ``in1k``) at the TFLOP/s each stage row reached
+    """The projected rows of each job path (``paths``, by default :data:`E2E_PATHS`): the digits job (stage
+    ``e2e``) from the stage rows' per-item times, and ImageNet-1K IPC 10 on ``mar_base`` (stage ``in1k``) at the TFLOP/s each stage row reached
     (its per-item time scaled by mar_base's FLOPs over the digits model's). Marked ``projected``, with the projection
     of each round of runs as their spread, and no measured-looking fields."""
     n_digits = DIGITS_JOB["classes"] * 2 * DIGITS_JOB["ipc"]

@@ -94,11 +94,12 @@ def generate_early(dit: Fn, diffusion: Diffusion, noise: Stage1Noise, labels: to
                    guidance_interval: tuple[float, float] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`generate` with early rejection (any sampler; a survivor's solver state follows it). ``labels`` hold
-    whole classes of ``per_class`` candidates each, class by class. At each check ``(step, keep)`` — after ``step`` of the sampling steps, steps increasing, keeps
-    shrinking — the x̂0 of every live candidate is scored (``score(x0) -> (probs, finite)``), class ``j``'s live
-    candidates are ordered by ``rank(j, candidate_index_in_class, probs, finite)`` (positions, best first), and
-    the first ``keep`` of each class sample on; the others are dropped. Survivors keep their own noise rows, so a
-    survivor's arithmetic is the full run's (only batch composition differs, which may change float rounding).
+    whole classes of ``per_class`` candidates each, class by class. At each check ``(step, keep)`` — after ``step``
+    of the sampling steps, steps increasing, keeps shrinking — the x̂0 of every live candidate is scored
+    (``score(x0) -> (probs, finite)``), class ``j``'s live candidates are ordered by ``rank(j,
+    candidate_index_in_class, probs, finite)`` (positions, best first), and the first ``keep`` of each class
+    sample on; the others are dropped. Survivors keep their own noise rows, so a survivor's arithmetic is the full
+    run's (only batch composition differs, which may change float rounding).
 
     Returns (latents of the survivors, their indices into ``labels`` in increasing order, a mask over ``labels`` of
     the candidates whose early scores were not finite)."""

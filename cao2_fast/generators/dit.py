@@ -3,8 +3,9 @@
 Stage 1 is the DiT's own DDPM ancestral sampler respaced to ``sample_steps`` steps, with learned variance and
 classifier-free guidance on the first ``guided_channels`` eps channels (:mod:`cao2_fast.stage1`), or a few-step
 diffusers scheduler (:mod:`cao2_fast.schedulers`), optionally with early rejection and a guidance interval. Stage 2
-optimises each latent's denoising error under the condition (:mod:`cao2_fast.stage2`), each image with its own noise: a fresh draw from its class's stream, or under the
-released recipe an entry of the fixed 1024-noise bank (:func:`cao2_fast.stage2.noise_bank`) picked from that stream.
+optimises each latent's denoising error under the condition (:mod:`cao2_fast.stage2`), each image with its own
+noise: a fresh draw from its class's stream, or under the released recipe an entry of the fixed 1024-noise bank
+(:func:`cao2_fast.stage2.noise_bank`) picked from that stream.
 """
 
 from __future__ import annotations

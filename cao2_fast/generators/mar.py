@@ -271,8 +271,8 @@ def stage2_loss(model: MAR, x: torch.Tensor, cond: torch.Tensor, mask: torch.Ten
                 eps: torch.Tensor, lam: float, attached: bool, include_vb: bool,
                 rows: tuple | None = None) -> torch.Tensor:
     """Each image's stage-2 loss (B,): the masked mean of MAR's per-token diffusion loss plus λ·max|ε − ε̂| over all
-    its tokens. x (B, L, C) tokens, mask (B, L) float (1 = hidden), t (B, L), eps (B, L, C); ``rows`` the mask's
-    :meth:`~cao2_fast.models.mar.MAR.kept_rows` (computed from it when not given)."""
+    its tokens. x (B, L, C) tokens, mask (B, L) float (1 = hidden), t (B, L), eps (B, L, C); ``rows`` the
+    mask's :meth:`~cao2_fast.models.mar.MAR.kept_rows` (computed from it when not given)."""
     b, seq_len, c = x.shape
     param = next(model.parameters())
     z = model(x.to(param.dtype), mask, cond.to(param.dtype), rows=rows)

@@ -57,7 +57,7 @@ from ..models.mar import (MAR, MARConfig, linear_cfg, mask_by_order, next_mask_l
                           random_orders, save_mar, unpatchify)
 from ..models.vae import VAE
 from .digits_data import CLASS_NAMES, IMAGE_SIZE, digits_split
-from .train_digits import (VAE_FILES, _atomic_save_dir, after_step, _atomic_save_file, _progress, _versions,
+from .train_digits import (VAE_FILES, _atomic_save_dir, _atomic_save_file, _progress, _versions, after_step,
                            augment, batch_indices, decode_all, encode_all, predict, recommended_scale, set_lr,
                            warmup_cosine)
 from .train_digits import prepare_out_dir as _prepare_out_dir
