@@ -10,7 +10,8 @@
 #                 -> selftest.json; also the gpu-marked tests -> gpu_tests.log
 #     bench-s     cao2-fast bench with DiT-S/2-256, stage 1 also on DDIM 25 steps     -> bench_dit-s-2-256_*.json
 #     xl-eager    cao2-fast bench with DiT-XL/2-256, eager stage 2                      -> bench_dit-xl-2-256_*.json
-#     xl-compile  the same with the compiled stage-2 engine (its compile time is kept apart)
+#     xl-compile  the same with --compile: stage 2 on the compiled engine, stage 1 also as fast-compile (the
+#                 DiT on the compiled engine, CUDA graphs); compile times are kept apart
 #     mar         cao2-fast bench --backbone mar on the GPU (the digits MAR preset; the head's CUDA-graph loop)
 #                                                                                    -> bench_digits-mar_cuda.json
 #

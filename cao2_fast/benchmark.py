@@ -352,8 +352,9 @@ def start_run(device, log: Callable[[str], None], warn: Callable[[str], None] | 
 def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None = None, steps1: int = 5,
               steps2: int = 5, ref_images: int = 2, fast_batch: int | None = None, classes: int | None = None,
               ops: str | None = None, cuda_graph: bool | None = None, compile_stage2: bool = False,
-              repeats: int = 3, early_step=None, early_keep=None, sampler: str | None = None,
-              sample_steps: int | None = None, log=print, warn: Callable[[str], None] | None = None) -> list[dict]:
+              compile_stage1: bool = False, repeats: int = 3, early_step=None, early_keep=None,
+              sampler: str | None = None, sample_steps: int | None = None, log=print,
+              warn: Callable[[str], None] | None = None) -> list[dict]:
     """Measure both paths for stage 1 and stage 2 and project the whole job. Returns JSON-ready rows. ``log`` gets a
     line as each phase begins and ends (and the notes of a halved batch); ``warn`` (default: ``log`` with a
     ``warning:`` prefix) the busy-machine warnings.
@@ -368,9 +369,14 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     ``sampler``/``sample_steps``: a few-step stage-1 sampler (``ddim``/``dpmpp``, :mod:`cao2_fast.schedulers`) over
     ``sample_steps`` steps; stage 1 and the job get the path ``fast+SAMPLER``, the fast stage 1 on it (``steps1`` of
     50 becomes the same share of its steps, raised to a whole count), and its job row the ImageNet-1K IPC10
-    projection on one H100 beside the exact method's."""
+    projection on one H100 beside the exact method's.
+
+    ``compile_stage2``: the fast stage 2 on the ``compile`` engine. ``compile_stage1``: stage 1 and the job get the
+    path ``fast-compile``, the fast stage 1 with its DiT on the ``compile`` engine (what ``--engine compile`` runs:
+    CUDA graphs on CUDA); its first run, where the compiling happens, is timed apart as the row's ``compile_s``."""
     b = _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, classes, ops, cuda_graph,
                  compile_stage2, repeats, early_step, early_keep, log, warn, sampler, sample_steps)
+    b.compile_stage1 = compile_stage1
     rows = _bench_stage1(b)
     rows += _bench_stage2(b)
     rows += _project(b, rows)
@@ -404,6 +410,7 @@ class _Run:
     load_before: dict
     g: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     fast_dit: torch.nn.Module | None = None  # the fast path's DiT, built with stage 1's paths
+    compile_stage1: bool = False  # time the fast-compile stage-1 path too
 
     @property
     def fdt(self) -> torch.dtype:
@@ -502,11 +509,11 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
     labels = torch.tensor([c for c in range(b.classes) for _ in range(n_cand)])
     b.fast_dit = fast_dit  # stage 2's fast path starts from the same copy
 
-    def sampled(schedule, stop: int = 0):
+    def sampled(schedule, stop: int = 0, dit=fast_dit):
         """The fast stage 1 on ``schedule`` (its steps down to ``stop``), decoded and scored inside the clock."""
         def run(clock):
             with torch.no_grad():
-                z = stage1.generate(lambda x, t, y: fast_dit(x, t, y), schedule, allnoise, labels, cfg.num_classes,
+                z = stage1.generate(lambda x, t, y: dit(x, t, y), schedule, allnoise, labels, cfg.num_classes,
                                     s.guidance_scale, 3, dev, fdt, batch=len(labels), stop=stop)
                 with clock:
                     selection.decode_and_score(vae_f.decode, clf_f, z, dev, fdt, batch=min(64, len(labels)))
@@ -537,6 +544,11 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
         kind, n_steps = b.sampler
         timed = b.steps1 * n_steps // 50  # the same share of its steps as steps1 is of 50
         paths.append((f"fast+{kind}", sampled(SchedulerSampler(kind, n_steps), stop=n_steps - timed)))
+    if b.compile_stage1:  # the DiT as the compile engine builds it (reduce-overhead: CUDA graphs on CUDA)
+        from .engines.compiled import compiled_callable, resolve_mode
+
+        paths.append(("fast-compile", sampled(diffusion_short, dit=compiled_callable(fast_dit, resolve_mode(None, dev),
+                                                                                      None, dev))))
     return paths
 
 
@@ -561,13 +573,12 @@ def _bench_stage1(b: _Run) -> list[dict]:
     b.log(f"stage 1: warm-up, then {b.repeats} timed runs of each path ({n1} candidates, {b.steps1} steps"
           + (f"; fast+early checks {', '.join(f'keep {m} after {st}/50' for st, m in b.early)}" if b.early else "")
           + ")")
-    for _, fn in paths:  # warm-ups
-        fn(_Clock(b.dev))
+    warm = [_timed(lambda fn=fn: fn(_Clock(b.dev)), b.dev) for _, fn in paths]  # warm-ups (and compilation)
     totals, inside = _timed_scaled([fn for _, fn in paths], b.dev, b.repeats, 50 / b.steps1)  # to 50 steps each
     mems = [_peak_of(lambda fn=fn: fn(_Clock(b.dev)), b.dev) for _, fn in paths]
     flop1 = 50 * 2 * b.flop_fwd  # per candidate (guided: 2 forwards per step)
     rows = []
-    for (path, _), tot, ins, mem in zip(paths, totals, inside, mems):
+    for (path, _), tot, ins, mem, warm_s in zip(paths, totals, inside, mems, warm):
         early = path == "fast+early"
         # fast+early: the DiT forwards it runs per candidate it starts, every step guided as in flop1
         flop = stage1.dit_forwards(b.n_cand, 50, b.early, 2.0) * b.flop_fwd / b.n_cand if early else flop1
@@ -579,7 +590,8 @@ def _bench_stage1(b: _Run) -> list[dict]:
             2 * b.n_cand if path == "reference" else 2 * n1, "candidates/s", tot, n1, flop, mem,
             decode_score_share=statistics.median(ins) / statistics.median(tot), steps_timed=b.steps1,
             **({"early_reject": [list(c) for c in b.early]} if early else {}),
-            **({"sampler": b.sampler[0], "sample_steps": b.sampler[1]} if few else {})))
+            **({"sampler": b.sampler[0], "sample_steps": b.sampler[1]} if few else {}),
+            **({"engine": "compile", "compile_s": warm_s} if path == "fast-compile" else {})))
     b.log("stage 1: " + ", ".join(f"{r['path']} {r['throughput']:.2f}" for r in rows) + " candidates/s ("
           + ", ".join(f"{rows[0]['seconds_per_item'] / r['seconds_per_item']:.2f}x" for r in rows[1:]) + ")")
     return rows
@@ -633,10 +645,9 @@ def _project(b: _Run, rows: list[dict]) -> list[dict]:
         return job["candidates"] * s1 + job["latents"] * 100 * s2
 
     out = []
-    paths = ("reference", "fast") + (("fast+early",) if b.early else ()) + ((f"fast+{b.sampler[0]}",) if b.sampler else ())
-    for path in paths:
+    for path in [r["path"] for r in rows if r["stage"] == "1"]:
         r1 = next(r for r in rows if r["stage"] == "1" and r["path"] == path)
-        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == path.split("+")[0])  # stage 2 as fast
+        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == ("reference" if path == "reference" else "fast"))
         sec = seconds(r1["seconds_per_item"], r2["seconds_per_item"])
         runs = [seconds(a, c) for a, c in zip(r1["seconds_per_item_runs"], r2["seconds_per_item_runs"])]
         flop = job["candidates"] * r1["flop_per_item"] + job["latents"] * 100 * r2["flop_per_item"]
@@ -842,8 +853,9 @@ def chart_png(rows: list[dict]) -> bytes:
     ax.tick_params(labelsize=8)
     fast2 = by.get(("2", "fast"), {})
     engine = "torch.compile" if fast2.get("engine") == "compile" else "eager"
-    also = [r["path"] for r in rows if r["stage"] == "2" and r["path"] != "fast" and r.get("engine") == "compile"]
-    if also:  # a further stage-2 path on the compiled engine (the MAR bench's fast-compile)
+    also = [("stage-1 " if r["stage"] == "1" else "") + r["path"] for r in rows if r.get("engine") == "compile"
+            and r["stage"] in ("1", "2") and (r["stage"], r["path"]) != ("2", "fast")]
+    if also:  # further paths on the compiled engine (the stage-1 or MAR stage-2 fast-compile)
         engine += f" ({', '.join(also)}: torch.compile)"
     r0 = rows[0]
     early = by.get(("1", "fast+early"), {}).get("early_reject")
@@ -934,6 +946,9 @@ def format_table(rows: list[dict]) -> str:
                              f"{100 * p['stage1_flop_saved']:.0f} % below the exact 50-step stage 1; ImageNet-1K "
                              f"IPC10 on one {p['gpu']} at peak {p['minutes_at_peak']:.1f} min against the exact "
                              f"method's {p['exact_minutes_at_peak']:.1f} min (FLOP model: a floor, not measured)")
+    compiled = [f"stage {r['stage']} {r['path']} {r['compile_s']:.0f} s" for r in rows if r.get("compile_s")]
+    if compiled:
+        lines.append("torch.compile: first run (compiling) " + ", ".join(compiled) + ", not in the medians")
     load = r0.get("machine_load")
     if load and load["before"].get("loadavg") and load["after"].get("loadavg"):
         busy = load["busy_before"] or load["busy_during"]

@@ -17,24 +17,41 @@ MEASURED_ONLY = {"batch", "tflops", "mfu", "peak_mem_gib", "mem_measure"}
 REPEATS = 4  # the least count with quartiles
 
 
+TAG = "bench_tiny_cpu-1t_compile_dpmpp25"
+
+
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory):
-    """One tiny bench run with --json: (out folder, rows from the file, stdout, stderr)."""
+    """One tiny bench run with --json and --compile: (out folder, rows from the file, stdout, stderr). The compiled
+    paths are traced by dynamo and run by its ``eager`` backend, so the bench's wiring is checked cheaply (Inductor's
+    output against eager is tests/test_engines.py's)."""
+    from cao2_fast.engines import compiled
+
     out = tmp_path_factory.mktemp("bench")
-    stdout, stderr = run_cli_captured(
-        ["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
-         "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
-         "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
-         "--sampler", "dpmpp", "--sample-steps", "25"])
-    return out, json.loads((out / "bench_tiny_cpu-1t_dpmpp25.json").read_text()), stdout, stderr
+    calls = []
+
+    def traced(module, mode, dynamic, device):
+        calls.append(type(module).__name__)
+        return torch.compile(module, backend="eager", dynamic=dynamic)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled, "compiled_callable", traced)
+        stdout, stderr = run_cli_captured(
+            ["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
+             "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
+             "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
+             "--sampler", "dpmpp", "--sample-steps", "25", "--compile"])
+    assert calls, "--compile built no compiled engine"
+    return out, json.loads((out / f"{TAG}.json").read_text()), stdout, stderr
 
 
 def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):
     out, rows, _, _ = tiny_rows
-    assert (out / "bench_tiny_cpu-1t_dpmpp25.png").stat().st_size > 1000
+    assert (out / f"{TAG}.png").stat().st_size > 1000
     assert {(r["stage"], r["path"]) for r in rows} == ({(s, p) for s in ("1", "2", "e2e") for p in ("reference", "fast")}
                                                      | {(s, p) for s in ("1", "e2e") for p in ("fast+early",
-                                                                                               "fast+dpmpp")})
+                                                                                               "fast+dpmpp",
+                                                                                               "fast-compile")})
     for r in rows:
         assert (MEASURED if r["stage"] != "e2e" else COMMON) <= set(r), MEASURED - set(r)
         assert r["device"].startswith("cpu") and "1 threads" in r["device"]
@@ -47,7 +64,8 @@ def test_projected_rows_are_marked_and_carry_no_measured_looking_fields(tiny_row
         assert r["projected"] is (r["stage"] == "e2e")
         if r["projected"]:
             assert not MEASURED_ONLY & set(r), MEASURED_ONLY & set(r)
-            assert r["projected_from"] == [f"stage 1 {r['path']}", f"stage 2 {r['path'].split('+')[0]}"]
+            stage2 = "reference" if r["path"] == "reference" else "fast"  # every fast stage 1 with the fast stage 2
+            assert r["projected_from"] == [f"stage 1 {r['path']}", f"stage 2 {stage2}"]
         else:
             assert r["peak_mem_gib"] >= 0 and "RSS" in r["mem_measure"]
 
@@ -129,7 +147,7 @@ def test_bench_rows_are_consistent(tiny_rows):
     _, rows, _, _ = tiny_rows
     by = {(r["stage"], r["path"]): r for r in rows}
     for stage, path in (("1", "fast"), ("2", "fast"), ("e2e", "fast"), ("1", "fast+early"), ("e2e", "fast+early"),
-                        ("1", "fast+dpmpp"), ("e2e", "fast+dpmpp")):
+                        ("1", "fast+dpmpp"), ("e2e", "fast+dpmpp"), ("1", "fast-compile"), ("e2e", "fast-compile")):
         ref, fast = by[stage, "reference"], by[stage, path]
         assert ref["ratio"] == 1.0
         assert fast["ratio"] == pytest.approx(ref["seconds_per_item"] / fast["seconds_per_item"])
@@ -143,6 +161,23 @@ def test_bench_rows_are_consistent(tiny_rows):
     job = e2e["job"]
     assert e2e["seconds_per_item"] == pytest.approx(job["candidates"] * by["1", "fast"]["seconds_per_item"]
                                                     + job["latents"] * 100 * by["2", "fast"]["seconds_per_item"])
+
+
+def test_compile_times_stage_1_on_the_compiled_dit_and_keeps_its_compile_time_apart(tiny_rows):
+    """--compile: stage 2's fast path runs on the compile engine, and stage 1 gains fast-compile, the fast stage 1
+    with the DiT compiled; its first run is its compile_s, outside the medians; the job is projected on it too."""
+    _, rows, _, stderr = tiny_rows
+    by = {(r["stage"], r["path"]): r for r in rows}
+    c1, fast1 = by["1", "fast-compile"], by["1", "fast"]
+    assert c1["engine"] == "compile" and c1["compile_s"] > 0 and "engine" not in fast1
+    assert by["2", "fast"]["engine"] == "compile" and by["2", "fast"]["compile_s"] > 0
+    assert (c1["flop_per_item"], c1["steps_timed"], c1["batch"]) == (fast1["flop_per_item"], fast1["steps_timed"],
+                                                                     fast1["batch"])
+    e2e = by["e2e", "fast-compile"]
+    assert e2e["seconds_per_item"] == pytest.approx(e2e["job"]["candidates"] * c1["seconds_per_item"]
+                                                    + e2e["job"]["latents"] * 100 * by["2", "fast"]["seconds_per_item"])
+    line = next(x for x in stderr.splitlines() if x.startswith("torch.compile: first run"))
+    assert f"stage 1 fast-compile {c1['compile_s']:.0f} s" in line and "stage 2 fast" in line
 
 
 def test_early_rejection_is_timed_on_whole_steps_and_counted(tiny_rows):

@@ -62,7 +62,7 @@ def bench(
     device: Annotated[Device, typer.Option("--device", help="Where to run: auto picks CUDA when present.", rich_help_panel=WHAT)] = Device.auto,
     dtype: Annotated[DType | None, typer.Option(metavar="DTYPE", help="Fast path dtype: float32, bfloat16 or float16.", show_default="bfloat16 on CUDA, float32 on CPU; MAR: float32, the recipe's", rich_help_panel=WHAT)] = None,
     ops: Annotated[Ops | None, typer.Option(help="Stage-2 step ops.", show_default="triton on CUDA, torch on CPU", rich_help_panel=WHAT)] = None,
-    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine (compile time reported apart); MAR: an extra stage-2 path, fast-compile.", rich_help_panel=WHAT)] = False,
+    compile_stage2: Annotated[bool, typer.Option("--compile", help="Fast stage 2 on the torch.compile engine, and a stage-1 path fast-compile (the DiT on it; compile times reported apart); MAR: an extra stage-2 path, fast-compile.", rich_help_panel=WHAT)] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch, both paths.", show_default="torch's", rich_help_panel=WHAT)] = None,
     steps1: Annotated[int | None, typer.Option(help="Sampling steps timed per candidate (normalised to 50); MAR: sampling iterations timed (normalised to the preset's by the cost model).", show_default="5; MAR: the preset's 16", rich_help_panel=HOW)] = None,
     steps2: Annotated[int, typer.Option(help="Stage-2 steps timed per latent.", rich_help_panel=HOW)] = 5,
@@ -132,7 +132,8 @@ def bench(
     tag = f"bench_{name}_{where}{'_compile' if compile_stage2 else ''}{f'_{few[0]}{few[1]}' if few else ''}"
     check_destination(out_dir, tag)  # before the run: a refused destination costs no bench time
     rows = run_bench(name, dev, dtype.value if dtype else None, steps1, steps2, ref_images, batch,
-                     ops=ops.value if ops else None, compile_stage2=compile_stage2, repeats=repeats,
+                     ops=ops.value if ops else None, compile_stage2=compile_stage2, compile_stage1=compile_stage2,
+                     repeats=repeats,
                      early_step=early_step, early_keep=early_keep_, sampler=sampler, sample_steps=sample_steps,
                      log=log, warn=warn)
     jpath, ppath = write_results(rows, out_dir, tag)
