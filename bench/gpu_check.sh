@@ -8,7 +8,7 @@
 #     preflight   seconds: CUDA, torch, triton, and the packages the project imports; fails naming what is missing
 #     selftest    cao2-fast selftest on DiT-S/2-256 (engines vs eager, native kernels, CUDA-graph step, bf16)
 #                 -> selftest.json; also the gpu-marked tests -> gpu_tests.log
-#     bench-s     cao2-fast bench with DiT-S/2-256, stage 1 also on DDIM 25 steps     -> bench_dit-s-2-256_*.json
+#     bench-s     cao2-fast bench with DiT-S/2-256, stage 1 also on DDIM 24 steps     -> bench_dit-s-2-256_*.json
 #     xl-eager    cao2-fast bench with DiT-XL/2-256, eager stage 2                      -> bench_dit-xl-2-256_*.json
 #     xl-compile  the same with --compile: stage 2 on the compiled engine, stage 1 also as fast-compile (the
 #                 DiT on the compiled engine, CUDA graphs); compile times are kept apart
@@ -69,7 +69,7 @@ EOF
       done_already "bench_dit-s-2-256_cuda*.json" bench-s && continue
       echo "== bench DiT-S/2-256"
       timeout 540 cao2-fast bench --model dit-s-2-256 --random-weights --device cuda --steps2 20 \
-        --sampler ddim --sample-steps 25 --out "$out" \
+        --sampler ddim --sample-steps 24 --out "$out" \
         || failed+=(bench-s)
       ;;
     xl-eager)

@@ -179,8 +179,10 @@ def chart(results: dict, path: Path) -> None:
         r = next(r for r in RECIPES if f"{r}|{n}" in results["set_summary"])
         fwd = results["set_summary"][f"{r}|{n}"]["stage1_dit_forwards_per_class"]
         saved = 1 - fwd / results["set_summary"][f"{r}|exact"]["stage1_dit_forwards_per_class"]
-        labels.append(f"{n}\n({100 * saved:.0f} % saved)")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.62 * len(names)), sharey=True)
+        ns = sorted({results["paired"][k]["n"] for k in results["paired"] if k.split("|")[1] == n})
+        seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        labels.append(f"{n}\n({100 * saved:.0f} % saved, n = {seeds})")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.3 + 0.62 * len(names)), sharey=True)
     colors = {"official": "tab:blue", "consistent": "tab:orange"}
     for ax, p in zip(axes, PROTOCOLS):
         for k, r in enumerate(RECIPES):
@@ -194,16 +196,13 @@ def chart(results: dict, path: Path) -> None:
                 lo.append(e["mean"] - e["ci95"][0])
                 hi.append(e["ci95"][1] - e["mean"])
             if ys:
-                ns = sorted({results["paired"][f"{r}|{n}|{p}"]["n"] for n in names
-                             if f"{r}|{n}|{p}" in results["paired"]})
-                seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
                 ax.errorbar(means, ys, xerr=[lo, hi], fmt="o" if p == "soft" else "s", color=colors[r], capsize=3,
-                            label=f"{r} (n = {seeds} seeds)")
+                            label=f"recipe {r}")
         ax.axvline(0, color="gray", lw=0.8)
         ax.axvline(-2, color="red", lw=0.8, ls="--")
         ax.set_title(f"{p}-label protocol")
         ax.set_xlabel("top-1 minus the exact run's, same seed (points; 95 % CI)")
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, fontsize=8, frameon=False)
     axes[0].set_yticks(range(len(names)), labels, fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle("Digits: stage-1 savings judged by the distilled set, paired with the exact run (dashed: -2 points)",
