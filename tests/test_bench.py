@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from helpers import run_cli, run_cli_captured
+from helpers import run_cli
 
 COMMON = {"device", "torch", "triton", "commit", "dtype", "stage", "path", "projected", "unit", "throughput",
           "seconds_per_item", "seconds_per_item_runs", "flop_per_item", "ratio", "repeats", "spread", "machine_load"}
@@ -20,29 +20,34 @@ REPEATS = 4  # the least count with quartiles
 TAG = "bench_tiny_cpu-1t_compile_dpmpp25"
 
 
+# The bench in a child process with torch.compile's compiled_callable traced by dynamo and run by its ``eager``
+# backend, so the wiring of --compile is checked cheaply (Inductor's output against eager is tests/test_engines.py's).
+# A child process, because autograd after torch.compile leaves this process unable to run autograd in forked
+# children (PyTorch's autograd-and-fork limit), which the DataLoader-worker tests of test_stream.py do.
+CHILD = """
+import sys, torch
+from cao2_fast.engines import compiled
+compiled.compiled_callable = lambda module, mode, dynamic, device: torch.compile(module, backend="eager",
+                                                                                  dynamic=dynamic)
+from cao2_fast.cli.main import main
+main(sys.argv[1:])
+"""
+
+
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory):
-    """One tiny bench run with --json and --compile: (out folder, rows from the file, stdout, stderr). The compiled
-    paths are traced by dynamo and run by its ``eager`` backend, so the bench's wiring is checked cheaply (Inductor's
-    output against eager is tests/test_engines.py's)."""
-    from cao2_fast.engines import compiled
+    """One tiny bench run with --json and --compile: (out folder, rows from the file, stdout, stderr)."""
+    import subprocess
+    import sys
 
     out = tmp_path_factory.mktemp("bench")
-    calls = []
-
-    def traced(module, mode, dynamic, device):
-        calls.append(type(module).__name__)
-        return torch.compile(module, backend="eager", dynamic=dynamic)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compiled, "compiled_callable", traced)
-        stdout, stderr = run_cli_captured(
-            ["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
-             "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
-             "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
-             "--sampler", "dpmpp", "--sample-steps", "25", "--compile"])
-    assert calls, "--compile built no compiled engine"
-    return out, json.loads((out / f"{TAG}.json").read_text()), stdout, stderr
+    args = ["bench", "--model", "tiny", "--random-weights", "--device", "cpu", "--threads", "1", "--steps1", "1",
+            "--steps2", "2", "--ref-images", "1", "--repeats", str(REPEATS), "--out", str(out), "--json",
+            "--early-reject", "25", "--early-keep", "2",  # tiny: K 2, IPC 2, so 4 candidates per class
+            "--sampler", "dpmpp", "--sample-steps", "25", "--compile"]
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / f"{TAG}.json").read_text()), done.stdout, done.stderr
 
 
 def test_bench_writes_every_stage_and_path_with_the_fields(tiny_rows):
