@@ -43,7 +43,7 @@ from .config import RECIPES, early_check_list
 from .errors import UserError
 from .numerics import tf32
 from .diffusion import Diffusion
-from .generators.dit import RELEASED_KERNELS, DiTConfig, DiTGenerator, fast_kernels
+from .generators.dit import RELEASED_KERNELS, DiTConfig, DiTGenerator, dit_spec, fast_kernels
 from .schedulers import SchedulerSampler
 
 # bf16 dense matmul measured on these machines (docs/method.md, cost model)
@@ -375,8 +375,7 @@ def run_bench(model: str = "digits", device: str = "cpu", fast_dtype: str | None
     path ``fast-compile``, the fast stage 1 with its DiT on the ``compile`` engine (what ``--engine compile`` runs:
     CUDA graphs on CUDA); its first run, where the compiling happens, is timed apart as the row's ``compile_s``."""
     b = _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, classes, ops, cuda_graph,
-                 compile_stage2, repeats, early_step, early_keep, log, warn, sampler, sample_steps)
-    b.compile_stage1 = compile_stage1
+                 compile_stage2, repeats, early_step, early_keep, log, warn, sampler, sample_steps, compile_stage1)
     rows = _bench_stage1(b)
     rows += _bench_stage2(b)
     rows += _project(b, rows)
@@ -431,7 +430,8 @@ class _Run:
 
 
 def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, classes, ops, cuda_graph,
-             compile_stage2, repeats, early_step, early_keep, log, warn, sampler=None, sample_steps=None) -> _Run:
+             compile_stage2, repeats, early_step, early_keep, log, warn, sampler=None, sample_steps=None,
+             compile_stage1=False) -> _Run:
     """Check the settings, note the machine's load (warning when it is busy), build the models (the reference's in
     fp32 with the released kernels; :func:`_stage1_paths` copies them for the fast path) and measure the peak to
     divide by."""
@@ -463,7 +463,7 @@ def _prepare(model, device, fast_dtype, steps1, steps2, ref_images, fast_batch, 
             "peak_tflops": peak, "peak_source": peak_source, "repeats": repeats}
     return _Run(model, dev, s, fast_dtype, steps1, steps2, ref_images, fast_batch, classes or s.classes_per_batch,
                 ops, on_cuda if cuda_graph is None else cuda_graph, compile_stage2, repeats, early, few, peak, base,
-                log, warn, load)
+                log, warn, load, compile_stage1=compile_stage1)
 
 
 def check_sampler(sampler: str | None, steps: int | None) -> tuple[str, int] | None:
@@ -544,11 +544,11 @@ def _stage1_paths(b: _Run) -> list[tuple[str, Callable]]:
         kind, n_steps = b.sampler
         timed = b.steps1 * n_steps // 50  # the same share of its steps as steps1 is of 50
         paths.append((f"fast+{kind}", sampled(SchedulerSampler(kind, n_steps), stop=n_steps - timed)))
-    if b.compile_stage1:  # the DiT as the compile engine builds it (reduce-overhead: CUDA graphs on CUDA)
-        from .engines.compiled import compiled_callable, resolve_mode
+    if b.compile_stage1:  # the DiT engine that --engine compile builds (reduce-overhead: CUDA graphs on CUDA)
+        from .engines import build_engine
 
-        paths.append(("fast-compile", sampled(diffusion_short, dit=compiled_callable(fast_dit, resolve_mode(None, dev),
-                                                                                      None, dev))))
+        compiled = build_engine("compile", dit_spec(fast_dit), dev, b.fast_dtype)
+        paths.append(("fast-compile", sampled(diffusion_short, dit=compiled)))
     return paths
 
 
@@ -645,9 +645,10 @@ def _project(b: _Run, rows: list[dict]) -> list[dict]:
         return job["candidates"] * s1 + job["latents"] * 100 * s2
 
     out = []
-    for path in [r["path"] for r in rows if r["stage"] == "1"]:
-        r1 = next(r for r in rows if r["stage"] == "1" and r["path"] == path)
-        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == ("reference" if path == "reference" else "fast"))
+    for r1 in [r for r in rows if r["stage"] == "1"]:
+        path = r1["path"]
+        stage2_path = "reference" if path == "reference" else "fast"  # every fast stage 1 with the fast stage 2
+        r2 = next(r for r in rows if r["stage"] == "2" and r["path"] == stage2_path)
         sec = seconds(r1["seconds_per_item"], r2["seconds_per_item"])
         runs = [seconds(a, c) for a, c in zip(r1["seconds_per_item_runs"], r2["seconds_per_item_runs"])]
         flop = job["candidates"] * r1["flop_per_item"] + job["latents"] * 100 * r2["flop_per_item"]
